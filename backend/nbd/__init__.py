@@ -1,0 +1,38 @@
+"""Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
+
+from backend.nbd.connection import DF_MAX, ExportDirectory, ServerConnection, State
+from backend.nbd.errors import LocalProtocolError, NBDError, ProtocolError
+from backend.nbd.events import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    ExportDescription,
+    ExportSelected,
+    Rejected,
+    Request,
+    StartTLS,
+    TLSPolicy,
+)
+
+__all__ = [
+    "DF_MAX",
+    "NEED_DATA",
+    "Aborted",
+    "ConnectionClosed",
+    "Disconnect",
+    "Event",
+    "ExportDescription",
+    "ExportDirectory",
+    "ExportSelected",
+    "LocalProtocolError",
+    "NBDError",
+    "ProtocolError",
+    "Rejected",
+    "Request",
+    "ServerConnection",
+    "StartTLS",
+    "State",
+    "TLSPolicy",
+]

@@ -1,0 +1,605 @@
+"""The server side of one NBD connection, sans I/O.
+
+Rules of this file:
+
+* It owns no socket, thread or clock: bytes go in through ``receive_data`` (``b""`` is EOF),
+  events come out of ``next_event``, handshake bytes come out of ``data_to_send`` and replies
+  are built by the ``reply_*`` methods, which are pure and safe to call from any thread.
+* Every state change goes through ``_transition`` and the ``_TRANSITIONS`` table below.
+* Every request is validated here, once, with the error the spec asks for (doc/proto.md,
+  "Error values"); the server and the storage behind it may assume valid requests.
+* A request we refuse is answered, never dropped, and its WRITE payload is consumed so the
+  stream stays in sync; only a broken frame (bad magic, truncated message) closes the link.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from backend.nbd import constants as c
+from backend.nbd import wire
+from backend.nbd.errors import LocalProtocolError, ProtocolError
+from backend.nbd.events import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    ExportDescription,
+    ExportSelected,
+    Rejected,
+    Request,
+    StartTLS,
+    TLSPolicy,
+    _NeedData,
+)
+
+Cmd = c.Cmd
+CmdFlag = c.CmdFlag
+TF = c.TransmissionFlag
+
+
+class State(enum.Enum):
+    AWAIT_CLIENT_FLAGS = "await-client-flags"
+    NEGOTIATING = "negotiating"
+    TLS_PENDING = "tls-pending"  # STARTTLS acknowledged; waiting for the server to wrap
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class Trigger(enum.Enum):
+    CLIENT_FLAGS = "client-flags"
+    STARTTLS = "starttls"
+    TLS_ESTABLISHED = "tls-established"
+    EXPORT_CHOSEN = "export-chosen"  # GO or EXPORT_NAME
+    CLOSE = "close"  # ABORT, DISC, EOF or a protocol error
+
+
+_TRANSITIONS: dict[tuple[State, Trigger], State] = {
+    (State.AWAIT_CLIENT_FLAGS, Trigger.CLIENT_FLAGS): State.NEGOTIATING,
+    (State.NEGOTIATING, Trigger.STARTTLS): State.TLS_PENDING,
+    (State.TLS_PENDING, Trigger.TLS_ESTABLISHED): State.NEGOTIATING,
+    (State.NEGOTIATING, Trigger.EXPORT_CHOSEN): State.TRANSMISSION,
+    **{(state, Trigger.CLOSE): State.CLOSED for state in State},
+}
+
+# Reads at most this long must be served unfragmented when the client sets DF (spec,
+# NBD_CMD_READ); longer DF reads get EOVERFLOW, which leaves us free to send holes as
+# OFFSET_HOLE chunks in every other large read.
+DF_MAX = 64 * 1024
+
+# Flags each command accepts (spec, "Command flags"); FUA is valid on every command.
+_FLAGS_FOR: dict[int, int] = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+# The transmission flag that must have been advertised before a command may be sent.
+_NEEDS_FLAG: dict[int, TF] = {
+    Cmd.FLUSH: TF.SEND_FLUSH,
+    Cmd.TRIM: TF.SEND_TRIM,
+    Cmd.CACHE: TF.SEND_CACHE,
+    Cmd.WRITE_ZEROES: TF.SEND_WRITE_ZEROES,
+}
+_MUTATING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_ENOSPC_PAST_END = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES})
+_CMDS = {int(cmd): cmd for cmd in Cmd}
+_REQUEST_SIZE = wire.REQUEST.size
+_UNPACK_REQUEST = wire.REQUEST.unpack_from
+_HAS_PAYLOAD = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
+
+
+class ExportDirectory(Protocol):
+    """Where the handshake looks exports up; the server implements it over its volumes."""
+
+    def lookup(self, name: str) -> ExportDescription | None:
+        """The export called ``name`` (``""`` means the default export), or None."""
+
+    def exports(self) -> Sequence[ExportDescription]:
+        """Every export, for NBD_OPT_LIST."""
+
+
+class ServerConnection:
+    """One connection, from greeting to disconnect.
+
+    ``tls_available``: the server holds a certificate and may accept STARTTLS.
+    """
+
+    def __init__(self, directory: ExportDirectory, *, tls_available: bool = False) -> None:
+        self._directory = directory
+        self._tls_available = tls_available
+        self.state = State.AWAIT_CLIENT_FLAGS
+        self._out = bytearray(wire.greeting())
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self.no_zeroes = False
+        self.tls_active = False
+        self.structured_replies = False
+        self._meta_export: str | None = None  # export base:allocation was set for
+        self.export: ExportDescription | None = None
+        self.block_status = False
+        self._block_sizes_agreed = False
+        self._drain = 0  # bytes of a refused WRITE payload still to discard
+        self._allowed: dict[int, int] = {}
+        self._size = 0
+        self._read_only = False
+        self._align = 1
+        self._max_block = c.MAX_PAYLOAD
+        self.stopping = False  # set by the server on shutdown: new requests get ESHUTDOWN
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _transition(self, trigger: Trigger) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, trigger)]
+        except KeyError:
+            raise LocalProtocolError(f"{trigger.value} not allowed in {self.state.value}") from None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes queued for the peer (replies during transmission are returned by
+        the ``reply_*`` methods instead)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes complete the message being received (at least 1)."""
+        have = len(self._buf) - self._pos
+        if self._drain:
+            return self._drain
+        if self.state is State.TRANSMISSION and have >= _REQUEST_SIZE:
+            length: int = wire.U32.unpack_from(self._buf, self._pos + 24)[0]
+            command: int = wire.U16.unpack_from(self._buf, self._pos + 6)[0]
+            if command == _HAS_PAYLOAD and length <= c.MAX_PAYLOAD:
+                return max(1, _REQUEST_SIZE + length - have)
+        return 1
+
+    def _closed(self) -> ConnectionClosed:
+        clean = self._pos == len(self._buf) and not self._drain
+        self._transition(Trigger.CLOSE)
+        return ConnectionClosed(clean=clean)
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, or NEED_DATA.  Raises ProtocolError when the link must close."""
+        if self.state is State.TRANSMISSION:
+            return self._next_request()
+        if self.state is State.NEGOTIATING:
+            return self._next_option()
+        if self.state is State.AWAIT_CLIENT_FLAGS:
+            return self._client_flags()
+        if self.state is State.TLS_PENDING:
+            if len(self._buf) > self._pos:
+                # The client must wait for our ACK and the TLS handshake (spec, STARTTLS).
+                raise ProtocolError("data sent after STARTTLS before the TLS handshake")
+            return self._closed() if self._eof else NEED_DATA
+        raise LocalProtocolError("next_event() on a closed connection")
+
+    # ------------------------------------------------------------------ handshake
+
+    def _take(self, size: int) -> bytes | None:
+        if len(self._buf) - self._pos < size:
+            return None
+        data = bytes(self._buf[self._pos : self._pos + size])
+        self._pos += size
+        return data
+
+    def _client_flags(self) -> Event | _NeedData:
+        raw = self._take(wire.CLIENT_FLAGS.size)
+        if raw is None:
+            return self._closed() if self._eof else NEED_DATA
+        (flags,) = wire.CLIENT_FLAGS.unpack(raw)
+        known = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
+        if flags & ~known:
+            # Spec: a server MUST close the connection on unknown client flags.
+            raise ProtocolError(f"unknown client flags {flags:#x}")
+        self.no_zeroes = bool(flags & c.ClientFlag.C_NO_ZEROES)
+        self._transition(Trigger.CLIENT_FLAGS)
+        return self._next_option()
+
+    def tls_established(self) -> None:
+        """The server finished the TLS handshake after a StartTLS event."""
+        self._transition(Trigger.TLS_ESTABLISHED)
+        self.tls_active = True
+        # Spec (STARTTLS): everything negotiated before TLS is forgotten.
+        self.structured_replies = False
+        self._meta_export = None
+
+    def _next_option(self) -> Event | _NeedData:
+        while True:
+            if self._drain:
+                if not self._discard():
+                    return self._closed() if self._eof else NEED_DATA
+                continue
+            have = len(self._buf) - self._pos
+            if have < wire.OPTION_HEADER.size:
+                return self._closed() if self._eof else NEED_DATA
+            magic, option, length = wire.OPTION_HEADER.unpack_from(self._buf, self._pos)
+            if magic != c.IHAVEOPT:
+                raise ProtocolError(f"bad option magic {magic:#x}")
+            if length > c.MAX_OPTION_LENGTH:
+                if option == c.Opt.EXPORT_NAME:
+                    raise ProtocolError("export name longer than the spec allows")
+                self._pos += wire.OPTION_HEADER.size
+                self._drain = length
+                self._out += wire.option_error(option, c.Rep.ERR_TOO_BIG, "option too long")
+                continue
+            if have < wire.OPTION_HEADER.size + length:
+                return self._closed() if self._eof else NEED_DATA
+            self._pos += wire.OPTION_HEADER.size
+            data = self._take(length) or b""
+            event = self._option(option, data)
+            if event is not None:
+                return event
+
+    def _discard(self) -> bool:
+        """Drop refused payload bytes; True once all of it is gone."""
+        take = min(self._drain, len(self._buf) - self._pos)
+        self._pos += take
+        self._drain -= take
+        return self._drain == 0
+
+    def _tls_forced(self) -> bool:
+        """No export can be reached without TLS: the spec's "forced TLS" mode."""
+        if self.tls_active or not self._tls_available:
+            return False
+        return all(e.tls is TLSPolicy.REQUIRED for e in self._directory.exports())
+
+    def _reply(self, option: int, reply: c.Rep, data: bytes = b"") -> None:
+        self._out += wire.option_reply(option, reply, data)
+
+    def _error(self, option: int, reply: c.Rep, message: str) -> None:
+        self._out += wire.option_error(option, reply, message)
+
+    def _option(self, option: int, data: bytes) -> Event | None:
+        if self._tls_forced() and option not in (c.Opt.STARTTLS, c.Opt.ABORT):
+            if option == c.Opt.EXPORT_NAME:
+                raise ProtocolError("EXPORT_NAME before STARTTLS on a TLS-only server")
+            self._error(option, c.Rep.ERR_TLS_REQD, "this server requires TLS")
+            return None
+        if option == c.Opt.EXPORT_NAME:
+            return self._opt_export_name(data)
+        if option == c.Opt.ABORT:
+            self._reply(option, c.Rep.ACK)
+            self._transition(Trigger.CLOSE)
+            return Aborted()
+        if option == c.Opt.LIST:
+            self._opt_list(data)
+        elif option == c.Opt.STARTTLS:
+            return self._opt_starttls(data)
+        elif option in (c.Opt.INFO, c.Opt.GO):
+            return self._opt_info(option, data)
+        elif option == c.Opt.STRUCTURED_REPLY:
+            if data:
+                self._error(option, c.Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            else:
+                self.structured_replies = True
+                self._reply(option, c.Rep.ACK)
+        elif option in (c.Opt.LIST_META_CONTEXT, c.Opt.SET_META_CONTEXT):
+            self._opt_meta_context(option, data)
+        else:
+            # EXTENDED_HEADERS included: unsupported, and the client falls back.
+            self._error(option, c.Rep.ERR_UNSUP, f"option {option} is not supported")
+        return None
+
+    def _visible(self, export: ExportDescription) -> bool:
+        return not (self.tls_active and export.tls is TLSPolicy.OFF)
+
+    def _opt_list(self, data: bytes) -> None:
+        if data:
+            self._error(c.Opt.LIST, c.Rep.ERR_INVALID, "LIST takes no data")
+            return
+        for export in self._directory.exports():
+            if self._visible(export):
+                self._reply(c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name))
+        self._reply(c.Opt.LIST, c.Rep.ACK)
+
+    def _opt_starttls(self, data: bytes) -> Event | None:
+        if data:
+            self._error(c.Opt.STARTTLS, c.Rep.ERR_INVALID, "STARTTLS takes no data")
+        elif self.tls_active:
+            self._error(c.Opt.STARTTLS, c.Rep.ERR_INVALID, "TLS is already active")
+        elif not self._tls_available:
+            self._error(c.Opt.STARTTLS, c.Rep.ERR_UNSUP, "TLS is not configured")
+        else:
+            self._reply(c.Opt.STARTTLS, c.Rep.ACK)
+            self._transition(Trigger.STARTTLS)
+            return StartTLS()
+        return None
+
+    def _find(self, option: int, name: str) -> ExportDescription | None:
+        """Look an export up for INFO/GO/meta contexts, replying with the error if unusable."""
+        export = self._directory.lookup(name)
+        if export is None:
+            self._error(option, c.Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
+            self._error(option, c.Rep.ERR_TLS_REQD, f"export {name!r} requires TLS")
+            return None
+        if not self._visible(export):
+            self._error(option, c.Rep.ERR_POLICY, f"export {name!r} is not served over TLS")
+            return None
+        return export
+
+    def _opt_info(self, option: int, data: bytes) -> Event | None:
+        parsed = _parse_info_request(data)
+        if parsed is None:
+            self._error(option, c.Rep.ERR_INVALID, "malformed INFO/GO request")
+            return None
+        name, requests = parsed
+        export = self._find(option, name)
+        if export is None:
+            return None
+        flags = self._flags_for(export)
+        self._reply(option, c.Rep.INFO, wire.info_export(export.size, flags))
+        if c.Info.NAME in requests:
+            self._reply(option, c.Rep.INFO, wire.info_string(c.Info.NAME, export.name))
+        if c.Info.DESCRIPTION in requests and export.description:
+            self._reply(
+                option, c.Rep.INFO, wire.info_string(c.Info.DESCRIPTION, export.description)
+            )
+        self._reply(
+            option,
+            c.Rep.INFO,
+            wire.info_block_size(export.min_block, export.preferred_block, export.max_block),
+        )
+        self._reply(option, c.Rep.ACK)
+        if option == c.Opt.INFO:
+            return None
+        self._block_sizes_agreed = c.Info.BLOCK_SIZE in requests
+        return self._enter_transmission(export)
+
+    def _opt_export_name(self, name_bytes: bytes) -> Event:
+        name = _decode(name_bytes)
+        export = self._directory.lookup(name) if name is not None else None
+        # EXPORT_NAME has no error reply: the spec says to close the connection.
+        if export is None:
+            raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")
+        if (export.tls is TLSPolicy.REQUIRED and not self.tls_active) or not self._visible(export):
+            raise ProtocolError(f"EXPORT_NAME for {name!r} refused by its TLS policy")
+        reply = wire.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
+        self._out += reply if self.no_zeroes else reply + bytes(c.EXPORT_NAME_ZEROES)
+        return self._enter_transmission(export)
+
+    def _opt_meta_context(self, option: int, data: bytes) -> None:
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._error(option, c.Rep.ERR_INVALID, "malformed meta context request")
+            return
+        name, queries = parsed
+        if option == c.Opt.SET_META_CONTEXT and not self.structured_replies:
+            self._error(option, c.Rep.ERR_INVALID, "SET_META_CONTEXT needs structured replies")
+            return
+        if self._find(option, name) is None:
+            return
+        # base:allocation is the only context we serve; "base:" asks for every base context.
+        wanted = (not queries and option == c.Opt.LIST_META_CONTEXT) or any(
+            q in (c.BASE_ALLOCATION, "base:") for q in queries
+        )
+        if option == c.Opt.SET_META_CONTEXT:
+            self._meta_export = name if wanted else None
+        if wanted:
+            ctx = c.BASE_ALLOCATION_ID if option == c.Opt.SET_META_CONTEXT else 0
+            self._reply(option, c.Rep.META_CONTEXT, wire.meta_context(ctx, c.BASE_ALLOCATION))
+        self._reply(option, c.Rep.ACK)
+
+    def _flags_for(self, export: ExportDescription) -> int:
+        flags = export.flags | TF.HAS_FLAGS
+        if not self.structured_replies:
+            flags &= ~TF.SEND_DF
+        else:
+            flags |= TF.SEND_DF
+        return int(flags)
+
+    def _enter_transmission(self, export: ExportDescription) -> ExportSelected:
+        flags = self._flags_for(export)
+        self.export = export
+        self.block_status = self.structured_replies and self._meta_export == export.name
+        self._size = export.size
+        self._read_only = bool(flags & TF.READ_ONLY)
+        self._align = export.min_block if self._block_sizes_agreed else 1
+        self._max_block = min(export.max_block, c.MAX_PAYLOAD)
+        allowed: dict[int, int] = {}
+        unusable = 0
+        if not flags & TF.SEND_FUA:
+            unusable |= CmdFlag.FUA
+        if not flags & TF.SEND_DF:
+            unusable |= CmdFlag.DF
+        if not flags & TF.SEND_FAST_ZERO:
+            unusable |= CmdFlag.FAST_ZERO
+        for cmd, mask in _FLAGS_FOR.items():
+            needs = _NEEDS_FLAG.get(cmd)
+            if needs is not None and not flags & needs:
+                continue
+            if cmd == Cmd.BLOCK_STATUS and not self.block_status:
+                continue
+            allowed[cmd] = mask & ~unusable
+        self._allowed = allowed
+        self._transition(Trigger.EXPORT_CHOSEN)
+        return ExportSelected(export, self.structured_replies, self.block_status)
+
+    # ------------------------------------------------------------------ transmission
+
+    def _next_request(self) -> Event | _NeedData:
+        if self._drain and not self._discard():
+            return self._closed() if self._eof else NEED_DATA
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < _REQUEST_SIZE:
+            return self._closed() if self._eof else NEED_DATA
+        magic, flags, command, cookie, offset, length = _UNPACK_REQUEST(buf, pos)
+        if magic != c.REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if command == _HAS_PAYLOAD:
+            error = self._validate(command, flags, offset, length)
+            if error is None:
+                end = pos + _REQUEST_SIZE + length
+                if len(buf) < end:
+                    return self._closed() if self._eof else NEED_DATA
+                self._pos = end
+                return Request(
+                    Cmd.WRITE, flags, cookie, offset, length, bytes(buf[end - length : end])
+                )
+            self._pos = pos + _REQUEST_SIZE
+            self._drain = length  # consumed as it arrives, never buffered whole
+            self._discard()
+            return Rejected(command, cookie, error[0], error[1])
+        self._pos = pos + _REQUEST_SIZE
+        if command == _DISC:
+            self._transition(Trigger.CLOSE)
+            return Disconnect()
+        error = self._validate(command, flags, offset, length)
+        if error is not None:
+            return Rejected(command, cookie, error[0], error[1])
+        return Request(_CMDS[command], flags, cookie, offset, length)
+
+    def _validate(
+        self, command: int, flags: int, offset: int, length: int
+    ) -> tuple[c.Error, str] | None:
+        """The spec's error for a request, or None when it is valid (doc/proto.md,
+        "Request types" and "Error values")."""
+        if self.stopping:
+            return c.Error.ESHUTDOWN, "server is shutting down"
+        allowed = self._allowed.get(command)
+        if allowed is None:
+            if command in _CMDS:
+                return c.Error.EINVAL, f"command {_CMDS[command].name} was not negotiated"
+            return c.Error.EINVAL, f"unknown command {command}"
+        if flags & ~allowed:
+            return c.Error.EINVAL, f"flags {flags:#x} not valid for this command"
+        if self._read_only and command in _MUTATING:
+            return c.Error.EPERM, "export is read-only"
+        if command == Cmd.FLUSH:
+            return None
+        if length == 0:
+            return c.Error.EINVAL, "zero-length request"
+        if offset + length > self._size:
+            if command in _ENOSPC_PAST_END:
+                return c.Error.ENOSPC, "request ends past the end of the export"
+            return c.Error.EINVAL, "request ends past the end of the export"
+        if self._align > 1 and (offset % self._align or length % self._align):
+            return c.Error.EINVAL, f"request not aligned to {self._align} bytes"
+        if command in (Cmd.READ, Cmd.WRITE) and length > self._max_block:
+            if command == Cmd.READ and flags & CmdFlag.DF:
+                return c.Error.EOVERFLOW, f"DF read longer than {DF_MAX} bytes"
+            return c.Error.EINVAL, f"request longer than {self._max_block} bytes"
+        if command == Cmd.READ and flags & CmdFlag.DF and length > DF_MAX:
+            return c.Error.EOVERFLOW, f"DF read longer than {DF_MAX} bytes"
+        return None
+
+    # ------------------------------------------------------------------ replies (thread-safe)
+
+    def reply_ok(self, cookie: int) -> bytes:
+        """Success reply of any command but READ and BLOCK_STATUS."""
+        return wire.simple_reply(cookie)
+
+    def reply_error(self, cookie: int, command: int, error: int, message: str = "") -> bytes:
+        """Error reply; READ and BLOCK_STATUS get an error chunk when structured replies are on."""
+        if self.structured_replies and command in (Cmd.READ, Cmd.BLOCK_STATUS):
+            return wire.error_chunk(cookie, error, message)
+        return wire.simple_reply(cookie, error)
+
+    def reply_read(self, cookie: int, offset: int, data: bytes) -> list[bytes]:
+        """Reply to READ with the data in one piece (buffers to send in order)."""
+        if self.structured_replies:
+            return [wire.offset_data_header(cookie, offset, len(data), True), data]
+        return [wire.simple_reply(cookie), data]
+
+    def reply_read_parts(
+        self, cookie: int, parts: Sequence[tuple[int, int, bytes | None]]
+    ) -> list[bytes]:
+        """Reply to READ as ``(offset, length, data or None for a hole)`` parts, in order.
+
+        With structured replies holes become OFFSET_HOLE chunks; otherwise zeroes are sent.
+        """
+        out: list[bytes] = []
+        last = len(parts) - 1
+        if not self.structured_replies:
+            out.append(wire.simple_reply(cookie))
+            out.extend(data if data is not None else bytes(length) for _, length, data in parts)
+            return out
+        for i, (offset, length, data) in enumerate(parts):
+            if data is None:
+                out.append(wire.offset_hole(cookie, offset, length, i == last))
+            else:
+                out.append(wire.offset_data_header(cookie, offset, length, i == last))
+                out.append(data)
+        return out
+
+    def reply_block_status(self, cookie: int, descriptors: Iterable[tuple[int, int]]) -> bytes:
+        """Reply to BLOCK_STATUS with ``(length, state flags)`` descriptors."""
+        return wire.block_status(cookie, c.BASE_ALLOCATION_ID, descriptors)
+
+
+def _decode(raw: bytes) -> str | None:
+    if len(raw) > c.MAX_STRING or b"\0" in raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int] | None:
+    if pos + 4 > len(data):
+        return None
+    (size,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    if pos + size > len(data):
+        return None
+    text = _decode(data[pos : pos + size])
+    return None if text is None else (text, pos + size)
+
+
+def _parse_info_request(data: bytes) -> tuple[str, set[int]] | None:
+    """INFO/GO payload: u32 name length, name, u16 count, count x u16 info type."""
+    head = _read_string(data, 0)
+    if head is None:
+        return None
+    name, pos = head
+    if pos + 2 > len(data):
+        return None
+    (count,) = wire.U16.unpack_from(data, pos)
+    pos += 2
+    if pos + 2 * count != len(data):
+        return None
+    requests = {wire.U16.unpack_from(data, pos + 2 * i)[0] for i in range(count)}
+    return name, requests
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """LIST/SET_META_CONTEXT payload: u32 len, export name, u32 count, count x (u32 len, query)."""
+    head = _read_string(data, 0)
+    if head is None or head[1] + 4 > len(data):
+        return None
+    name, pos = head
+    (count,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        item = _read_string(data, pos)
+        if item is None:
+            return None
+        query, pos = item
+        queries.append(query)
+    return (name, queries) if pos == len(data) else None

@@ -1,0 +1,30 @@
+"""Errors of the protocol core.
+
+    NBDError
+     ├── ProtocolError       the peer broke the protocol; the connection must close
+     └── LocalProtocolError  our caller misused the core (a bug in the server)
+
+A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
+:class:`~backend.nbd.events.Rejected` event that the server answers with the spec's error.
+"""
+
+from __future__ import annotations
+
+
+class NBDError(Exception):
+    """Base of the core's exceptions."""
+
+
+class ProtocolError(NBDError):
+    """The peer sent something we cannot answer in band: close the connection.
+
+    ``reason`` is a short human-readable description for the log.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LocalProtocolError(NBDError):
+    """The server asked the core for something the current state does not allow."""

@@ -1,0 +1,107 @@
+"""Events the core hands to the server, named after the spec's own words.
+
+Handshake: :class:`StartTLS`, :class:`ExportSelected`, :class:`Aborted`.
+Transmission: :class:`Request` (every command but DISC), :class:`Rejected` (a request that
+failed validation: answer it with ``error``), :class:`Disconnect`.
+End of input: :class:`ConnectionClosed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from backend.nbd.constants import Cmd, Error, TransmissionFlag
+
+
+class TLSPolicy(enum.Enum):
+    """Per-export TLS policy."""
+
+    OFF = "off"  # served only on plaintext connections
+    ALLOWED = "allowed"  # served with or without TLS
+    REQUIRED = "required"  # served only after STARTTLS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportDescription:
+    """What the handshake needs to know of an export (the server fills it from a volume)."""
+
+    name: str
+    size: int
+    flags: TransmissionFlag
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+    tls: TLSPolicy = TLSPolicy.ALLOWED
+
+
+class _Event:
+    __slots__ = ()
+
+
+class _NeedData(_Event):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Returned by ``next_event`` when more bytes must be received first."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartTLS(_Event):
+    """STARTTLS was acknowledged: send pending data, wrap the socket, call tls_established()."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportSelected(_Event):
+    """Negotiation finished (GO or EXPORT_NAME): transmission starts on ``export``."""
+
+    export: ExportDescription
+    structured_replies: bool
+    block_status: bool  # base:allocation was negotiated for this export
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Aborted(_Event):
+    """The client sent NBD_OPT_ABORT: send pending data, then close."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionClosed(_Event):
+    """The peer closed its side (``receive_data(b"")``)."""
+
+    clean: bool  # False when the peer vanished mid-message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request(_Event):
+    """A validated transmission request.  ``payload`` is the WRITE data, else empty."""
+
+    command: Cmd
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejected(_Event):
+    """A request that failed validation; reply with ``error`` (its payload was consumed)."""
+
+    command: int
+    cookie: int
+    error: Error
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Disconnect(_Event):
+    """NBD_CMD_DISC: finish outstanding requests, then close."""
+
+
+Event = StartTLS | ExportSelected | Aborted | ConnectionClosed | Request | Rejected | Disconnect

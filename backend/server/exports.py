@@ -1,0 +1,93 @@
+"""Exports: a name, the storage behind it and how it is offered (TLS policy, description)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+
+from backend.nbd import ExportDescription, TLSPolicy
+from backend.nbd.constants import TransmissionFlag as TF
+from backend.storage import Capabilities, Storage
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """One export served by this process; the storage is shared by all its connections."""
+
+    name: str
+    storage: Storage
+    description: str = ""
+    tls: TLSPolicy = TLSPolicy.ALLOWED
+    read_only: bool = False
+    # Alignment requested by the operator on top of what the storage needs.
+    min_block: int = 1
+
+    def describe(self) -> ExportDescription:
+        caps = self.storage.capabilities
+        return ExportDescription(
+            name=self.name,
+            size=self.storage.size,
+            flags=transmission_flags(caps, read_only=self.read_only),
+            description=self.description,
+            min_block=max(self.min_block, caps.min_block),
+            preferred_block=max(caps.preferred_block, self.min_block, caps.min_block),
+            max_block=caps.max_block,
+            tls=self.tls,
+        )
+
+
+def transmission_flags(caps: Capabilities, *, read_only: bool) -> TF:
+    """The flags an export advertises, derived from what its storage declares."""
+    flags = TF.HAS_FLAGS
+    if read_only or caps.read_only:
+        flags |= TF.READ_ONLY
+    else:
+        if caps.can_trim:
+            flags |= TF.SEND_TRIM
+        if caps.can_zero:
+            flags |= TF.SEND_WRITE_ZEROES
+            if caps.can_fast_zero:
+                flags |= TF.SEND_FAST_ZERO
+    if caps.can_flush:
+        flags |= TF.SEND_FLUSH
+    if caps.can_fua:
+        flags |= TF.SEND_FUA
+    if caps.can_cache:
+        flags |= TF.SEND_CACHE
+    if caps.can_multi_conn:
+        flags |= TF.CAN_MULTI_CONN
+    if caps.rotational:
+        flags |= TF.ROTATIONAL
+    return flags
+
+
+class ExportTable:
+    """The exports of a server (implements backend.nbd.ExportDirectory).
+
+    ``default`` names the export a client gets when it asks for the empty name.
+    """
+
+    def __init__(self, exports: Sequence[Export], default: str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._exports = {e.name: e for e in exports}
+        self._default = default if default is not None else (exports[0].name if exports else "")
+
+    def get(self, name: str) -> Export | None:
+        with self._lock:
+            if name == "" and "" not in self._exports:
+                name = self._default
+            return self._exports.get(name)
+
+    def lookup(self, name: str) -> ExportDescription | None:
+        export = self.get(name)
+        return export.describe() if export is not None else None
+
+    def exports(self) -> Sequence[ExportDescription]:
+        with self._lock:
+            current = list(self._exports.values())
+        return [e.describe() for e in current]
+
+    def all(self) -> list[Export]:
+        with self._lock:
+            return list(self._exports.values())

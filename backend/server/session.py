@@ -1,0 +1,310 @@
+"""One client connection: socket bytes <-> protocol core <-> the export's storage.
+
+Concurrency model (docs/decisions/0001-concurrency-model.md): one thread per connection with a
+blocking socket.  Requests for storages that declare ``inline`` (page-cache files, memory) run
+on that thread, and the replies of every request parsed from one ``recv`` go out in one
+``sendmsg``; pipelined clients (QD16) thus cost one recv and one send per batch.  Other
+storages run requests on a shared worker pool and reply out of order as each completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from backend.nbd import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    Disconnect,
+    ExportSelected,
+    ProtocolError,
+    Rejected,
+    Request,
+    ServerConnection,
+    StartTLS,
+)
+from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
+from backend.server.exports import Export, ExportTable
+from backend.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 60.0  # seconds a client may take to pick an export
+RECV_SIZE = 256 * 1024
+SEND_BATCH = 4 * 1024 * 1024  # flush queued replies once this many bytes wait
+SPARSE_READ_MIN = 256 * 1024  # structured reads this long send holes as OFFSET_HOLE
+MAX_IOV = 512
+
+_WIRE_ERRORS = {int(e) for e in Error}
+_ERRNO_ALIASES = {errno.EDQUOT: Error.ENOSPC, errno.EFBIG: Error.ENOSPC, errno.EROFS: Error.EPERM}
+
+
+def wire_error(code: int) -> int:
+    """Map a storage errno to the NBD error the spec allows on the wire (EIO otherwise)."""
+    if code in _WIRE_ERRORS:
+        return code
+    return int(_ERRNO_ALIASES.get(code, Error.EIO))
+
+
+class Session:
+    """Serves one accepted socket until the client leaves or the server stops."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        table: ExportTable,
+        tls: ssl.SSLContext | None,
+        pool: ThreadPoolExecutor,
+        on_export: Callable[[Session, Export | None], None] | None = None,
+    ) -> None:
+        self.sock: socket.socket = sock
+        self.peer = peer
+        self._table = table
+        self._tls = tls
+        self._pool = pool
+        self._on_export = on_export
+        self.conn = ServerConnection(table, tls_available=tls is not None)
+        self._send_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._inflight = 0
+        self._storage_lock: threading.Lock | None = None
+        self.export: Export | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except ProtocolError as err:
+            log.warning("%s: closing: %s", self.peer, err.reason)
+        except (ConnectionError, TimeoutError, ssl.SSLError) as err:
+            log.info("%s: connection lost: %s", self.peer, err)
+        except OSError as err:
+            # The server shut the socket down underneath us while stopping.
+            log.info("%s: connection ended: %s", self.peer, err)
+        finally:
+            self._wait_idle()
+            if self._on_export is not None:
+                self._on_export(self, None)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def stop(self) -> None:
+        """Answer new requests with ESHUTDOWN and stop reading; in-flight ones complete."""
+        self.conn.stopping = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def abort(self) -> None:
+        """Cut the connection (after stop() was not enough in time)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # ------------------------------------------------------------------ handshake
+
+    def _run(self) -> None:
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        self._sendall(self.conn.data_to_send())
+        while True:
+            event = self.conn.next_event()
+            self._sendall(self.conn.data_to_send())
+            if event is NEED_DATA:
+                self.conn.receive_data(self.sock.recv(RECV_SIZE))
+                continue
+            if isinstance(event, StartTLS):
+                assert self._tls is not None
+                self.sock = self._tls.wrap_socket(self.sock, server_side=True)
+                self.conn.tls_established()
+            elif isinstance(event, ExportSelected):
+                export = self._table.get(event.export.name)
+                if export is None:  # removed between lookup and now
+                    return
+                self.export = export
+                if not export.storage.capabilities.thread_safe:
+                    self._storage_lock = threading.Lock()
+                if self._on_export is not None:
+                    self._on_export(self, export)
+                log.info("%s: serving export %r", self.peer, export.name)
+                self.sock.settimeout(None)
+                self._transmit(export.storage)
+                return
+            elif isinstance(event, Aborted | ConnectionClosed):
+                return
+
+    # ------------------------------------------------------------------ transmission
+
+    def _transmit(self, storage: Storage) -> None:
+        conn = self.conn
+        recv = self.sock.recv
+        inline = storage.capabilities.inline and self._storage_lock is None
+        pending: list[bytes] = []
+        queued = 0
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                if pending:
+                    self._send(pending)
+                    pending = []
+                    queued = 0
+                conn.receive_data(recv(max(conn.bytes_wanted(), RECV_SIZE)))
+                continue
+            if type(event) is Request:
+                if inline:
+                    replies = self._execute(storage, event)
+                    pending += replies
+                    queued += event.length if event.command == Cmd.READ else 16
+                    if queued >= SEND_BATCH or len(pending) >= MAX_IOV:
+                        self._send(pending)
+                        pending = []
+                        queued = 0
+                else:
+                    with self._idle:
+                        self._inflight += 1
+                    self._pool.submit(self._execute_async, storage, event)
+            elif type(event) is Rejected:
+                log.debug("%s: rejected %s: %s", self.peer, event.command, event.message)
+                pending.append(
+                    conn.reply_error(event.cookie, event.command, event.error, event.message)
+                )
+            elif isinstance(event, Disconnect | ConnectionClosed):
+                if pending:
+                    self._send(pending)
+                if isinstance(event, ConnectionClosed) and not event.clean:
+                    log.info("%s: client vanished mid-request", self.peer)
+                return
+
+    def _execute_async(self, storage: Storage, request: Request) -> None:
+        try:
+            replies = self._execute(storage, request)
+            with contextlib.suppress(OSError):
+                self._send(replies)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0)
+
+    def _execute(self, storage: Storage, request: Request) -> list[bytes]:
+        """Run one valid request against the storage and build its reply."""
+        conn = self.conn
+        command = request.command
+        try:
+            if self._storage_lock is not None:
+                with self._storage_lock:
+                    return self._dispatch(storage, request)
+            return self._dispatch(storage, request)
+        except StorageError as err:
+            log.warning(
+                "%s: %s at %d+%d failed: %s",
+                self.peer,
+                command.name,
+                request.offset,
+                request.length,
+                err,
+            )
+            return [conn.reply_error(request.cookie, command, wire_error(err.errno), err.message)]
+        except Exception:
+            log.exception("%s: %s failed unexpectedly", self.peer, command.name)
+            return [conn.reply_error(request.cookie, command, Error.EIO, "internal error")]
+
+    def _dispatch(self, storage: Storage, request: Request) -> list[bytes]:
+        command = request.command
+        cookie = request.cookie
+        offset = request.offset
+        length = request.length
+        flags = request.flags
+        conn = self.conn
+        if command == Cmd.READ:
+            if (
+                length >= SPARSE_READ_MIN
+                and conn.structured_replies
+                and not flags & CmdFlag.DF
+                and storage.capabilities.can_extents
+            ):
+                return conn.reply_read_parts(cookie, _read_parts(storage, offset, length))
+            return conn.reply_read(cookie, offset, storage.read(offset, length))
+        if command == Cmd.WRITE:
+            storage.write(offset, request.payload, bool(flags & CmdFlag.FUA))
+        elif command == Cmd.FLUSH:
+            storage.flush()
+        elif command == Cmd.TRIM:
+            storage.trim(offset, length, bool(flags & CmdFlag.FUA))
+        elif command == Cmd.WRITE_ZEROES:
+            storage.write_zeroes(
+                offset,
+                length,
+                fua=bool(flags & CmdFlag.FUA),
+                may_trim=not flags & CmdFlag.NO_HOLE,
+                fast=bool(flags & CmdFlag.FAST_ZERO),
+            )
+        elif command == Cmd.CACHE:
+            storage.cache(offset, length)
+        elif command == Cmd.BLOCK_STATUS:
+            return [conn.reply_block_status(cookie, _descriptors(storage, request))]
+        if flags & CmdFlag.FUA and command in (Cmd.FLUSH, Cmd.CACHE):
+            storage.flush()
+        return [conn.reply_ok(cookie)]
+
+    # ------------------------------------------------------------------ sending
+
+    def _sendall(self, data: bytes) -> None:
+        if data:
+            self.sock.sendall(data)
+
+    def _send(self, buffers: list[bytes]) -> None:
+        with self._send_lock:
+            if isinstance(self.sock, ssl.SSLSocket):
+                self.sock.sendall(b"".join(buffers))
+                return
+            sent = self.sock.sendmsg(buffers)
+            total = sum(map(len, buffers))
+            if sent < total:
+                self.sock.sendall(b"".join(buffers)[sent:])
+
+
+def _read_parts(storage: Storage, offset: int, length: int) -> list[tuple[int, int, bytes | None]]:
+    """Split a read into data and hole parts using the storage's extents."""
+    parts: list[tuple[int, int, bytes | None]] = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        start = pos
+        for extent in storage.extents(pos, end - pos):
+            run = min(extent.length, end - extent.offset)
+            if extent.zero:
+                parts.append((extent.offset, run, None))
+            else:
+                parts.append((extent.offset, run, storage.read(extent.offset, run)))
+            pos = extent.offset + run
+            if pos >= end:
+                break
+        if pos == start:  # a storage breaking its extents contract must not hang us
+            parts.append((pos, end - pos, storage.read(pos, end - pos)))
+            break
+    return parts
+
+
+def _descriptors(storage: Storage, request: Request) -> list[tuple[int, int]]:
+    if not storage.capabilities.can_extents:
+        return [(request.length, 0)]
+    out: list[tuple[int, int]] = []
+    for extent in storage.extents(request.offset, request.length):
+        state = (StateFlag.HOLE if extent.hole else 0) | (StateFlag.ZERO if extent.zero else 0)
+        if out and out[-1][1] == state:
+            out[-1] = (out[-1][0] + extent.length, state)
+        else:
+            out.append((extent.length, int(state)))
+        if request.flags & CmdFlag.REQ_ONE:
+            break
+    return out

@@ -1,0 +1,135 @@
+"""The Storage interface: what every volume backend and every layer provides.
+
+Contract (checked for every implementation by tests/unit/storage/conformance.py):
+
+* Offsets and lengths handed to a Storage were validated by the NBD core: they lie within
+  ``size`` and respect ``Capabilities.min_block``; a storage may assert, never re-validate.
+* Failures raise :class:`StorageError` with an ``errno`` (``errno.EIO``, ``errno.ENOSPC``, …);
+  the server turns it into the NBD error on the wire.  Nothing else may escape.
+* ``write(..., fua=True)`` returns only once the data is durable; ``flush()`` returns only once
+  every write that completed before it was called is durable.
+* A storage is shared by every connection of its export and must be safe to call from several
+  threads at once when ``Capabilities.thread_safe`` is true (the server serialises otherwise).
+* Whoever creates a storage closes it; ``close()`` is idempotent and flushes nothing implicitly.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import errno as errno_mod
+import os
+
+
+class StorageError(Exception):
+    """A storage operation failed; ``errno`` says how, ``message`` says why."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(f"{message} ({os.strerror(errno)})")
+        self.errno = errno
+        self.message = message
+
+    @classmethod
+    def from_os_error(cls, err: OSError, what: str) -> StorageError:
+        code = err.errno if err.errno is not None else errno_mod.EIO
+        return cls(code, f"{what}: {err.strerror or err}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a storage can do, declared up front (never probed per request)."""
+
+    read_only: bool = False
+    can_flush: bool = True
+    can_fua: bool = True
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = False
+    can_extents: bool = True
+    can_cache: bool = True
+    # True when every connection sees every other connection's completed writes and a FLUSH
+    # on one connection covers writes completed on all of them (NBD_FLAG_CAN_MULTI_CONN).
+    can_multi_conn: bool = True
+    thread_safe: bool = True
+    # Requests are cheap and never block for long (page-cache file I/O): the server may run
+    # them on the connection's own thread instead of a worker pool.
+    inline: bool = True
+    rotational: bool = False
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes that share allocation state.
+
+    ``hole``: reading the run may not touch backing storage (unallocated).
+    ``zero``: the run reads as zeroes.
+    """
+
+    offset: int
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+
+class Storage(abc.ABC):
+    """A fixed-size array of bytes.  Subclasses implement every abstract method."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Size in bytes."""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this storage supports; constant for its lifetime."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Return exactly ``length`` bytes at ``offset`` (holes read as zeroes)."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write all of ``data`` at ``offset``; durable before returning when ``fua``."""
+
+    @abc.abstractmethod
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        """Make the range read as zeroes.
+
+        ``may_trim``: the range may be deallocated (NBD's NO_HOLE flag clears it).
+        ``fast``: fail with ``ENOTSUP`` rather than fall back to writing zero bytes.
+        """
+
+    @abc.abstractmethod
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Hint that the range is unused; afterwards it may read as anything (we give zeroes)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abc.abstractmethod
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch the range into a faster tier (advisory; may do nothing)."""
+
+    @abc.abstractmethod
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Describe ``[offset, offset+length)`` as contiguous extents, in order.
+
+        The first extent starts at ``offset``; together they cover at least one byte and at
+        most the requested range, without gaps.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources; idempotent."""

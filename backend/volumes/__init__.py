@@ -1,0 +1,1 @@
+"""Volumes: configuration and (later) the catalogue of volumes a server exports."""

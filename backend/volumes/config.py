@@ -1,0 +1,262 @@
+"""The server's YAML configuration as frozen dataclasses, and its validation.
+
+Every error names the file, the key and what was expected, e.g.
+``nbs.yaml: exports[0].tls: expected one of off, allowed, required, got 'yes'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backend.nbd import TLSPolicy
+
+DEFAULT_PORT = 10809
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_VOLUME_SIZE = 1 << 30
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or of the wrong type or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    name: str
+    path: Path
+    read_only: bool = False
+    tls: TLSPolicy | None = None  # None: allowed when TLS is configured, else off
+    description: str = ""
+    min_block: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    listen: tuple[str, ...] = ()
+    sockets: tuple[Path, ...] = ()
+    exports: tuple[ExportConfig, ...] = ()
+    tls: TLSConfig | None = None
+    log_level: str = "info"
+    data_dir: Path | None = None
+    io_threads: int = 16
+    shutdown_grace: float = 10.0
+
+
+def default_data_dir() -> Path:
+    """/var/lib/nbs as root, else $XDG_DATA_HOME/nbs (~/.local/share/nbs); NBS_DATA_DIR wins."""
+    if "NBS_DATA_DIR" in os.environ:
+        return Path(os.environ["NBS_DATA_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/nbs")
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "nbs"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT``; raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port must be 0-65535, got {number}")
+    return host, number
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"export name {name!r} must be 1-255 characters of letters, digits, '.', '_', '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def parse_export_spec(spec: str) -> ExportConfig:
+    """``NAME=PATH[,ro][,tls=MODE][,description=TEXT][,min-block=N]`` (the CLI form)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise ValueError(f"expected NAME=PATH[,ro][,tls=MODE], got {spec!r}")
+    path, *options = rest.split(",")
+    fields: dict[str, Any] = {"name": check_name(name), "path": Path(path)}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("ro", "read-only") and not value:
+            fields["read_only"] = True
+        elif key == "tls":
+            fields["tls"] = _tls_policy(value)
+        elif key == "description":
+            fields["description"] = value
+        elif key == "min-block":
+            fields["min_block"] = _block_size(value)
+        else:
+            raise ValueError(f"unknown export option {option!r} in {spec!r}")
+    return ExportConfig(**fields)
+
+
+def _tls_policy(value: str) -> TLSPolicy:
+    try:
+        return TLSPolicy(value)
+    except ValueError:
+        raise ValueError(
+            f"expected one of {', '.join(p.value for p in TLSPolicy)}, got {value!r}"
+        ) from None
+
+
+def _block_size(value: object) -> int:
+    size = value if isinstance(value, int) else int(str(value))
+    if size < 1 or size & (size - 1) or size > 65536:
+        raise ValueError(f"expected a power of two from 1 to 65536, got {value!r}")
+    return size
+
+
+class _Reader:
+    """Walks a YAML mapping, turning every problem into a ConfigError that names the key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, got: object) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: expected {expected}, got {got!r}")
+
+    def mapping(self, value: object, key: str, allowed: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key or "top level", "a mapping", value)
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else str(name)
+                raise ConfigError(
+                    f"{self.source}: {where}: unknown key (known: {', '.join(sorted(allowed))})"
+                )
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def strings(self, value: object, key: str) -> list[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.fail(key, "a list of strings", value)
+        return [self.string(item, f"{key}[{i}]") for i, item in enumerate(value)]
+
+    def convert(self, value: object, key: str, parse: Any, expected: str) -> Any:
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{self.source}: {key}: {err}") from None
+
+
+def load_config(path: Path) -> ServeConfig:
+    """Read and validate a YAML config file; raises ConfigError."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse_config(data if data is not None else {}, str(path))
+
+
+def parse_config(data: object, source: str) -> ServeConfig:
+    r = _Reader(source)
+    known = {
+        "listen",
+        "sockets",
+        "exports",
+        "tls",
+        "log_level",
+        "data_dir",
+        "io_threads",
+        "shutdown_grace",
+    }
+    top = r.mapping(data, "", known)
+    fields: dict[str, Any] = {}
+    if "listen" in top:
+        listen = r.strings(top["listen"], "listen")
+        for i, item in enumerate(listen):
+            r.convert(item, f"listen[{i}]", parse_host_port, "HOST:PORT")
+        fields["listen"] = tuple(listen)
+    if "sockets" in top:
+        fields["sockets"] = tuple(Path(p) for p in r.strings(top["sockets"], "sockets"))
+    if "log_level" in top:
+        level = top["log_level"]
+        if level not in LOG_LEVELS:
+            raise r.fail("log_level", f"one of {', '.join(LOG_LEVELS)}", level)
+        fields["log_level"] = level
+    if "data_dir" in top:
+        fields["data_dir"] = Path(r.string(top["data_dir"], "data_dir"))
+    if "io_threads" in top:
+        threads = top["io_threads"]
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+            raise r.fail("io_threads", "an integer from 1 to 1024", threads)
+        fields["io_threads"] = threads
+    if "shutdown_grace" in top:
+        grace = top["shutdown_grace"]
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
+            raise r.fail("shutdown_grace", "a number of seconds >= 0", grace)
+        fields["shutdown_grace"] = float(grace)
+    if "tls" in top:
+        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca"})
+        if "cert" not in tls or "key" not in tls:
+            raise ConfigError(f"{source}: tls: expected both 'cert' and 'key'")
+        ca = tls.get("ca")
+        fields["tls"] = TLSConfig(
+            cert=Path(r.string(tls["cert"], "tls.cert")),
+            key=Path(r.string(tls["key"], "tls.key")),
+            ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
+        )
+    if "exports" in top:
+        items = top["exports"]
+        if not isinstance(items, list):
+            raise r.fail("exports", "a list of exports", items)
+        fields["exports"] = tuple(_export(r, item, f"exports[{i}]") for i, item in enumerate(items))
+    return ServeConfig(**fields)
+
+
+def _export(r: _Reader, item: object, key: str) -> ExportConfig:
+    allowed = {"name", "path", "read_only", "tls", "description", "min_block"}
+    export = r.mapping(item, key, allowed)
+    for required in ("name", "path"):
+        if required not in export:
+            raise ConfigError(f"{r.source}: {key}.{required}: required")
+    fields: dict[str, Any] = {
+        "name": r.convert(export["name"], f"{key}.name", check_name, "a name"),
+        "path": Path(r.string(export["path"], f"{key}.path")),
+    }
+    if "read_only" in export:
+        if not isinstance(export["read_only"], bool):
+            raise r.fail(f"{key}.read_only", "true or false", export["read_only"])
+        fields["read_only"] = export["read_only"]
+    if "tls" in export:
+        fields["tls"] = r.convert(export["tls"], f"{key}.tls", _tls_policy, "a TLS policy")
+    if "description" in export:
+        fields["description"] = r.string(export["description"], f"{key}.description")
+    if "min_block" in export:
+        fields["min_block"] = r.convert(
+            export["min_block"], f"{key}.min_block", _block_size, "a block size"
+        )
+    return ExportConfig(**fields)
