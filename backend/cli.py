@@ -14,7 +14,7 @@ from types import FrameType
 
 from backend.nbd import TLSPolicy
 from backend.server.exports import Export, ExportTable
-from backend.server.server import Server, ServeError, TCPAddress, UnixAddress, inherited_sockets
+from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.storage import FileStorage, Storage, StorageError
 from backend.volumes.config import (
@@ -164,8 +164,8 @@ def _open_exports(config: ServeConfig) -> list[Export]:
                 )
             )
     except UsageError:
-        for storage in opened:
-            storage.close()
+        for each in opened:
+            each.close()
         raise
     return exports
 

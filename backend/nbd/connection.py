@@ -71,7 +71,7 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
 DF_MAX = 64 * 1024
 
 # Flags each command accepts (spec, "Command flags"); FUA is valid on every command.
-_FLAGS_FOR: dict[int, int] = {
+_FLAGS_FOR: dict[int, c.CmdFlag] = {
     Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA,
     Cmd.FLUSH: CmdFlag.FUA,
@@ -128,6 +128,10 @@ class ServerConnection:
         self.block_status = False
         self._block_sizes_agreed = False
         self._drain = 0  # bytes of a refused WRITE payload still to discard
+        # A valid WRITE whose payload is still arriving: its header and the payload buffer.
+        self._write_header: tuple[int, int, int, int] | None = None
+        self._payload: bytearray | None = None
+        self._payload_got = 0
         self._allowed: dict[int, int] = {}
         self._size = 0
         self._read_only = False
@@ -148,6 +152,14 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
+        if self._payload is not None:
+            # Finish the WRITE payload being collected first; the rest is buffered.
+            take = min(len(data), len(self._payload) - self._payload_got)
+            self._payload[self._payload_got : self._payload_got + take] = data[:take]
+            self._payload_got += take
+            data = data[take:]
+            if not data:
+                return
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
@@ -156,6 +168,22 @@ class ServerConnection:
             self._pos = 0
         self._buf += data
 
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of a WRITE payload should be received, or None.
+
+        Lets the server ``recv_into`` large payloads in place instead of passing them through
+        ``receive_data``; report what arrived with :meth:`payload_received`.
+        """
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._payload_got :]
+
+    def payload_received(self, count: int) -> None:
+        """``count`` bytes were written into :meth:`payload_buffer`; 0 means EOF."""
+        if count == 0:
+            self._eof = True
+        self._payload_got += count
+
     def data_to_send(self) -> bytes:
         """Handshake bytes queued for the peer (replies during transmission are returned by
         the ``reply_*`` methods instead)."""
@@ -163,20 +191,8 @@ class ServerConnection:
         self._out.clear()
         return out
 
-    def bytes_wanted(self) -> int:
-        """How many more bytes complete the message being received (at least 1)."""
-        have = len(self._buf) - self._pos
-        if self._drain:
-            return self._drain
-        if self.state is State.TRANSMISSION and have >= _REQUEST_SIZE:
-            length: int = wire.U32.unpack_from(self._buf, self._pos + 24)[0]
-            command: int = wire.U16.unpack_from(self._buf, self._pos + 6)[0]
-            if command == _HAS_PAYLOAD and length <= c.MAX_PAYLOAD:
-                return max(1, _REQUEST_SIZE + length - have)
-        return 1
-
     def _closed(self) -> ConnectionClosed:
-        clean = self._pos == len(self._buf) and not self._drain
+        clean = self._pos == len(self._buf) and not self._drain and self._payload is None
         self._transition(Trigger.CLOSE)
         return ConnectionClosed(clean=clean)
 
@@ -209,7 +225,7 @@ class ServerConnection:
         if raw is None:
             return self._closed() if self._eof else NEED_DATA
         (flags,) = wire.CLIENT_FLAGS.unpack(raw)
-        known = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
+        known = int(c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
         if flags & ~known:
             # Spec: a server MUST close the connection on unknown client flags.
             raise ProtocolError(f"unknown client flags {flags:#x}")
@@ -433,7 +449,7 @@ class ServerConnection:
                 continue
             if cmd == Cmd.BLOCK_STATUS and not self.block_status:
                 continue
-            allowed[cmd] = mask & ~unusable
+            allowed[cmd] = int(mask) & ~int(unusable)  # plain ints: ~ on IntFlag drops bits
         self._allowed = allowed
         self._transition(Trigger.EXPORT_CHOSEN)
         return ExportSelected(export, self.structured_replies, self.block_status)
@@ -441,6 +457,8 @@ class ServerConnection:
     # ------------------------------------------------------------------ transmission
 
     def _next_request(self) -> Event | _NeedData:
+        if self._payload is not None:
+            return self._finish_write()
         if self._drain and not self._discard():
             return self._closed() if self._eof else NEED_DATA
         buf = self._buf
@@ -450,21 +468,26 @@ class ServerConnection:
         magic, flags, command, cookie, offset, length = _UNPACK_REQUEST(buf, pos)
         if magic != c.REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
+        pos += _REQUEST_SIZE
+        self._pos = pos
         if command == _HAS_PAYLOAD:
             error = self._validate(command, flags, offset, length)
-            if error is None:
-                end = pos + _REQUEST_SIZE + length
-                if len(buf) < end:
-                    return self._closed() if self._eof else NEED_DATA
+            if error is not None:
+                self._drain = length  # consumed as it arrives, never buffered whole
+                self._discard()
+                return Rejected(command, cookie, error[0], error[1])
+            end = pos + length
+            if len(buf) >= end:
                 self._pos = end
-                return Request(
-                    Cmd.WRITE, flags, cookie, offset, length, bytes(buf[end - length : end])
-                )
-            self._pos = pos + _REQUEST_SIZE
-            self._drain = length  # consumed as it arrives, never buffered whole
-            self._discard()
-            return Rejected(command, cookie, error[0], error[1])
-        self._pos = pos + _REQUEST_SIZE
+                return Request(Cmd.WRITE, flags, cookie, offset, length, bytes(buf[pos:end]))
+            # Collect the payload in its own buffer so it is copied once, not per recv.
+            self._write_header = (flags, cookie, offset, length)
+            self._payload = bytearray(length)
+            have = len(buf) - pos
+            self._payload[:have] = buf[pos:]
+            self._payload_got = have
+            self._pos = len(buf)
+            return self._finish_write()
         if command == _DISC:
             self._transition(Trigger.CLOSE)
             return Disconnect()
@@ -472,6 +495,17 @@ class ServerConnection:
         if error is not None:
             return Rejected(command, cookie, error[0], error[1])
         return Request(_CMDS[command], flags, cookie, offset, length)
+
+    def _finish_write(self) -> Event | _NeedData:
+        assert self._payload is not None
+        assert self._write_header is not None
+        if self._payload_got < len(self._payload):
+            return self._closed() if self._eof else NEED_DATA
+        flags, cookie, offset, length = self._write_header
+        payload = self._payload
+        self._payload = None
+        self._write_header = None
+        return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
 
     def _validate(
         self, command: int, flags: int, offset: int, length: int

@@ -86,7 +86,7 @@ class Request(_Event):
     cookie: int
     offset: int
     length: int
-    payload: bytes = b""
+    payload: bytes | bytearray = b""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

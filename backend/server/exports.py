@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 
 from backend.nbd import ExportDescription, TLSPolicy
-from backend.nbd.constants import TransmissionFlag as TF
+from backend.nbd.constants import TransmissionFlag
 from backend.storage import Capabilities, Storage
 
 
@@ -37,28 +37,28 @@ class Export:
         )
 
 
-def transmission_flags(caps: Capabilities, *, read_only: bool) -> TF:
+def transmission_flags(caps: Capabilities, *, read_only: bool) -> TransmissionFlag:
     """The flags an export advertises, derived from what its storage declares."""
-    flags = TF.HAS_FLAGS
+    flags = TransmissionFlag.HAS_FLAGS
     if read_only or caps.read_only:
-        flags |= TF.READ_ONLY
+        flags |= TransmissionFlag.READ_ONLY
     else:
         if caps.can_trim:
-            flags |= TF.SEND_TRIM
+            flags |= TransmissionFlag.SEND_TRIM
         if caps.can_zero:
-            flags |= TF.SEND_WRITE_ZEROES
+            flags |= TransmissionFlag.SEND_WRITE_ZEROES
             if caps.can_fast_zero:
-                flags |= TF.SEND_FAST_ZERO
+                flags |= TransmissionFlag.SEND_FAST_ZERO
     if caps.can_flush:
-        flags |= TF.SEND_FLUSH
+        flags |= TransmissionFlag.SEND_FLUSH
     if caps.can_fua:
-        flags |= TF.SEND_FUA
+        flags |= TransmissionFlag.SEND_FUA
     if caps.can_cache:
-        flags |= TF.SEND_CACHE
+        flags |= TransmissionFlag.SEND_CACHE
     if caps.can_multi_conn:
-        flags |= TF.CAN_MULTI_CONN
+        flags |= TransmissionFlag.CAN_MULTI_CONN
     if caps.rotational:
-        flags |= TF.ROTATIONAL
+        flags |= TransmissionFlag.ROTATIONAL
     return flags
 
 

@@ -175,7 +175,9 @@ class Server:
             peer = "{}:{}".format(*addr) if isinstance(addr, tuple) else str(addr)
         else:
             peer = "unix"
-        session = Session(client, peer, self.table, self._tls, self._pool, self._track)
+        session = Session(
+            client, peer, self.table, tls=self._tls, pool=self._pool, on_export=self._track
+        )
         thread = threading.Thread(target=self._run_session, args=(session,), daemon=True)
         with self._lock:
             if self._stopping:

@@ -161,7 +161,7 @@ class _Reader:
             raise self.fail(key, "a list of strings", value)
         return [self.string(item, f"{key}[{i}]") for i, item in enumerate(value)]
 
-    def convert(self, value: object, key: str, parse: Any, expected: str) -> Any:
+    def convert(self, value: object, key: str, parse: Any) -> Any:
         try:
             return parse(value)
         except (ValueError, TypeError) as err:
@@ -198,7 +198,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
     if "listen" in top:
         listen = r.strings(top["listen"], "listen")
         for i, item in enumerate(listen):
-            r.convert(item, f"listen[{i}]", parse_host_port, "HOST:PORT")
+            r.convert(item, f"listen[{i}]", parse_host_port)
         fields["listen"] = tuple(listen)
     if "sockets" in top:
         fields["sockets"] = tuple(Path(p) for p in r.strings(top["sockets"], "sockets"))
@@ -244,7 +244,7 @@ def _export(r: _Reader, item: object, key: str) -> ExportConfig:
         if required not in export:
             raise ConfigError(f"{r.source}: {key}.{required}: required")
     fields: dict[str, Any] = {
-        "name": r.convert(export["name"], f"{key}.name", check_name, "a name"),
+        "name": r.convert(export["name"], f"{key}.name", check_name),
         "path": Path(r.string(export["path"], f"{key}.path")),
     }
     if "read_only" in export:
@@ -252,11 +252,9 @@ def _export(r: _Reader, item: object, key: str) -> ExportConfig:
             raise r.fail(f"{key}.read_only", "true or false", export["read_only"])
         fields["read_only"] = export["read_only"]
     if "tls" in export:
-        fields["tls"] = r.convert(export["tls"], f"{key}.tls", _tls_policy, "a TLS policy")
+        fields["tls"] = r.convert(export["tls"], f"{key}.tls", _tls_policy)
     if "description" in export:
         fields["description"] = r.string(export["description"], f"{key}.description")
     if "min_block" in export:
-        fields["min_block"] = r.convert(
-            export["min_block"], f"{key}.min_block", _block_size, "a block size"
-        )
+        fields["min_block"] = r.convert(export["min_block"], f"{key}.min_block", _block_size)
     return ExportConfig(**fields)

@@ -1,0 +1,136 @@
+"""Fixtures that run the real ``nbs serve`` as a subprocess and real NBD clients against it.
+
+Every server is owned by the fixture that started it and stopped by PID.  Under CI (CI=true)
+a missing client tool fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+NBS = [sys.executable, "-m", "backend.cli"]
+_LISTENING = re.compile(r"listening on (\S+)")
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, but fail under CI where it must exist."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (run scripts/setup)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@dataclasses.dataclass
+class NbsServer:
+    """A running ``nbs serve``: its process and the URIs it printed."""
+
+    process: subprocess.Popen[str]
+    uris: list[str]
+    log_path: Path
+
+    @property
+    def tcp(self) -> str:
+        return next(u for u in self.uris if u.startswith("nbd://"))
+
+    @property
+    def port(self) -> int:
+        return int(self.tcp.rsplit(":", 1)[1])
+
+    def uri(self, export: str) -> str:
+        return f"{self.tcp}/{export}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server and wait for it; returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
+
+def start_server(args: list[str], log_path: Path, timeout: float = 20) -> NbsServer:
+    """Start ``nbs serve ARGS`` and wait until it says where it listens."""
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [*NBS, "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    log.close()
+    assert process.stdout is not None
+    uris: list[str] = []
+    deadline = time.monotonic() + timeout
+    fd = process.stdout.fileno()
+    buffered = ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        chunk = os.read(fd, 4096).decode() if ready else ""
+        if chunk:
+            buffered += chunk
+            uris = _LISTENING.findall(buffered)
+            expected = args.count("--listen") + args.count("--socket") or 1
+            if len(uris) >= expected:
+                return NbsServer(process, uris, log_path)
+        if process.poll() is not None:
+            process.stdout.close()
+            raise RuntimeError(f"nbs serve exited {process.returncode}: {log_path.read_text()}")
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    raise RuntimeError(f"nbs serve did not start: {log_path.read_text()}")
+
+
+@pytest.fixture
+def nbs_server(tmp_path: Path) -> Iterator[Callable[..., NbsServer]]:
+    """A factory: ``nbs_server(*args)`` starts a server; all are stopped at teardown."""
+    servers: list[NbsServer] = []
+
+    def start(*args: str) -> NbsServer:
+        server = start_server(list(args), tmp_path / f"nbs-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.stop()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A 64 MiB sparse raw image."""
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(64 << 20)
+    return path

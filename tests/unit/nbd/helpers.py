@@ -1,0 +1,127 @@
+"""A minimal client side of the wire for feeding the core in tests (no sockets)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from backend.nbd import (
+    NEED_DATA,
+    Event,
+    ExportDescription,
+    ExportSelected,
+    ServerConnection,
+    TLSPolicy,
+)
+from backend.nbd import constants as c
+from backend.nbd.constants import TransmissionFlag as TFlag
+
+WRITABLE = (
+    TFlag.HAS_FLAGS
+    | TFlag.SEND_FLUSH
+    | TFlag.SEND_FUA
+    | TFlag.SEND_TRIM
+    | TFlag.SEND_WRITE_ZEROES
+    | TFlag.SEND_FAST_ZERO
+    | TFlag.SEND_CACHE
+    | TFlag.CAN_MULTI_CONN
+)
+SIZE = 1 << 20
+
+
+class Directory:
+    def __init__(self, *exports: ExportDescription) -> None:
+        self._exports = {e.name: e for e in exports}
+
+    def lookup(self, name: str) -> ExportDescription | None:
+        return self._exports.get(name or next(iter(self._exports)))
+
+    def exports(self) -> Sequence[ExportDescription]:
+        return list(self._exports.values())
+
+
+def export(name: str = "disk", **kwargs: object) -> ExportDescription:
+    fields: dict[str, object] = {"name": name, "size": SIZE, "flags": WRITABLE}
+    fields.update(kwargs)
+    return ExportDescription(**fields)  # type: ignore[arg-type]
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", c.IHAVEOPT, opt, len(data)) + data
+
+
+def info_payload(name: str, *infos: int) -> bytes:
+    raw = name.encode()
+    return (
+        struct.pack(">I", len(raw))
+        + raw
+        + struct.pack(">H", len(infos))
+        + b"".join(struct.pack(">H", i) for i in infos)
+    )
+
+
+def meta_payload(name: str, *queries: str) -> bytes:
+    raw = name.encode()
+    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for q in queries:
+        out += struct.pack(">I", len(q)) + q.encode()
+    return out
+
+
+def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Split handshake output into (option, reply type, payload)."""
+    replies = []
+    pos = 0
+    while pos < len(data):
+        magic, opt, kind, length = struct.unpack_from(">QIII", data, pos)
+        assert magic == c.REPLY_MAGIC
+        pos += 20
+        replies.append((opt, kind, data[pos : pos + length]))
+        pos += length
+    return replies
+
+
+def events(conn: ServerConnection, data: bytes = b"") -> list[Event]:
+    if data:
+        conn.receive_data(data)
+    out: list[Event] = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return out
+        assert not isinstance(event, type(NEED_DATA))
+        out.append(event)
+        if conn.state.value == "closed":
+            return out
+
+
+def negotiated(
+    *exports: ExportDescription,
+    structured: bool = True,
+    meta: bool = True,
+    block_size: bool = True,
+    tls_available: bool = False,
+    name: str = "disk",
+) -> ServerConnection:
+    """A connection already in transmission on ``name``."""
+    directory = Directory(*(exports or (export(),)))
+    conn = ServerConnection(directory, tls_available=tls_available)
+    conn.data_to_send()
+    data = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
+    if structured:
+        data += option(c.Opt.STRUCTURED_REPLY)
+    if meta:
+        data += option(c.Opt.SET_META_CONTEXT, meta_payload(name, c.BASE_ALLOCATION))
+    infos = (c.Info.BLOCK_SIZE,) if block_size else ()
+    data += option(c.Opt.GO, info_payload(name, *infos))
+    got = events(conn, data)
+    assert isinstance(got[-1], ExportSelected), got
+    conn.data_to_send()
+    return conn
+
+
+def request(cmd: int, cookie: int = 1, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+__all__ = ["SIZE", "WRITABLE", "Directory", "TLSPolicy", "export"]

@@ -1,0 +1,95 @@
+"""YAML configuration and the CLI's export syntax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend.nbd import TLSPolicy
+from backend.volumes.config import (
+    ConfigError,
+    ExportConfig,
+    load_config,
+    parse_config,
+    parse_export_spec,
+    parse_host_port,
+)
+
+
+def test_full_config_parses(tmp_path: Path) -> None:
+    path = tmp_path / "nbs.yaml"
+    path.write_text(
+        """
+listen: ["127.0.0.1:10809", "[::1]:10810"]
+sockets: [/run/nbs.sock]
+log_level: debug
+io_threads: 4
+shutdown_grace: 2.5
+tls: {cert: /c.pem, key: /k.pem, ca: /ca.pem}
+exports:
+  - {name: disk, path: /d.img, read_only: true, tls: required, description: hi, min_block: 512}
+"""
+    )
+    config = load_config(path)
+    assert config.listen == ("127.0.0.1:10809", "[::1]:10810")
+    assert config.sockets == (Path("/run/nbs.sock"),)
+    assert config.io_threads == 4
+    assert config.shutdown_grace == 2.5
+    assert config.tls is not None
+    assert config.tls.ca == Path("/ca.pem")
+    assert config.exports == (
+        ExportConfig("disk", Path("/d.img"), True, TLSPolicy.REQUIRED, "hi", 512),
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"lisen": []}, "f.yaml: lisen: unknown key"),
+        ({"listen": "nope"}, "f.yaml: listen[0]: expected HOST:PORT"),
+        ({"listen": ["h:99999"]}, "listen[0]: port must be 0-65535"),
+        ({"log_level": "loud"}, "f.yaml: log_level: expected one of debug"),
+        ({"io_threads": "4"}, "io_threads: expected an integer"),
+        ({"exports": {}}, "exports: expected a list"),
+        ({"exports": [{"path": "/x"}]}, "exports[0].name: required"),
+        ({"exports": [{"name": "a/b", "path": "/x"}]}, "exports[0].name: export name"),
+        ({"exports": [{"name": "a", "path": "/x", "tls": "yes"}]}, "exports[0].tls: expected"),
+        ({"exports": [{"name": "a", "path": "/x", "min_block": 3}]}, "a power of two"),
+        ({"exports": [{"name": "a", "path": "/x", "colour": 1}]}, "exports[0].colour: unknown"),
+        ({"tls": {"cert": "/c"}}, "tls: expected both"),
+        ([1, 2], "f.yaml: top level: expected a mapping"),
+    ],
+)
+def test_bad_config_names_file_key_and_expectation(data: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(data, "f.yaml")
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_export_spec_forms() -> None:
+    assert parse_export_spec("d=/x.img") == ExportConfig("d", Path("/x.img"))
+    spec = parse_export_spec("d=/x.img,ro,tls=required,description=my disk,min-block=4096")
+    assert spec == ExportConfig("d", Path("/x.img"), True, TLSPolicy.REQUIRED, "my disk", 4096)
+
+
+@pytest.mark.parametrize("spec", ["d", "d=", "=/x", "../d=/x", "d=/x,bogus", "d=/x,tls=maybe"])
+def test_bad_export_specs(spec: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_export_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:1", ("127.0.0.1", 1)), ("[::1]:2", ("::1", 2)), (":3", ("", 3))],
+)
+def test_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
