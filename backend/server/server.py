@@ -75,6 +75,7 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._acceptor: threading.Thread | None = None
         self._stopping = False
+        self._shut_down = False
         self.connections_by_export: dict[str, int] = {}
 
     # ------------------------------------------------------------------ binding
@@ -221,7 +222,13 @@ class Server:
         self._unix_paths.clear()
 
     def shutdown(self, grace: float = 10.0) -> bool:
-        """Stop as described in the module docstring; True if everything was flushed."""
+        """Stop as described in the module docstring; True if everything was flushed.
+
+        Idempotent: later calls return False without doing anything.
+        """
+        if self._shut_down:
+            return False
+        self._shut_down = True
         self.close_listeners()
         with self._lock:
             sessions = dict(self._sessions)

@@ -225,7 +225,7 @@ class Session:
                 request.length,
                 err,
             )
-            return [conn.reply_error(request.cookie, command, wire_error(err.errno), err.message)]
+            return [conn.reply_error(request.cookie, command, wire_error(err.errno), str(err))]
         except Exception:
             log.exception("%s: %s failed unexpectedly", self.peer, command.name)
             return [conn.reply_error(request.cookie, command, Error.EIO, "internal error")]

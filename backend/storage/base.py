@@ -32,7 +32,7 @@ class StorageError(Exception):
     @classmethod
     def from_os_error(cls, err: OSError, what: str) -> StorageError:
         code = err.errno if err.errno is not None else errno_mod.EIO
-        return cls(code, f"{what}: {err.strerror or err}")
+        return cls(code, what)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
 import select
+import shutil
 import signal
 import subprocess
 import sys

@@ -1,0 +1,182 @@
+"""The server over real loopback sockets, in process, with a raw-socket client."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from backend.nbd import constants as c
+from backend.nbd.constants import Cmd, Error
+from backend.server.exports import Export, ExportTable
+from backend.server.server import Server, TCPAddress
+from backend.storage import Capabilities, MemoryStorage, StorageError
+from tests.unit.nbd.helpers import info_payload, option, request
+
+SIZE = 1 << 20
+
+
+class GatedStorage(MemoryStorage):
+    """Memory storage that runs on the worker pool and whose reads at offset 0 wait until
+    a read elsewhere has completed, so replies must leave out of order."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = threading.Event()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, inline=False)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset == 0:
+            assert self.gate.wait(10), "the second read never ran"
+        data = super().read(offset, length)
+        if offset != 0:
+            self.gate.set()
+        return data
+
+
+class FailingStorage(MemoryStorage):
+    """Memory storage whose writes fail with the errno written in the first payload byte."""
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        raise StorageError(data[0], "injected failure")
+
+
+class Client:
+    """Just enough of an NBD client: GO with structured replies, then raw requests."""
+
+    def __init__(self, port: int, export: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._recv_exact(18)  # greeting
+        flags = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
+        self.sock.sendall(
+            struct.pack(">I", flags)
+            + option(c.Opt.STRUCTURED_REPLY)
+            + option(c.Opt.GO, info_payload(export))
+        )
+        while True:
+            _, _, kind, length = struct.unpack(">QIII", self._recv_exact(20))
+            self._recv_exact(length)
+            if kind == c.Rep.ACK and getattr(self, "_structured_acked", False):
+                break
+            if kind == c.Rep.ACK:
+                self._structured_acked = True
+
+    def _recv_exact(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, int, bytes]:
+        """(cookie, error, data) of the next reply, structured or simple."""
+        magic = struct.unpack(">I", self._recv_exact(4))[0]
+        if magic == c.SIMPLE_REPLY_MAGIC:
+            error, cookie = struct.unpack(">IQ", self._recv_exact(12))
+            return cookie, error, b""
+        assert magic == c.STRUCTURED_REPLY_MAGIC
+        flags, kind, cookie, length = struct.unpack(">HHQI", self._recv_exact(16))
+        body = self._recv_exact(length)
+        assert flags & c.ReplyFlag.DONE
+        if kind == c.ReplyType.OFFSET_DATA:
+            return cookie, 0, body[8:]
+        if kind == c.ReplyType.ERROR:
+            return cookie, struct.unpack_from(">I", body)[0], b""
+        return cookie, 0, body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[object]:
+    servers: list[Server] = []
+
+    def start(*exports: Export) -> Server:
+        server = Server(ExportTable(list(exports)), tcp=[TCPAddress("127.0.0.1", 0)])
+        server.bind()
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown(grace=5)
+
+
+def port_of(server: Server) -> int:
+    return int(server.uris[0].rsplit(":", 1)[1])
+
+
+def test_replies_leave_out_of_order_when_storage_completes_out_of_order(serve) -> None:  # type: ignore[no-untyped-def]
+    storage = GatedStorage(SIZE)
+    storage.write(4096, b"second")
+    server = serve(Export("disk", storage))
+    client = Client(port_of(server), "disk")
+    client.send(request(Cmd.READ, 1, 0, 512) + request(Cmd.READ, 2, 4096, 6))
+    assert client.reply() == (2, 0, b"second")
+    assert client.reply() == (1, 0, bytes(512))
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "wire"),
+    [
+        (errno.ENOSPC, Error.ENOSPC),
+        (errno.EDQUOT, Error.ENOSPC),
+        (errno.EFBIG, Error.ENOSPC),
+        (errno.EIO, Error.EIO),
+        (errno.EPERM, Error.EPERM),
+        (errno.EROFS, Error.EPERM),
+        (errno.ENOTSUP, Error.ENOTSUP),
+        (errno.ESTALE, Error.EIO),  # anything the spec has no code for
+    ],
+)
+def test_storage_errors_reach_the_client_as_nbd_errors(serve, code: int, wire: int) -> None:  # type: ignore[no-untyped-def]
+    server = serve(Export("disk", FailingStorage(SIZE)))
+    client = Client(port_of(server), "disk")
+    client.send(request(Cmd.WRITE, 7, 0, 1) + bytes([code]))
+    assert client.reply() == (7, wire, b"")
+    client.send(request(Cmd.READ, 8, 0, 4))  # and the connection keeps serving
+    assert client.reply() == (8, 0, bytes(4))
+    client.close()
+
+
+def test_shutdown_answers_parsed_requests_and_flushes(serve) -> None:  # type: ignore[no-untyped-def]
+    flushed = threading.Event()
+
+    class Recording(MemoryStorage):
+        def flush(self) -> None:
+            flushed.set()
+
+    server = serve(Export("disk", Recording(SIZE)))
+    client = Client(port_of(server), "disk")
+    client.send(request(Cmd.WRITE, 1, 0, 5) + b"hello")
+    assert client.reply() == (1, 0, b"")
+    assert server.shutdown(grace=5)
+    assert flushed.is_set()
+    assert client.sock.recv(1) == b""  # the server closed its end
+    client.close()
+
+
+def test_connections_are_counted_per_export(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(Export("a", MemoryStorage(SIZE)), Export("b", MemoryStorage(SIZE)))
+    clients = [Client(port_of(server), "a"), Client(port_of(server), "a")]
+    clients.append(Client(port_of(server), "b"))
+    assert server.connections_by_export == {"a": 2, "b": 1}
+    for client in clients:
+        client.send(request(Cmd.DISC))
+        client.close()
