@@ -1,0 +1,355 @@
+"""Hot-plug NBD volumes into a running QEMU through its QMP socket (qemu.qmp).
+
+Attach:  probe the export ourselves (clear errors, and a dead server never blocks QEMU's
+         monitor) → blockdev-add an ``nbd`` node ``nbs-VOLUME`` with reconnect-delay and
+         open-timeout → device_add virtio-blk-pci ``nbs-VOLUME`` with serial = volume, so the
+         guest finds it at /dev/disk/by-id/virtio-VOLUME.  If device_add fails the node is
+         removed again: nothing is left half-attached.
+Detach:  listen for DEVICE_DELETED first, device_del once (never re-sent: QEMU refuses a
+         second one while the guest has not answered), wait a bounded time for the event with
+         ``data.device`` = our id, then blockdev-del.
+Both are idempotent: attaching what is attached returns it, detaching what is not attached
+says so.
+
+Errors (all QmpError):
+    QmpError
+     ├── VmUnreachableError     no QMP socket / QEMU gone
+     ├── ExportUnavailableError export missing or server down (from the probe)
+     ├── AttachConflictError    the volume name is attached with a different URI
+     ├── NoFreeSlotError        no PCI slot / root port to hot-plug into
+     └── GuestNotReadyError     the guest is paused or did not release the disk in time
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from hypervisor.nbdclient import NbdClientError, probe
+from hypervisor.target import NbdTarget
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
+
+PREFIX = "nbs-"
+SERIAL_MAX = 20  # virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES)
+DEFAULT_RECONNECT_DELAY = 30  # seconds QEMU holds guest I/O while the server is away
+DEFAULT_OPEN_TIMEOUT = 10
+DEFAULT_DETACH_TIMEOUT = 60.0
+
+
+class QmpError(Exception):
+    """Base of this module's errors."""
+
+
+class VmUnreachableError(QmpError):
+    pass
+
+
+class ExportUnavailableError(QmpError):
+    pass
+
+
+class AttachConflictError(QmpError):
+    pass
+
+
+class NoFreeSlotError(QmpError):
+    pass
+
+
+class GuestNotReadyError(QmpError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Attachment:
+    """A volume attached to a VM by us."""
+
+    volume: str
+    node: str
+    device: str | None  # None: a node left without its device (cleaned up by attach/detach)
+    uri: str
+    read_only: bool = False
+    serial: str | None = None
+
+
+def ids_for(volume: str) -> str:
+    """The node name and device id used for ``volume`` (QOM ids allow [A-Za-z0-9._-])."""
+    return PREFIX + volume
+
+
+class _Session:
+    def __init__(self, qmp: QMPClient) -> None:
+        self.qmp = qmp
+
+    async def run(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(command, args)
+
+    async def devices(self) -> set[str]:
+        items = await self.run("qom-list", {"path": "/machine/peripheral"})
+        return {i["name"] for i in items if str(i.get("type", "")).startswith("child<")}
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        nodes = await self.run("query-named-block-nodes", {"flat": True})
+        return {n["node-name"]: n for n in nodes if n.get("node-name", "").startswith(PREFIX)}
+
+    async def running(self) -> str:
+        status = await self.run("query-status")
+        return str(status["status"])
+
+    async def serial_of(self, device: str) -> str | None:
+        try:
+            value = await self.run(
+                "qom-get", {"path": f"/machine/peripheral/{device}", "property": "serial"}
+            )
+        except ExecuteError:
+            return None
+        return str(value) if value is not None else None
+
+    async def attachments(self) -> list[Attachment]:
+        devices = await self.devices()
+        out = []
+        for name, node in sorted((await self.nodes()).items()):
+            device = name if name in devices else None
+            out.append(
+                Attachment(
+                    volume=name[len(PREFIX) :],
+                    node=name,
+                    device=device,
+                    uri=str(node.get("file", "")),
+                    read_only=bool(node.get("ro", False)),
+                    serial=await self.serial_of(name) if device else None,
+                )
+            )
+        return out
+
+
+async def _connect(qmp_path: Path) -> _Session:
+    qmp = QMPClient("nbs")
+    try:
+        await qmp.connect(str(qmp_path))
+    except Exception as err:  # qemu.qmp raises ConnectError wrapping OSError
+        raise VmUnreachableError(f"cannot reach QEMU at {qmp_path}: {err}") from err
+    return _Session(qmp)
+
+
+def _tls_object_id(tls_dir: Path) -> str:
+    return PREFIX + "tls-" + hashlib.sha256(str(tls_dir).encode()).hexdigest()[:12]
+
+
+def _same_target(uri_on_node: str, target: NbdTarget) -> bool:
+    # QEMU reports the node as an nbd:// filename (or json:{...} when it has extra options);
+    # compare on what identifies the export: its name and server address.
+    where = str(target.socket) if target.socket else f"{target.host}:{target.port}"
+    return target.export in uri_on_node and where in uri_on_node
+
+
+async def _free_root_port(session: _Session) -> str | None:
+    """A pcie-root-port with nothing plugged in (q35 machines hot-plug only into those)."""
+    for bus in await session.run("query-pci"):
+        for dev in bus.get("devices", []):
+            bridge = dev.get("pci_bridge")
+            if bridge is not None and dev.get("qdev_id") and not bridge.get("devices"):
+                return str(dev["qdev_id"])
+    return None
+
+
+async def _attach(
+    qmp_path: Path,
+    target: NbdTarget,
+    *,
+    reconnect_delay: int,
+    open_timeout: int,
+    bus: str | None,
+) -> Attachment:
+    session = await _connect(qmp_path)
+    try:
+        name = ids_for(target.volume)
+        devices = await session.devices()
+        nodes = await session.nodes()
+        if name in devices and name in nodes:
+            uri = str(nodes[name].get("file", ""))
+            if _same_target(uri, target):
+                log.info("%s already attached as %s", target.uri(), name)
+                return Attachment(
+                    target.volume,
+                    name,
+                    name,
+                    uri,
+                    bool(nodes[name].get("ro")),
+                    await session.serial_of(name),
+                )
+            raise AttachConflictError(f"volume {target.volume!r} is already attached from {uri}")
+        if name in devices:
+            raise AttachConflictError(f"a device with id {name!r} exists and is not ours")
+        try:
+            info = await asyncio.to_thread(probe, target)
+        except NbdClientError as err:
+            raise ExportUnavailableError(str(err)) from err
+        if name in nodes:  # a node left behind by an interrupted attach
+            await session.run("blockdev-del", {"node-name": name})
+        options: dict[str, Any] = {
+            "driver": "nbd",
+            "node-name": name,
+            "server": target.qemu_server(),
+            "export": target.export,
+            "reconnect-delay": reconnect_delay,
+            "open-timeout": open_timeout,
+            "read-only": info.read_only,
+        }
+        if target.tls:
+            if target.tls_dir is None:
+                raise ExportUnavailableError("nbds:// needs ?tls-certificates=DIR for QEMU")
+            creds = _tls_object_id(target.tls_dir)
+            objects = await session.run("qom-list", {"path": "/objects"})
+            if creds not in {o["name"] for o in objects}:
+                await session.run(
+                    "object-add",
+                    {
+                        "qom-type": "tls-creds-x509",
+                        "id": creds,
+                        "dir": str(target.tls_dir),
+                        "endpoint": "client",
+                    },
+                )
+            options["tls-creds"] = creds
+            if target.tls_hostname:
+                options["tls-hostname"] = target.tls_hostname
+        try:
+            await session.run("blockdev-add", options)
+        except ExecuteError as err:
+            raise ExportUnavailableError(f"QEMU could not open {target.uri()}: {err}") from err
+        serial = target.volume[:SERIAL_MAX]
+        device: dict[str, Any] = {
+            "driver": "virtio-blk-pci",
+            "id": name,
+            "drive": name,
+            "serial": serial,
+        }
+        try:
+            if bus is not None:
+                device["bus"] = bus
+            try:
+                await session.run("device_add", device)
+            except ExecuteError as err:
+                if bus is not None or "hotplug" not in str(err).lower():
+                    raise
+                port = await _free_root_port(session)
+                if port is None:
+                    raise NoFreeSlotError(
+                        "no free hot-plug slot: this machine type hot-plugs only into"
+                        " pcie-root-port devices, and none is free (start QEMU with more)"
+                    ) from err
+                await session.run("device_add", {**device, "bus": port})
+        except (ExecuteError, QmpError) as err:
+            await session.run("blockdev-del", {"node-name": name})
+            if isinstance(err, QmpError):
+                raise
+            text = str(err)
+            if "slot" in text.lower() or "no free" in text.lower():
+                raise NoFreeSlotError(f"no free hot-plug slot: {text}") from err
+            raise QmpError(f"device_add failed: {text}") from err
+        uri = str((await session.nodes())[name].get("file", target.uri()))
+        log.info("attached %s as %s (serial %s)", target.uri(), name, serial)
+        return Attachment(target.volume, name, name, uri, info.read_only, serial)
+    finally:
+        await session.qmp.disconnect()
+
+
+async def _detach(qmp_path: Path, volume: str, timeout: float) -> Attachment | None:
+    session = await _connect(qmp_path)
+    try:
+        name = ids_for(volume)
+        devices = await session.devices()
+        nodes = await session.nodes()
+        if name not in devices and name not in nodes:
+            return None
+        found = Attachment(
+            volume,
+            name,
+            name if name in devices else None,
+            str(nodes.get(name, {}).get("file", "")),
+        )
+        if name in devices:
+            status = await session.running()
+            if status != "running":
+                raise GuestNotReadyError(
+                    f"the VM is {status}: a guest that does not run cannot release the disk;"
+                    " resume it and detach again"
+                )
+            with session.qmp.listener("DEVICE_DELETED") as listener:
+                try:
+                    await session.run("device_del", {"id": name})
+                except ExecuteError as err:
+                    # An unplug already in progress: wait for it rather than re-send.
+                    if "in the process of unplug" not in str(err):
+                        raise QmpError(f"device_del failed: {err}") from err
+                await _wait_deleted(listener, name, timeout)
+        if name in nodes or name in devices:
+            await session.run("blockdev-del", {"node-name": name})
+        log.info("detached %s", name)
+        return found
+    finally:
+        await session.qmp.disconnect()
+
+
+async def _wait_deleted(listener: EventListener, device: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise GuestNotReadyError(
+                f"the guest did not release {device} within {timeout:.0f}s (still booting, or"
+                " no ACPI hot-plug?); the unplug request stays pending: detach again later"
+            )
+        try:
+            event = await asyncio.wait_for(listener.get(), remaining)
+        except TimeoutError:
+            continue
+        data = event["data"] if "data" in event else None
+        if isinstance(data, dict) and data.get("device") == device:
+            return
+
+
+async def _list(qmp_path: Path) -> list[Attachment]:
+    session = await _connect(qmp_path)
+    try:
+        return await session.attachments()
+    finally:
+        await session.qmp.disconnect()
+
+
+def attach(
+    qmp_path: Path,
+    target: NbdTarget,
+    *,
+    reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+    open_timeout: int = DEFAULT_OPEN_TIMEOUT,
+    bus: str | None = None,
+) -> Attachment:
+    """Hot-plug ``target`` into the VM whose QMP socket is ``qmp_path`` (see module doc)."""
+    return asyncio.run(
+        _attach(
+            qmp_path, target, reconnect_delay=reconnect_delay, open_timeout=open_timeout, bus=bus
+        )
+    )
+
+
+def detach(
+    qmp_path: Path, volume: str, timeout: float = DEFAULT_DETACH_TIMEOUT
+) -> Attachment | None:
+    """Unplug ``volume``; returns what was detached, or None if it was not attached."""
+    return asyncio.run(_detach(qmp_path, volume, timeout))
+
+
+def attached(qmp_path: Path) -> list[Attachment]:
+    """Volumes this module attached to the VM."""
+    return asyncio.run(_list(qmp_path))
