@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from backend.nbd import TLSPolicy
 from backend.server.exports import Export, ExportTable
@@ -30,6 +31,7 @@ from backend.volumes.config import (
     parse_export_spec,
     parse_host_port,
 )
+from hypervisor import cli as hypervisor_cli
 
 log = logging.getLogger("nbs")
 EXIT_USAGE = 2
@@ -54,8 +56,15 @@ def _listen_arg(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line and exit code 2, like every other usage error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"nbs: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbs", description="NBS network block store")
+    parser = _Parser(prog="nbs", description="NBS network block store")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
@@ -100,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.set_defaults(func=cmd_serve)
+    # The command line is the one seam where backend and hypervisor meet.
+    hypervisor_cli.add_commands(sub)
     return parser
 
 
@@ -217,8 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="nbs: %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # qemu.qmp logs connection failures as errors; the CLI reports them itself, once.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func.__module__ == hypervisor_cli.__name__:
+        return hypervisor_cli.run(args)
     try:
         result: int = args.func(args)
     except (UsageError, ConfigError, ServeError, TLSConfigError) as err:

@@ -314,7 +314,7 @@ async def _wait_deleted(listener: EventListener, device: str, timeout: float) ->
             event = await asyncio.wait_for(listener.get(), remaining)
         except TimeoutError:
             continue
-        data = event["data"] if "data" in event else None
+        data = event.get("data")
         if isinstance(data, dict) and data.get("device") == device:
             return
 

@@ -128,6 +128,9 @@ class ServerConnection:
         self.block_status = False
         self._block_sizes_agreed = False
         self._drain = 0  # bytes of a refused WRITE payload still to discard
+        # Its Rejected event: emitted once the payload is gone, because clients (libnbd)
+        # reject a reply to a command whose payload they are still sending.
+        self._drained_event: Rejected | None = None
         # A valid WRITE whose payload is still arriving: its header and the payload buffer.
         self._write_header: tuple[int, int, int, int] | None = None
         self._payload: bytearray | None = None
@@ -327,7 +330,9 @@ class ServerConnection:
             return
         for export in self._directory.exports():
             if self._visible(export):
-                self._reply(c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name))
+                self._reply(
+                    c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name, export.description)
+                )
         self._reply(c.Opt.LIST, c.Rep.ACK)
 
     def _opt_starttls(self, data: bytes) -> Event | None:
@@ -461,6 +466,9 @@ class ServerConnection:
             return self._finish_write()
         if self._drain and not self._discard():
             return self._closed() if self._eof else NEED_DATA
+        if self._drained_event is not None:
+            event, self._drained_event = self._drained_event, None
+            return event
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < _REQUEST_SIZE:
@@ -474,8 +482,8 @@ class ServerConnection:
             error = self._validate(command, flags, offset, length)
             if error is not None:
                 self._drain = length  # consumed as it arrives, never buffered whole
-                self._discard()
-                return Rejected(command, cookie, error[0], error[1])
+                self._drained_event = Rejected(command, cookie, error[0], error[1])
+                return self._next_request()
             end = pos + length
             if len(buf) >= end:
                 self._pos = end
@@ -514,6 +522,10 @@ class ServerConnection:
         "Request types" and "Error values")."""
         if self.stopping:
             return c.Error.ESHUTDOWN, "server is shutting down"
+        # Before the negotiation check: TRIM and WRITE_ZEROES are never advertised on a
+        # read-only export, yet the spec asks for EPERM there ("Error values").
+        if self._read_only and command in _MUTATING:
+            return c.Error.EPERM, "export is read-only"
         allowed = self._allowed.get(command)
         if allowed is None:
             if command in _CMDS:
@@ -521,8 +533,6 @@ class ServerConnection:
             return c.Error.EINVAL, f"unknown command {command}"
         if flags & ~allowed:
             return c.Error.EINVAL, f"flags {flags:#x} not valid for this command"
-        if self._read_only and command in _MUTATING:
-            return c.Error.EPERM, "export is read-only"
         if command == Cmd.FLUSH:
             return None
         if length == 0:

@@ -57,9 +57,11 @@ def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
     return INFO_BLOCK_SIZE.pack(c.Info.BLOCK_SIZE, minimum, preferred, maximum)
 
 
-def server_entry(name: str) -> bytes:
+def server_entry(name: str, description: str = "") -> bytes:
+    """An NBD_REP_SERVER payload: the name, then (spec: implementation-specific) the
+    description, which nbdinfo --list shows."""
     raw = name.encode()
-    return U32.pack(len(raw)) + raw
+    return U32.pack(len(raw)) + raw + description.encode()[: c.MAX_STRING]
 
 
 def meta_context(context_id: int, name: str) -> bytes:

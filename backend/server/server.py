@@ -1,8 +1,9 @@
 """Listeners (TCP, Unix, inherited fds), accepting, and the server's lifecycle.
 
 Shutdown (SIGTERM) runs in this order: stop accepting; tell every session to stop (new
-requests get ESHUTDOWN, reading ends, requests already parsed are answered); wait up to
-``grace`` seconds for sessions to finish, then cut the rest; flush and close every storage.
+requests get ESHUTDOWN); give clients a second to disconnect by themselves; stop reading from
+the rest (requests already received are answered); wait up to ``grace`` seconds for sessions
+to finish, then cut the rest; flush and close every storage.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from backend.server.session import Session
 from backend.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+SOFT_DISCONNECT = 1.0  # seconds clients get to leave by themselves on shutdown
 
 
 class ServeError(Exception):
@@ -234,6 +238,14 @@ class Server:
             sessions = dict(self._sessions)
         for session in sessions:
             session.stop()
+        # A moment in which clients get ESHUTDOWN for new requests and may disconnect
+        # themselves (spec: soft disconnect); then reading stops.
+        deadline = time.monotonic() + min(grace, SOFT_DISCONNECT)
+        for thread in sessions.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for session, thread in sessions.items():
+            if thread.is_alive():
+                session.stop_reading()
         for session, thread in sessions.items():
             thread.join(grace)
             if thread.is_alive():

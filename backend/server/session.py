@@ -104,8 +104,11 @@ class Session:
                 self.sock.close()
 
     def stop(self) -> None:
-        """Answer new requests with ESHUTDOWN and stop reading; in-flight ones complete."""
+        """Answer new requests with ESHUTDOWN from now on."""
         self.conn.stopping = True
+
+    def stop_reading(self) -> None:
+        """End the session once what was received is answered (recv sees EOF)."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
 

@@ -22,10 +22,11 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
     """An SSLContext for the server side of STARTTLS (TLS 1.2 or newer)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for what, path in (("certificate", files.cert), ("key", files.key), ("CA", files.ca)):
+        if path is not None and not path.is_file():
+            raise TLSConfigError(f"TLS {what} {path} does not exist or is not a file")
     try:
         ctx.load_cert_chain(str(files.cert), str(files.key))
-    except FileNotFoundError as err:
-        raise TLSConfigError(f"TLS certificate or key not found: {err.filename}") from err
     except (ssl.SSLError, OSError) as err:
         raise TLSConfigError(
             f"cannot use TLS certificate {files.cert} with key {files.key}: {err}"

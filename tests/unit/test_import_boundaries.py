@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SEAM = ROOT / "backend" / "cli.py"
 
 
 def imports_of(package: str) -> list[tuple[Path, str]]:
@@ -29,7 +30,8 @@ def imports_of(package: str) -> list[tuple[Path, str]]:
         ("backend.nbd", ("socket", "ssl", "asyncio", "selectors", "threading", "backend.")),
         # Storage never imports the wire format or the server.
         ("backend.storage", ("backend.nbd", "backend.server", "backend.volumes", "hypervisor")),
-        # backend and hypervisor do not import each other (hypervisor may use backend.nbd).
+        # backend and hypervisor do not import each other (hypervisor may use backend.nbd);
+        # the command line (backend/cli.py) is the one seam that registers both.
         ("backend", ("hypervisor",)),
     ],
 )
@@ -38,7 +40,8 @@ def test_package_does_not_import(package: str, forbidden: tuple[str, ...]) -> No
     bad = [
         f"{path.relative_to(ROOT)}: {name}"
         for path, name in imports_of(package)
-        if any(name == f.rstrip(".") or name.startswith(f) for f in forbidden)
+        if path != SEAM
+        and any(name == f.rstrip(".") or name.startswith(f) for f in forbidden)
         and not name.startswith(own)
         and name != package
     ]

@@ -158,9 +158,17 @@ def test_list_names_every_export() -> None:
     conn.data_to_send()
     events(conn, FIXED + option(c.Opt.LIST))
     replies = parse_option_replies(conn.data_to_send())
-    names = [data[4:].decode() for _, kind, data in replies if kind == c.Rep.SERVER]
-    assert names == ["a", "b"]
+    entries = [data for _, kind, data in replies if kind == c.Rep.SERVER]
+    assert entries == [b"\x00\x00\x00\x01a", b"\x00\x00\x00\x01b"]
     assert replies[-1][1] == c.Rep.ACK
+
+
+def test_list_entries_carry_the_description_after_the_name() -> None:
+    conn = fresh(export("a", description="first disk"))
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0][1:] == (c.Rep.SERVER, b"\x00\x00\x00\x01a" + b"first disk")
 
 
 def test_list_with_data_is_invalid() -> None:

@@ -1,0 +1,193 @@
+"""``nbs attach | detach | attached | xml``: the hypervisor side of the command line.
+
+Where a volume goes is chosen by one of ``--qmp SOCKET`` (a QEMU started by hand or by an
+orchestrator), ``--domain NAME [--connect URI]`` (libvirt) or ``--kernel [--host SSH]``
+(/dev/nbdX on this or a remote bare-metal host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hypervisor import domain, qmp
+from hypervisor.nbdclient import NbdClientError
+from hypervisor.target import NbdTarget, TargetError
+
+USAGE_ERROR = 2
+FAILURE = 1
+
+
+class CommandError(Exception):
+    """A hypervisor operation failed; exit code 1 with the message."""
+
+
+def _where(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--qmp", type=Path, metavar="SOCKET", help="QEMU's QMP Unix socket")
+    group.add_argument("--domain", metavar="NAME", help="libvirt domain")
+    group.add_argument("--kernel", action="store_true", help="kernel nbd driver (/dev/nbdX)")
+    parser.add_argument(
+        "--connect",
+        default=domain.DEFAULT_CONNECT,
+        metavar="URI",
+        help=f"libvirt connection URI (default {domain.DEFAULT_CONNECT})",
+    )
+    parser.add_argument("--host", metavar="[USER@]HOST[:PORT]", help="with --kernel: over SSH")
+    parser.add_argument(
+        "--server",
+        metavar="URI",
+        help="NBS server for bare volume names (default $NBS_SERVER or nbd://127.0.0.1:10809)",
+    )
+
+
+def add_commands(sub: Any) -> None:
+    """Register the hypervisor subcommands on the ``nbs`` parser's subparsers."""
+    attach = sub.add_parser(
+        "attach",
+        help="attach a volume to a VM or this host",
+        description="Attach WHAT (a volume name or an nbd:// / nbd+unix:// URI) to a VM.",
+    )
+    attach.add_argument("what", metavar="WHAT")
+    _where(attach)
+    attach.add_argument(
+        "--reconnect-delay",
+        type=int,
+        default=qmp.DEFAULT_RECONNECT_DELAY,
+        metavar="SECONDS",
+        help="how long QEMU holds guest I/O while the server is unreachable "
+        f"(default {qmp.DEFAULT_RECONNECT_DELAY}; libvirt: applied through the monitor, 0 = off)",
+    )
+    attach.add_argument("--persistent", action="store_true", help="libvirt: also in the config")
+    attach.add_argument(
+        "--connections", type=int, metavar="N", help="kernel: sockets (multi-conn exports only)"
+    )
+    attach.set_defaults(func=cmd_attach)
+
+    detach = sub.add_parser("detach", help="detach a volume")
+    detach.add_argument("what", metavar="WHAT")
+    _where(detach)
+    detach.add_argument("--persistent", action="store_true", help="libvirt: also from the config")
+    detach.add_argument(
+        "--timeout",
+        type=float,
+        default=qmp.DEFAULT_DETACH_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the guest to release the disk",
+    )
+    detach.set_defaults(func=cmd_detach)
+
+    listing = sub.add_parser("attached", help="list attached volumes")
+    _where(listing)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_attached)
+
+    xml = sub.add_parser("xml", help="print libvirt <disk> XML for virsh attach-device")
+    xml.add_argument("what", metavar="WHAT")
+    xml.add_argument("--dev", default="vdb", help="target device name in the guest (vdb)")
+    xml.add_argument("--read-only", action="store_true")
+    xml.add_argument("--server", metavar="URI", help="NBS server for bare volume names")
+    xml.set_defaults(func=cmd_xml)
+
+
+def _target(args: argparse.Namespace) -> NbdTarget:
+    return NbdTarget.parse(args.what, args.server)
+
+
+def _volume(args: argparse.Namespace) -> str:
+    """detach takes a volume name or the URI it was attached with."""
+    return _target(args).volume
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    target = _target(args)
+    if args.qmp:
+        done = qmp.attach(args.qmp, target, reconnect_delay=args.reconnect_delay)
+        print(f"attached {target.uri()} as {done.device} (serial {done.serial})")
+    elif args.domain:
+        disk = domain.attach(
+            args.domain,
+            target,
+            connect=args.connect,
+            persistent=args.persistent,
+            reconnect_delay=args.reconnect_delay or None,
+        )
+        print(f"attached {target.uri()} to {args.domain} as {disk.target_dev} ({disk.alias})")
+    else:
+        from hypervisor import kernel_cli  # noqa: PLC0415 - kernel support is Linux-root only
+
+        return kernel_cli.attach(args, target)
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    volume = _volume(args)
+    if args.qmp:
+        gone: object = qmp.detach(args.qmp, volume, args.timeout)
+    elif args.domain:
+        gone = domain.detach(
+            args.domain,
+            volume,
+            connect=args.connect,
+            persistent=args.persistent,
+            timeout=args.timeout,
+        )
+    else:
+        from hypervisor import kernel_cli  # noqa: PLC0415
+
+        return kernel_cli.detach(args, _target(args))
+    print(f"detached {volume}" if gone is not None else f"{volume} was not attached")
+    return 0
+
+
+def cmd_attached(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]]
+    if args.qmp:
+        rows = [dataclasses.asdict(a) for a in qmp.attached(args.qmp)]
+    elif args.domain:
+        rows = [dataclasses.asdict(d) for d in domain.attached(args.domain, connect=args.connect)]
+    else:
+        from hypervisor import kernel_cli  # noqa: PLC0415
+
+        rows = kernel_cli.attached_rows(args)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(rows)
+    return 0
+
+
+def cmd_xml(args: argparse.Namespace) -> int:
+    sys.stdout.write(domain.disk_xml(_target(args), dev=args.dev, read_only=args.read_only))
+    return 0
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        print("nothing attached")
+        return
+    columns = list(rows[0])
+    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a hypervisor subcommand, turning its errors into one line and an exit code."""
+    try:
+        result: int = args.func(args)
+    except TargetError as err:
+        print(f"nbs: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except (qmp.QmpError, NbdClientError, CommandError) as err:
+        print(f"nbs: error: {err}", file=sys.stderr)
+        return FAILURE
+    return result

@@ -1,0 +1,336 @@
+"""STARTTLS with X.509 certificates: qemu-img and nbdinfo (GnuTLS clients) against ``nbs serve``.
+
+The certificates are made with openssl in a directory laid out as qemu's tls-creds-x509 and
+libnbd's tls-certificates expect (ca-cert.pem, server-*.pem, client-*.pem).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import random
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import NBS, NbsServer, require_tool
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+_CA_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = NBS test CA
+[ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+"""
+_SERVER_EXT = """\
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+"""
+_CLIENT_EXT = """\
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+"""
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _openssl(*args: str) -> None:
+    result = run(require_tool("openssl"), *args)
+    assert result.returncode == 0, result.stderr
+
+
+def _issue(work: Path, out: Path, *, name: str, subject: str, ext: str) -> None:
+    key = out / f"{name}-key.pem"
+    csr = work / f"{name}.csr"
+    ext_file = work / f"{name}.ext"
+    ext_file.write_text(ext)
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", subject,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(out / "ca-cert.pem"),
+        "-CAkey", str(work / "ca-key.pem"), "-CAcreateserial", "-days", "2",
+        "-out", str(out / f"{name}-cert.pem"), "-extfile", str(ext_file),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    work = tmp_path_factory.mktemp("pki-work")
+    out = tmp_path_factory.mktemp("pki")
+    (work / "ca.cnf").write_text(_CA_CONFIG)
+    _openssl(
+        "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", str(work / "ca-key.pem"), "-out", str(out / "ca-cert.pem"),
+        "-days", "2", "-config", str(work / "ca.cnf"), "-extensions", "ext",
+    )  # fmt: skip
+    _issue(work, out, name="server", subject="/CN=localhost", ext=_SERVER_EXT)
+    _issue(work, out, name="client", subject="/CN=client", ext=_CLIENT_EXT)
+    for name in ("ca-cert", "server-cert", "server-key", "client-cert", "client-key"):
+        assert (out / f"{name}.pem").stat().st_size > 0
+    return out
+
+
+@pytest.fixture
+def ca_only(pki: Path, tmp_path: Path) -> Path:
+    """Client credentials that trust the CA but hold no client certificate."""
+    directory = tmp_path / "ca-only"
+    directory.mkdir()
+    (directory / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    return directory
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("disk", "secure", "plain"):
+        path = tmp_path / f"{name}.img"
+        with path.open("wb") as f:
+            f.truncate(SIZE)
+        out[name] = path
+    return out
+
+
+@pytest.fixture
+def tls_server(
+    nbs_server: Callable[..., NbsServer], pki: Path, images: dict[str, Path]
+) -> NbsServer:
+    return nbs_server(
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        str(pki / "server-cert.pem"),
+        "--tls-key",
+        str(pki / "server-key.pem"),
+        "--tls-ca",
+        str(pki / "ca-cert.pem"),
+        "--export",
+        f"disk={images['disk']}",
+        "--export",
+        f"secure={images['secure']},tls=required",
+        "--export",
+        f"plain={images['plain']},tls=off",
+    )
+
+
+def nbds(server: NbsServer, export: str, certs: Path) -> str:
+    return f"nbds://127.0.0.1:{server.port}/{export}?tls-certificates={certs}"
+
+
+def image_opts(server: NbsServer, export: str) -> str:
+    return (
+        f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={server.port},"
+        f"export={export},tls-creds=tls0"
+    )
+
+
+def tls_object(certs: Path) -> list[str]:
+    return ["--object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=client"]
+
+
+def test_nbdinfo_over_tls(tls_server: NbsServer, pki: Path) -> None:
+    result = run(require_tool("nbdinfo"), "--json", nbds(tls_server, "disk", pki))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["TLS"] is True
+    assert info["exports"][0]["export-size"] == SIZE
+
+
+def test_qemu_img_info_over_tls(tls_server: NbsServer, pki: Path) -> None:
+    result = run(
+        require_tool("qemu-img"),
+        "info",
+        "--output=json",
+        *tls_object(pki),
+        "--image-opts",
+        image_opts(tls_server, "secure"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["virtual-size"] == SIZE
+
+
+def test_qemu_img_convert_over_tls_in_and_out(
+    tls_server: NbsServer, pki: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    qemu_img = require_tool("qemu-img")
+    source = tmp_path / "source.img"
+    with source.open("wb") as f:
+        f.truncate(SIZE)
+        f.seek(MiB)
+        f.write(random.Random(31).randbytes(4 * MiB))
+        f.seek(40 * MiB)
+        f.write(b"\xa5" * MiB)
+    into = run(
+        qemu_img,
+        "convert",
+        "-n",
+        *tls_object(pki),
+        "-f",
+        "raw",
+        str(source),
+        "--target-image-opts",
+        image_opts(tls_server, "secure"),
+        timeout=120,
+    )
+    assert into.returncode == 0, into.stderr
+    assert filecmp.cmp(source, images["secure"], shallow=False)
+
+    out = tmp_path / "out.img"
+    back = run(
+        qemu_img,
+        "convert",
+        *tls_object(pki),
+        "--image-opts",
+        image_opts(tls_server, "secure"),
+        "-O",
+        "raw",
+        str(out),
+        timeout=120,
+    )
+    assert back.returncode == 0, back.stderr
+    assert filecmp.cmp(source, out, shallow=False)
+
+
+def test_tls_required_export_refuses_plaintext_and_serves_tls(
+    tls_server: NbsServer, pki: Path
+) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    plain = run(nbdinfo, "--size", f"{tls_server.tcp}/secure")
+    assert plain.returncode != 0
+    assert "TLS" in plain.stderr
+    secure = run(nbdinfo, "--size", nbds(tls_server, "secure", pki))
+    assert secure.returncode == 0, secure.stderr
+    assert int(secure.stdout) == SIZE
+    assert tls_server.alive()
+
+
+def test_tls_off_export_is_not_served_over_tls(tls_server: NbsServer, pki: Path) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    over_tls = run(nbdinfo, "--size", nbds(tls_server, "plain", pki))
+    assert over_tls.returncode != 0
+    plain = run(nbdinfo, "--size", f"{tls_server.tcp}/plain")
+    assert plain.returncode == 0, plain.stderr
+    assert int(plain.stdout) == SIZE
+
+
+def test_default_policy_serves_both_with_and_without_tls(tls_server: NbsServer, pki: Path) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    assert run(nbdinfo, "--size", f"{tls_server.tcp}/disk").returncode == 0
+    over_tls = run(nbdinfo, "--json", nbds(tls_server, "disk", pki))
+    assert over_tls.returncode == 0, over_tls.stderr
+    assert json.loads(over_tls.stdout)["TLS"] is True
+
+
+def test_list_over_tls_leaves_out_tls_off_exports(tls_server: NbsServer, pki: Path) -> None:
+    result = run(require_tool("nbdinfo"), "--list", "--json", nbds(tls_server, "", pki))
+    assert result.returncode == 0, result.stderr
+    names = {e["export-name"] for e in json.loads(result.stdout)["exports"]}
+    assert names == {"disk", "secure"}
+
+
+def test_client_without_certificate_is_refused_when_a_ca_is_set(
+    tls_server: NbsServer, pki: Path, ca_only: Path
+) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    refused = run(nbdinfo, "--size", nbds(tls_server, "disk", ca_only))
+    assert refused.returncode != 0
+    assert tls_server.alive()
+    accepted = run(nbdinfo, "--size", nbds(tls_server, "disk", pki))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def serve_once(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``nbs serve ARGS`` expected to fail at start-up."""
+    return subprocess.run(
+        [*NBS, "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_missing_certificate_exits_2_with_one_line(
+    pki: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    result = serve_once(
+        "--listen", "127.0.0.1:0", "--export", f"disk={images['disk']}",
+        "--tls-cert", str(tmp_path / "no-such-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nbs: error:")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("which", ["cert", "key", "ca"])
+def test_missing_tls_file_error_names_the_file(
+    pki: Path, images: dict[str, Path], tmp_path: Path, which: str
+) -> None:
+    files = {
+        "cert": pki / "server-cert.pem",
+        "key": pki / "server-key.pem",
+        "ca": pki / "ca-cert.pem",
+    }
+    missing = tmp_path / f"no-such-{which}.pem"
+    files[which] = missing
+    result = serve_once(
+        "--listen", "127.0.0.1:0", "--export", f"disk={images['disk']}",
+        "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
+        "--tls-ca", str(files["ca"]),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert str(missing) in lines[0], lines[0]
+
+
+def test_key_that_does_not_match_the_certificate_exits_2(
+    pki: Path, images: dict[str, Path]
+) -> None:
+    result = serve_once(
+        "--listen", "127.0.0.1:0", "--export", f"disk={images['disk']}",
+        "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "client-key.pem"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nbs: error:")
+    assert "server-cert.pem" in lines[0]
+
+
+def test_unreadable_ca_exits_2(pki: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    result = serve_once(
+        "--listen", "127.0.0.1:0", "--export", f"disk={images['disk']}",
+        "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+        "--tls-ca", str(bad_ca),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert str(bad_ca) in lines[0]
