@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hypervisor import domain, qmp
+from hypervisor import defaults
 from hypervisor.nbdclient import NbdClientError
 from hypervisor.target import NbdTarget, TargetError
 
@@ -34,9 +34,9 @@ def _where(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernel", action="store_true", help="kernel nbd driver (/dev/nbdX)")
     parser.add_argument(
         "--connect",
-        default=domain.DEFAULT_CONNECT,
+        default=defaults.LIBVIRT_CONNECT,
         metavar="URI",
-        help=f"libvirt connection URI (default {domain.DEFAULT_CONNECT})",
+        help=f"libvirt connection URI (default {defaults.LIBVIRT_CONNECT})",
     )
     parser.add_argument("--host", metavar="[USER@]HOST[:PORT]", help="with --kernel: over SSH")
     parser.add_argument(
@@ -58,10 +58,10 @@ def add_commands(sub: Any) -> None:
     attach.add_argument(
         "--reconnect-delay",
         type=int,
-        default=qmp.DEFAULT_RECONNECT_DELAY,
+        default=defaults.RECONNECT_DELAY,
         metavar="SECONDS",
         help="how long QEMU holds guest I/O while the server is unreachable "
-        f"(default {qmp.DEFAULT_RECONNECT_DELAY}; libvirt: applied through the monitor, 0 = off)",
+        f"(default {defaults.RECONNECT_DELAY}; libvirt: applied through the monitor, 0 = off)",
     )
     attach.add_argument("--persistent", action="store_true", help="libvirt: also in the config")
     attach.add_argument(
@@ -76,7 +76,7 @@ def add_commands(sub: Any) -> None:
     detach.add_argument(
         "--timeout",
         type=float,
-        default=qmp.DEFAULT_DETACH_TIMEOUT,
+        default=defaults.DETACH_TIMEOUT,
         metavar="SECONDS",
         help="how long to wait for the guest to release the disk",
     )
@@ -105,6 +105,8 @@ def _volume(args: argparse.Namespace) -> str:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
+
     target = _target(args)
     if args.qmp:
         done = qmp.attach(args.qmp, target, reconnect_delay=args.reconnect_delay)
@@ -126,6 +128,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
+    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
+
     volume = _volume(args)
     if args.qmp:
         gone: object = qmp.detach(args.qmp, volume, args.timeout)
@@ -146,6 +150,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_attached(args: argparse.Namespace) -> int:
+    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
+
     rows: list[dict[str, Any]]
     if args.qmp:
         rows = [dataclasses.asdict(a) for a in qmp.attached(args.qmp)]
@@ -164,6 +170,8 @@ def cmd_attached(args: argparse.Namespace) -> int:
 
 
 def cmd_xml(args: argparse.Namespace) -> int:
+    from hypervisor import domain  # noqa: PLC0415 - heavy (libvirt)
+
     sys.stdout.write(domain.disk_xml(_target(args), dev=args.dev, read_only=args.read_only))
     return 0
 
@@ -182,12 +190,14 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a hypervisor subcommand, turning its errors into one line and an exit code."""
+    from hypervisor.qmp import QmpError  # noqa: PLC0415
+
     try:
         result: int = args.func(args)
     except TargetError as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except (qmp.QmpError, NbdClientError, CommandError) as err:
+    except (QmpError, NbdClientError, CommandError) as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return FAILURE
     return result

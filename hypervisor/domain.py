@@ -28,6 +28,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from hypervisor import defaults
 from hypervisor.nbdclient import NbdClientError, probe
 from hypervisor.qmp import (
     DEFAULT_DETACH_TIMEOUT,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
 ALIAS_PREFIX = "ua-nbs-"
-DEFAULT_CONNECT = "qemu:///system"
+DEFAULT_CONNECT = defaults.LIBVIRT_CONNECT
 
 
 @dataclasses.dataclass(frozen=True)

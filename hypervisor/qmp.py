@@ -31,6 +31,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
+from hypervisor import defaults
 from hypervisor.nbdclient import NbdClientError, probe
 from hypervisor.target import NbdTarget
 
@@ -38,10 +39,10 @@ log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
 PREFIX = "nbs-"
-SERIAL_MAX = 20  # virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES)
-DEFAULT_RECONNECT_DELAY = 30  # seconds QEMU holds guest I/O while the server is away
-DEFAULT_OPEN_TIMEOUT = 10
-DEFAULT_DETACH_TIMEOUT = 60.0
+SERIAL_MAX = defaults.SERIAL_MAX
+DEFAULT_RECONNECT_DELAY = defaults.RECONNECT_DELAY
+DEFAULT_OPEN_TIMEOUT = defaults.OPEN_TIMEOUT
+DEFAULT_DETACH_TIMEOUT = defaults.DETACH_TIMEOUT
 
 
 class QmpError(Exception):

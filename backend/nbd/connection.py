@@ -15,7 +15,7 @@ Rules of this file:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from backend.nbd import constants as c
@@ -141,6 +141,8 @@ class ServerConnection:
         self._align = 1
         self._max_block = c.MAX_PAYLOAD
         self.stopping = False  # set by the server on shutdown: new requests get ESHUTDOWN
+        # Where large WRITE payloads are collected; the server may recycle buffers.
+        self.allocate_payload: Callable[[int], bytearray] = bytearray
 
     # ------------------------------------------------------------------ plumbing
 
@@ -291,6 +293,11 @@ class ServerConnection:
         self._out += wire.option_error(option, reply, message)
 
     def _option(self, option: int, data: bytes) -> Event | None:
+        if self.stopping and option != c.Opt.ABORT:
+            if option == c.Opt.EXPORT_NAME:
+                raise ProtocolError("EXPORT_NAME while the server shuts down")
+            self._error(option, c.Rep.ERR_SHUTDOWN, "server is shutting down")
+            return None
         if self._tls_forced() and option not in (c.Opt.STARTTLS, c.Opt.ABORT):
             if option == c.Opt.EXPORT_NAME:
                 raise ProtocolError("EXPORT_NAME before STARTTLS on a TLS-only server")
@@ -490,9 +497,10 @@ class ServerConnection:
                 return Request(Cmd.WRITE, flags, cookie, offset, length, bytes(buf[pos:end]))
             # Collect the payload in its own buffer so it is copied once, not per recv.
             self._write_header = (flags, cookie, offset, length)
-            self._payload = bytearray(length)
+            self._payload = self.allocate_payload(length)
             have = len(buf) - pos
-            self._payload[:have] = buf[pos:]
+            with memoryview(buf) as view:
+                self._payload[:have] = view[pos:]
             self._payload_got = have
             self._pos = len(buf)
             return self._finish_write()

@@ -1,9 +1,9 @@
 """Listeners (TCP, Unix, inherited fds), accepting, and the server's lifecycle.
 
-Shutdown (SIGTERM) runs in this order: stop accepting; tell every session to stop (new
-requests get ESHUTDOWN); give clients a second to disconnect by themselves; stop reading from
-the rest (requests already received are answered); wait up to ``grace`` seconds for sessions
-to finish, then cut the rest; flush and close every storage.
+Shutdown (SIGTERM) runs in this order: stop accepting; stop reading from every session
+(requests already received are answered, then the connection closes); wait up to ``grace``
+seconds for sessions to finish, then refuse what still arrives with ESHUTDOWN and cut them;
+flush and close every storage.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import socket
 import ssl
 import stat
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from backend.server.session import Session
 from backend.storage import StorageError
 
 log = logging.getLogger(__name__)
-
-SOFT_DISCONNECT = 1.0  # seconds clients get to leave by themselves on shutdown
 
 
 class ServeError(Exception):
@@ -236,20 +233,17 @@ class Server:
         self.close_listeners()
         with self._lock:
             sessions = dict(self._sessions)
+        # Stop reading at once and answer what was received.  Clients that reconnect (QEMU
+        # with reconnect-delay, the kernel supervisor) re-send the rest to the next server,
+        # so a restart costs them no error; the spec's soft disconnect (ESHUTDOWN to new
+        # requests) would fail those requests in QEMU, which does not retry them.
         for session in sessions:
-            session.stop()
-        # A moment in which clients get ESHUTDOWN for new requests and may disconnect
-        # themselves (spec: soft disconnect); then reading stops.
-        deadline = time.monotonic() + min(grace, SOFT_DISCONNECT)
-        for thread in sessions.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-        for session, thread in sessions.items():
-            if thread.is_alive():
-                session.stop_reading()
+            session.stop_reading()
         for session, thread in sessions.items():
             thread.join(grace)
             if thread.is_alive():
                 log.warning("%s: did not finish within %.0fs, disconnecting", session.peer, grace)
+                session.stop()  # whatever still arrives must not touch a closing storage
                 session.abort()
                 thread.join(5)
         self._pool.shutdown(wait=True)

@@ -38,7 +38,7 @@ from backend.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 60.0  # seconds a client may take to pick an export
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 128 * 1024
 SEND_BATCH = 4 * 1024 * 1024  # flush queued replies once this many bytes wait
 SPARSE_READ_MIN = 256 * 1024  # structured reads this long send holes as OFFSET_HOLE
 MAX_IOV = 512
@@ -46,6 +46,7 @@ MAX_IOV = 512
 # copy then overlap, as both release the GIL (measured: 1 MiB QD4 reads and writes gain 25-60%).
 OFFLOAD_MIN = 128 * 1024
 _BULK = frozenset({Cmd.READ, Cmd.WRITE})
+SPARE_BUFFERS = 8  # recycled payload buffers kept per size
 
 _WIRE_ERRORS = {int(e) for e in Error}
 _ERRNO_ALIASES = {errno.EDQUOT: Error.ENOSPC, errno.EFBIG: Error.ENOSPC, errno.EROFS: Error.EPERM}
@@ -83,6 +84,10 @@ class Session:
         self._inflight = 0
         self._storage_lock: threading.Lock | None = None
         self.export: Export | None = None
+        # Recycled WRITE payload buffers: a fresh 1 MiB bytearray is zero-filled and
+        # page-faulted on every write, which cost 30% of the CPU of 1 MiB writes.
+        self._spare: dict[int, list[bytearray]] = {}
+        self.conn.allocate_payload = self._allocate
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,7 +109,7 @@ class Session:
                 self.sock.close()
 
     def stop(self) -> None:
-        """Answer new requests with ESHUTDOWN from now on."""
+        """Answer new options with ERR_SHUTDOWN and new requests with ESHUTDOWN from now on."""
         self.conn.stopping = True
 
     def stop_reading(self) -> None:
@@ -124,6 +129,14 @@ class Session:
         self._sendall(self.conn.data_to_send())
         while True:
             event = self.conn.next_event()
+            export = None
+            if isinstance(event, ExportSelected):
+                # Counted before the client sees the GO reply, so a connection is never in
+                # use without being counted.
+                export = self._table.get(event.export.name)
+                self.export = export
+                if export is not None and self._on_export is not None:
+                    self._on_export(self, export)
             self._sendall(self.conn.data_to_send())
             if event is NEED_DATA:
                 self.conn.receive_data(self.sock.recv(RECV_SIZE))
@@ -133,14 +146,10 @@ class Session:
                 self.sock = self._tls.wrap_socket(self.sock, server_side=True)
                 self.conn.tls_established()
             elif isinstance(event, ExportSelected):
-                export = self._table.get(event.export.name)
                 if export is None:  # removed between lookup and now
                     return
-                self.export = export
                 if not export.storage.capabilities.thread_safe:
                     self._storage_lock = threading.Lock()
-                if self._on_export is not None:
-                    self._on_export(self, export)
                 log.info("%s: serving export %r", self.peer, export.name)
                 self.sock.settimeout(None)
                 self._transmit(export.storage)
@@ -196,9 +205,21 @@ class Session:
                     log.info("%s: client vanished mid-request", self.peer)
                 return
 
+    def _allocate(self, length: int) -> bytearray:
+        spare = self._spare.get(length)
+        return spare.pop() if spare else bytearray(length)
+
+    def _recycle(self, request: Request) -> None:
+        payload = request.payload
+        if isinstance(payload, bytearray) and len(payload) >= OFFLOAD_MIN:
+            spare = self._spare.setdefault(len(payload), [])
+            if len(spare) < SPARE_BUFFERS:  # list append/pop are atomic: no lock needed
+                spare.append(payload)
+
     def _execute_async(self, storage: Storage, request: Request) -> None:
         try:
             replies = self._execute(storage, request)
+            self._recycle(request)
             with contextlib.suppress(OSError):
                 self._send(replies)
         finally:

@@ -285,3 +285,14 @@ def test_structured_reply_enables_df() -> None:
     replies = parse_option_replies(conn.data_to_send())
     _, _, flags = struct.unpack(">HQH", replies[1][2])
     assert flags & c.TransmissionFlag.SEND_DF
+
+
+def test_options_while_stopping_get_err_shutdown_and_abort_still_works() -> None:
+    conn = fresh()
+    conn.data_to_send()
+    conn.stopping = True
+    assert events(conn, FIXED + option(c.Opt.GO, info_payload("disk")) + option(c.Opt.ABORT)) == [
+        Aborted()
+    ]
+    replies = parse_option_replies(conn.data_to_send())
+    assert [k for _, k, _ in replies] == [c.Rep.ERR_SHUTDOWN, c.Rep.ACK]

@@ -1,0 +1,210 @@
+"""Hot-plugging NBS volumes into running QEMU guests over QMP, with `nbs attach --qmp`.
+
+Real QEMU (TCG), the tiny Debian-kernel guest, and a real `nbs serve`; the guest itself checks
+what it sees (serial, size, a filesystem written in one VM and read in another).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import NBS, NbsServer
+from tests.integration.vm import TinyVM
+
+SIZE = 64 << 20
+
+
+def nbs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*NBS, *args], capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def volume_file(tmp_path: Path, name: str = "vol.img") -> Path:
+    path = tmp_path / name
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def guest_disk(vm: TinyVM, serial: str, timeout: float = 30) -> str:
+    """The /dev name of the virtio disk with ``serial`` once the guest sees it."""
+    deadline = time.monotonic() + timeout
+    find = f'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = {serial} ] && basename $d; done'
+    while time.monotonic() < deadline:
+        name = vm.run(find).output.strip()
+        if name:
+            return f"/dev/{name}"
+        time.sleep(0.5)
+    raise AssertionError(
+        f"no disk with serial {serial} in the guest: {vm.run('ls /sys/block').output}"
+    )
+
+
+def test_hotplug_mkfs_detach_then_read_back_in_another_vm(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"data1={volume_file(tmp_path)}")
+    first, second = tiny_vm(name="first"), tiny_vm(name="second")
+
+    out = nbs("attach", server.uri("data1"), "--qmp", str(first.qmp_path)).stdout
+    assert "nbs-data1" in out
+    disk = guest_disk(first, "data1")
+    name = disk.rsplit("/", 1)[1]
+    assert int(first.check(f"cat /sys/block/{name}/size")) * 512 == SIZE
+    first.check(f"mke2fs -q {disk} && mkdir -p /mnt/v && mount {disk} /mnt/v")
+    first.check(
+        "echo hello from the first vm > /mnt/v/greeting && dd if=/dev/urandom of=/mnt/v/blob bs=1k count=512 2>/dev/null"
+    )
+    digest = first.check("md5sum /mnt/v/blob | cut -d' ' -f1").strip()
+    first.check("sync && umount /mnt/v")
+
+    listed = json.loads(nbs("attached", "--qmp", str(first.qmp_path), "--json").stdout)
+    assert [(a["volume"], a["device"], a["serial"]) for a in listed] == [
+        ("data1", "nbs-data1", "data1")
+    ]
+    assert "detached data1" in nbs("detach", "data1", "--qmp", str(first.qmp_path)).stdout
+    assert json.loads(nbs("attached", "--qmp", str(first.qmp_path), "--json").stdout) == []
+    assert first.run(f"test -e {disk}").rc != 0
+
+    nbs("attach", server.uri("data1"), "--qmp", str(second.qmp_path))
+    disk2 = guest_disk(second, "data1")
+    second.check(f"mkdir -p /mnt/v && mount {disk2} /mnt/v")
+    assert second.check("cat /mnt/v/greeting").strip() == "hello from the first vm"
+    assert second.check("md5sum /mnt/v/blob | cut -d' ' -f1").strip() == digest
+    second.check("umount /mnt/v")
+    nbs("detach", "data1", "--qmp", str(second.qmp_path))
+
+
+def test_attach_is_idempotent_and_detaching_twice_is_harmless(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"v={volume_file(tmp_path)}")
+    vm = tiny_vm()
+    nbs("attach", server.uri("v"), "--qmp", str(vm.qmp_path))
+    nbs("attach", server.uri("v"), "--qmp", str(vm.qmp_path))
+    guest_disk(vm, "v")
+    assert vm.check("ls /sys/block | grep -c vd").strip() == "1"
+    nbs("detach", server.uri("v"), "--qmp", str(vm.qmp_path))
+    second = nbs("detach", "v", "--qmp", str(vm.qmp_path))
+    assert "v was not attached" in second.stdout
+
+
+def test_bad_attach_requests_fail_clearly_and_leave_nothing_behind(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"v={volume_file(tmp_path)}")
+    vm = tiny_vm()
+    missing = nbs("attach", server.uri("nope"), "--qmp", str(vm.qmp_path), check=False)
+    assert missing.returncode == 1
+    assert "no export 'nope'" in missing.stderr
+    dead = nbs("attach", f"nbd://127.0.0.1:{free_port()}/v", "--qmp", str(vm.qmp_path), check=False)
+    assert dead.returncode == 1
+    assert "unreachable" in dead.stderr
+    no_vm = nbs("attach", server.uri("v"), "--qmp", str(tmp_path / "no.sock"), check=False)
+    assert no_vm.returncode == 1
+    assert "cannot reach QEMU" in no_vm.stderr
+    bad = nbs("attach", "not a volume!", "--qmp", str(vm.qmp_path), check=False)
+    assert bad.returncode == 2
+    assert json.loads(nbs("attached", "--qmp", str(vm.qmp_path), "--json").stdout) == []
+    assert vm.qmp("query-status")["status"] == "running"
+    assert vm.run("true").rc == 0
+
+
+def test_detaching_from_a_paused_guest_is_refused_until_it_runs(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"v={volume_file(tmp_path)}")
+    vm = tiny_vm()
+    nbs("attach", server.uri("v"), "--qmp", str(vm.qmp_path))
+    guest_disk(vm, "v")
+    vm.qmp("stop")
+    refused = nbs("detach", "v", "--qmp", str(vm.qmp_path), check=False)
+    assert refused.returncode == 1
+    assert "paused" in refused.stderr
+    assert len(json.loads(nbs("attached", "--qmp", str(vm.qmp_path), "--json").stdout)) == 1
+    vm.qmp("cont")
+    nbs("detach", "v", "--qmp", str(vm.qmp_path))
+    assert json.loads(nbs("attached", "--qmp", str(vm.qmp_path), "--json").stdout) == []
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill-9"])
+def test_server_restart_under_guest_io_causes_no_guest_error(
+    nbs_server: Callable[..., NbsServer],
+    tiny_vm: Callable[..., TinyVM],
+    tmp_path: Path,
+    how: str,
+) -> None:
+    image = volume_file(tmp_path)
+    port = free_port()
+    args = ("--listen", f"127.0.0.1:{port}", "--export", f"v={image}")
+    server = nbs_server(*args)
+    vm = tiny_vm()
+    nbs("attach", server.uri("v"), "--qmp", str(vm.qmp_path), "--reconnect-delay", "20")
+    disk = guest_disk(vm, "v")
+    # Writes with fsync and read-backs in a loop until told to stop, in the background; its
+    # exit status lands in /tmp/rc.
+    loop = (
+        "i=0; while [ ! -e /tmp/stop ]; do "
+        "dd if=/dev/urandom of=/tmp/b bs=64k count=1 2>/dev/null; "
+        f"dd if=/tmp/b of={disk} bs=64k seek=$((i % 1000)) conv=fsync 2>/dev/null || exit 10; "
+        f"dd if={disk} of=/tmp/r bs=64k skip=$((i % 1000)) count=1 2>/dev/null || exit 11; "
+        "cmp /tmp/b /tmp/r || exit 12; i=$((i+1)); echo $i > /tmp/count; done; exit 0"
+    )
+    vm.check(f"(sh -c '{loop}'; echo $? > /tmp/rc) > /dev/null 2>&1 &")
+    time.sleep(2)
+    if how == "sigterm":
+        assert server.stop() == 0
+    else:
+        server.stop(sig=9)
+    before = int(vm.check("cat /tmp/count"))
+    time.sleep(3)  # the guest keeps issuing I/O into the outage
+    assert vm.run("cat /tmp/rc").rc != 0, "the guest I/O loop failed during the outage"
+    nbs_server(*args)
+    deadline = time.monotonic() + 120
+    while int(vm.check("cat /tmp/count")) < before + 20:
+        assert vm.run("test -e /tmp/rc").rc != 0, vm.check("cat /tmp/rc")
+        assert time.monotonic() < deadline, "guest I/O did not resume after the restart"
+        time.sleep(1)
+    vm.check("touch /tmp/stop")
+    while vm.run("test -e /tmp/rc").rc != 0:
+        assert time.monotonic() < deadline, "the guest I/O loop never finished"
+        time.sleep(1)
+    assert vm.check("cat /tmp/rc").strip() == "0"
+    assert "I/O error" not in vm.check("dmesg")
+
+
+def test_guest_boots_with_an_nbs_data_disk_present_from_the_start(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    image = volume_file(tmp_path)
+    with image.open("r+b") as f:
+        f.write(b"present at boot\n")
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"boot={image}")
+    vm = tiny_vm(
+        extra_args=[
+            "-blockdev",
+            f"driver=nbd,node-name=nbs-boot,server.type=inet,server.host=127.0.0.1,"
+            f"server.port={server.port},export=boot,reconnect-delay=10",
+            "-device",
+            "virtio-blk-pci,drive=nbs-boot,id=nbs-boot,serial=boot",
+        ]
+    )
+    disk = guest_disk(vm, "boot")
+    assert vm.check(f"head -c 16 {disk}") == "present at boot\n"
+    listed = json.loads(nbs("attached", "--qmp", str(vm.qmp_path), "--json").stdout)
+    assert [a["volume"] for a in listed] == ["boot"]
