@@ -134,3 +134,104 @@ def disk(tmp_path: Path) -> Path:
     with path.open("wb") as f:
         f.truncate(64 << 20)
     return path
+
+
+# --- Tiny guest VMs: images/tiny.py builds the guest, tests/integration/vm.py boots it ---------
+
+from typing import Any  # noqa: E402
+
+from images.tiny import BuildError, TinyImage  # noqa: E402
+from images.tiny import build as build_tiny_image  # noqa: E402
+from tests.integration.vm import LibvirtDaemon, LibvirtVM, TinyVM  # noqa: E402
+
+
+def require(condition: bool, message: str) -> None:
+    """Skip unless ``condition``; under CI (CI=true) fail instead, like :func:`require_tool`."""
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> TinyImage:
+    """The tiny guest's kernel + initramfs, built once per content (cached in images/cache)."""
+    require_tool("busybox")
+    try:
+        return build_tiny_image()
+    except BuildError as e:
+        require(False, f"cannot build the tiny guest: {e}")
+        raise
+
+
+@pytest.fixture
+def tiny_vm(tiny_image: TinyImage, tmp_path: Path) -> Iterator[Callable[..., TinyVM]]:
+    """Factory: ``tiny_vm(*, ready=True, ready_timeout=120, **options) -> TinyVM``.
+
+    Starts a :class:`TinyVM` with ``options`` (its keyword arguments: name, memory_mib, append,
+    guestfwd, network, host_root, shares, extra_args, ...) in ``tmp_path`` and, unless
+    ``ready=False``, waits until its agent answers.  Every VM it started is stopped (by PID)
+    at teardown.  Fails under CI without qemu-system-x86_64.
+    """
+    qemu = require_tool("qemu-system-x86_64")
+    vms: list[TinyVM] = []
+
+    def start(*, ready: bool = True, ready_timeout: float = 120, **options: Any) -> TinyVM:
+        options.setdefault("name", f"vm{len(vms)}")
+        vm = TinyVM(tiny_image, tmp_path, qemu=qemu, **options)
+        vms.append(vm)
+        vm.start()
+        if ready:
+            vm.wait_ready(ready_timeout)
+        return vm
+
+    yield start
+    for vm in vms:
+        vm.stop()
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    """A reachable system libvirtd: the running one, else ``virtlogd -d`` + ``libvirtd -d``.
+
+    Only daemons this fixture started are stopped at session end (by PID).  Needs root and
+    libvirt-python; under CI their absence fails instead of skipping.
+    """
+    require_tool("libvirtd")
+    require_tool("virtlogd")
+    require(os.geteuid() == 0, "libvirtd tests need root")
+    try:
+        import libvirt  # noqa: F401, PLC0415 - optional dependency
+    except ImportError:
+        require(False, "libvirt-python is not installed (pip install libvirt-python)")
+    daemon = LibvirtDaemon.ensure(tmp_path_factory.mktemp("libvirtd"))
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def libvirt_vm(
+    libvirtd: LibvirtDaemon, tiny_image: TinyImage, tmp_path: Path
+) -> Iterator[Callable[..., LibvirtVM]]:
+    """Factory: ``libvirt_vm(*, ready=True, ready_timeout=120, **options) -> LibvirtVM``.
+
+    Creates a transient domain of the tiny guest (``options``: name, memory_mib, append,
+    devices_xml) and, unless ``ready=False``, waits for its agent.  Every domain it created is
+    destroyed at teardown.
+    """
+    require_tool("qemu-system-x86_64")
+    conn = libvirtd.connect()
+    vms: list[LibvirtVM] = []
+
+    def start(*, ready: bool = True, ready_timeout: float = 120, **options: Any) -> LibvirtVM:
+        vm = LibvirtVM(conn, tiny_image, tmp_path, **options)
+        vms.append(vm)
+        vm.start()
+        if ready:
+            vm.wait_ready(ready_timeout)
+        return vm
+
+    yield start
+    for vm in vms:
+        vm.stop()
+    conn.close()

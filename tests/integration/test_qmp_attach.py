@@ -7,52 +7,15 @@ what it sees (serial, size, a filesystem written in one VM and read in another).
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NBS, NbsServer
+from tests.integration.conftest import NbsServer
+from tests.integration.helpers import SIZE, free_port, guest_disk, nbs, volume_file
 from tests.integration.vm import TinyVM
-
-SIZE = 64 << 20
-
-
-def nbs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*NBS, *args], capture_output=True, text=True, timeout=180)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def volume_file(tmp_path: Path, name: str = "vol.img") -> Path:
-    path = tmp_path / name
-    with path.open("wb") as f:
-        f.truncate(SIZE)
-    return path
-
-
-def guest_disk(vm: TinyVM, serial: str, timeout: float = 30) -> str:
-    """The /dev name of the virtio disk with ``serial`` once the guest sees it."""
-    deadline = time.monotonic() + timeout
-    find = f'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = {serial} ] && basename $d; done'
-    while time.monotonic() < deadline:
-        name = vm.run(find).output.strip()
-        if name:
-            return f"/dev/{name}"
-        time.sleep(0.5)
-    raise AssertionError(
-        f"no disk with serial {serial} in the guest: {vm.run('ls /sys/block').output}"
-    )
 
 
 def test_hotplug_mkfs_detach_then_read_back_in_another_vm(
@@ -68,7 +31,8 @@ def test_hotplug_mkfs_detach_then_read_back_in_another_vm(
     assert int(first.check(f"cat /sys/block/{name}/size")) * 512 == SIZE
     first.check(f"mke2fs -q {disk} && mkdir -p /mnt/v && mount {disk} /mnt/v")
     first.check(
-        "echo hello from the first vm > /mnt/v/greeting && dd if=/dev/urandom of=/mnt/v/blob bs=1k count=512 2>/dev/null"
+        "echo hello from the first vm > /mnt/v/greeting"
+        " && dd if=/dev/urandom of=/mnt/v/blob bs=1k count=512 2>/dev/null"
     )
     digest = first.check("md5sum /mnt/v/blob | cut -d' ' -f1").strip()
     first.check("sync && umount /mnt/v")

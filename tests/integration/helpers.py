@@ -1,0 +1,50 @@
+"""Helpers shared by the attach tests (QMP, libvirt): the nbs CLI, volumes, guest disks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.conftest import NBS
+from tests.integration.vm import AgentGuest
+
+SIZE = 64 << 20
+
+
+def nbs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*NBS, *args], check=False, capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def volume_file(tmp_path: Path, name: str = "vol.img") -> Path:
+    path = tmp_path / name
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def guest_disk(vm: AgentGuest, serial: str, timeout: float = 30) -> str:
+    """The /dev name of the virtio disk with ``serial`` once the guest sees it."""
+    deadline = time.monotonic() + timeout
+    find = (
+        'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = '
+        f"{serial} ] && basename $d; done"
+    )
+    while time.monotonic() < deadline:
+        name = vm.run(find).output.strip()
+        if name:
+            return f"/dev/{name}"
+        time.sleep(0.5)
+    raise AssertionError(
+        f"no disk with serial {serial} in the guest: {vm.run('ls /sys/block').output}"
+    )
