@@ -7,13 +7,15 @@ what it sees (serial, size, a filesystem written in one VM and read in another).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NbsServer
+from images.tiny import build_rootfs
+from tests.integration.conftest import NbsServer, require_tool
 from tests.integration.helpers import SIZE, free_port, guest_disk, nbs, volume_file
 from tests.integration.vm import TinyVM
 
@@ -172,3 +174,31 @@ def test_guest_boots_with_an_nbs_data_disk_present_from_the_start(
     assert vm.check(f"head -c 16 {disk}") == "present at boot\n"
     listed = json.loads(nbs("attached", "--qmp", str(vm.qmp_path), "--json").stdout)
     assert [a["volume"] for a in listed] == ["boot"]
+
+
+def test_guest_boots_with_an_nbs_volume_as_its_root_disk(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    rootfs = build_rootfs(tmp_path / "root.ext4", files={"etc/nbs-marker": b"served by nbs\n"})
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"root={rootfs}")
+    vm = tiny_vm(
+        name="nbsroot",
+        append="nbs.root=/dev/vda",
+        extra_args=[
+            "-blockdev",
+            f"driver=nbd,node-name=nbs-root,server.type=inet,server.host=127.0.0.1,"
+            f"server.port={server.port},export=root,reconnect-delay=10",
+            "-device",
+            "virtio-blk-pci,drive=nbs-root,id=nbs-root,serial=root",
+        ],
+    )
+    assert vm.check("grep ' / ' /proc/mounts").split()[:3] == ["/dev/vda", "/", "ext4"]
+    assert vm.check("cat /etc/nbs-marker") == "served by nbs\n"
+    vm.check("echo written to the root volume > /proof && sync")
+    vm.stop()
+    server.stop()
+    debugfs = require_tool("debugfs")
+    proof = subprocess.run(
+        [debugfs, "-R", "cat /proof", str(rootfs)], capture_output=True, text=True, check=True
+    )
+    assert proof.stdout == "written to the root volume\n"
