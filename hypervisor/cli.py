@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,19 @@ def _where(parser: argparse.ArgumentParser) -> None:
         help=f"libvirt connection URI (default {defaults.LIBVIRT_CONNECT})",
     )
     parser.add_argument("--host", metavar="[USER@]HOST[:PORT]", help="with --kernel: over SSH")
+    parser.add_argument("--ssh-key", type=Path, metavar="FILE", help="--host: private key file")
+    parser.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="--host: trust a host key not yet in known_hosts (and remember it)",
+    )
+    parser.add_argument(
+        "--remote-python",
+        default="python3",
+        metavar="PATH",
+        help="--host: the interpreter with NBS installed on the host (python3)",
+    )
+    parser.add_argument("--sudo", action="store_true", help="--host: run as sudo -n there")
     parser.add_argument(
         "--server",
         metavar="URI",
@@ -123,13 +137,20 @@ def cmd_attach(args: argparse.Namespace) -> int:
     else:
         from hypervisor import kernel_cli  # noqa: PLC0415 - kernel support is Linux-root only
 
-        return kernel_cli.attach(args, target)
+        result: int = kernel_cli.attach(args, target)
+        return result
     return 0
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
     from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
 
+    if args.kernel:
+        from hypervisor import kernel_cli  # noqa: PLC0415
+
+        device = re.fullmatch(r"(/dev/)?nbd\d+", args.what)
+        status: int = kernel_cli.detach(args, None if device else _target(args))
+        return status
     volume = _volume(args)
     if args.qmp:
         gone: object = qmp.detach(args.qmp, volume, args.timeout)
@@ -141,10 +162,6 @@ def cmd_detach(args: argparse.Namespace) -> int:
             persistent=args.persistent,
             timeout=args.timeout,
         )
-    else:
-        from hypervisor import kernel_cli  # noqa: PLC0415
-
-        return kernel_cli.detach(args, _target(args))
     print(f"detached {volume}" if gone is not None else f"{volume} was not attached")
     return 0
 
@@ -190,6 +207,7 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a hypervisor subcommand, turning its errors into one line and an exit code."""
+    from hypervisor.kernel import KernelError  # noqa: PLC0415
     from hypervisor.qmp import QmpError  # noqa: PLC0415
 
     try:
@@ -197,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except (QmpError, NbdClientError, CommandError) as err:
+    except (QmpError, NbdClientError, CommandError, KernelError) as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return FAILURE
     return result
