@@ -14,10 +14,12 @@ from types import FrameType
 from typing import NoReturn
 
 from backend.nbd import TLSPolicy
-from backend.server.exports import Export, ExportTable
+from backend.server.exports import Export, Exports, ExportTable
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
+from backend.server.volume_exports import VolumeExports
 from backend.storage import FileStorage, Storage, StorageError
+from backend.volumes import cli as volumes_cli
 from backend.volumes.config import (
     DEFAULT_LISTEN,
     DEFAULT_VOLUME_SIZE,
@@ -31,6 +33,8 @@ from backend.volumes.config import (
     parse_export_spec,
     parse_host_port,
 )
+from backend.volumes.model import VolumeError
+from backend.volumes.service import VolumeService
 from hypervisor import cli as hypervisor_cli
 
 log = logging.getLogger("nbs")
@@ -110,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.set_defaults(func=cmd_serve)
     # The command line is the one seam where backend and hypervisor meet.
+    volumes_cli.add_commands(sub)
     hypervisor_cli.add_commands(sub)
     return parser
 
@@ -134,20 +139,8 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
-def _default_export(config: ServeConfig) -> ExportConfig:
-    """The embedded default: a sparse volume in the data directory, created on first use."""
-    data_dir = config.data_dir or default_data_dir()
-    path = data_dir / "default.img"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with path.open("xb") as f:
-            f.truncate(DEFAULT_VOLUME_SIZE)
-        log.info("created default volume %s (%d bytes, sparse)", path, DEFAULT_VOLUME_SIZE)
-    return ExportConfig(name="default", path=path, description="NBS default volume")
-
-
 def _open_exports(config: ServeConfig) -> list[Export]:
-    specs = list(config.exports) or [_default_export(config)]
+    specs = list(config.exports)
     exports: list[Export] = []
     seen: set[str] = set()
     opened: list[Storage] = []
@@ -181,29 +174,57 @@ def _open_exports(config: ServeConfig) -> list[Export]:
     return exports
 
 
+def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeExports:
+    """Serve every catalogued volume; an empty catalogue gets the embedded default volume."""
+    data_dir = config.data_dir or default_data_dir()
+
+    def in_use(name: str) -> int:
+        return server_ref[0].connections_by_export.get(name, 0) if server_ref else 0
+
+    try:
+        service = VolumeService(data_dir, serving=True, in_use=in_use)
+    except VolumeError as err:
+        raise UsageError(err.message) from err
+    except OSError as err:
+        raise UsageError(f"cannot use data directory {data_dir}: {err.strerror}") from err
+    if not service.catalogue.volumes():
+        service.create("default", DEFAULT_VOLUME_SIZE, description="NBS default volume")
+        log.info("created volume 'default' (%d bytes, sparse) in %s", DEFAULT_VOLUME_SIZE, data_dir)
+    policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
+    return VolumeExports(service, tls=policy)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _merge(args)
     logging.getLogger().setLevel(config.log_level.upper())
     tls = None
     if config.tls is not None:
         tls = server_context(TLSFiles(config.tls.cert, config.tls.key, config.tls.ca))
-    exports = _open_exports(config)
+    server_ref: list[Server] = []
+    table: Exports
+    if config.exports:
+        fixed = _open_exports(config)
+        table = ExportTable(fixed)
+        names = ", ".join(e.name for e in fixed)
+    else:
+        table = _catalogue_exports(config, server_ref)
+        names = f"the volumes in {table.service.data_dir}"
     inherited = inherited_sockets()
     listen = config.listen or (() if inherited or config.sockets else (DEFAULT_LISTEN,))
     tcp = [TCPAddress(*parse_host_port(item)) for item in listen]
     server = Server(
-        ExportTable(exports),
+        table,
         tcp=tcp,
         unix=[UnixAddress(p) for p in config.sockets],
         inherited=inherited,
         tls=tls,
         io_threads=config.io_threads,
     )
+    server_ref.append(server)
     try:
         uris = server.bind()
     except ServeError:
-        for export in exports:
-            export.storage.close()
+        table.close()
         raise
     stop = threading.Event()
 
@@ -214,7 +235,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
-    names = ", ".join(e.name for e in exports)
     for uri in uris:
         print(f"nbs: listening on {uri} (exports: {names})", flush=True)
     while not stop.wait(3600):
@@ -232,8 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":  # one-shot commands: say what failed, not every step
+        logging.getLogger().setLevel(logging.WARNING)
     if args.func.__module__ == hypervisor_cli.__name__:
         return hypervisor_cli.run(args)
+    if args.func.__module__ == volumes_cli.__name__:
+        return volumes_cli.run(args)
     try:
         result: int = args.func(args)
     except (UsageError, ConfigError, ServeError, TLSConfigError) as err:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
+from typing import Protocol
 
 from backend.nbd import ExportDescription, TLSPolicy
 from backend.nbd.constants import TransmissionFlag
-from backend.storage import Capabilities, Storage
+from backend.storage import Capabilities, Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +66,36 @@ def transmission_flags(caps: Capabilities, *, read_only: bool) -> TransmissionFl
     return flags
 
 
+class Exports(Protocol):
+    """What a server serves (also the protocol core's ExportDirectory)."""
+
+    def get(self, name: str) -> Export | None:
+        """The export for ``name`` (``""``: the default one), or None."""
+
+    def lookup(self, name: str) -> ExportDescription | None: ...
+
+    def exports(self) -> Sequence[ExportDescription]: ...
+
+    def close(self) -> bool:
+        """Flush and close every storage; False if a flush failed."""
+
+
+def close_storages(exports: Sequence[Export]) -> bool:
+    """Flush (when writable) and close each export's storage; False if a flush failed."""
+    clean = True
+    for export in exports:
+        try:
+            if not export.read_only and export.storage.capabilities.can_flush:
+                export.storage.flush()
+        except StorageError as err:
+            log.error("flushing export %r failed: %s", export.name, err)
+            clean = False
+        export.storage.close()
+    return clean
+
+
 class ExportTable:
-    """The exports of a server (implements backend.nbd.ExportDirectory).
+    """A fixed set of exports (``nbs serve --export``); implements :class:`Exports`.
 
     ``default`` names the export a client gets when it asks for the empty name.
     """
@@ -91,3 +123,6 @@ class ExportTable:
     def all(self) -> list[Export]:
         with self._lock:
             return list(self._exports.values())
+
+    def close(self) -> bool:
+        return close_storages(self.all())

@@ -21,9 +21,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from backend.server.exports import Export, ExportTable
+from backend.server.exports import Export, Exports
 from backend.server.session import Session
-from backend.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ class UnixAddress:
 
 
 class Server:
-    """Serves an ExportTable on a set of listening sockets."""
+    """Serves a set of exports (a fixed ExportTable or the volume catalogue) on listeners."""
 
     def __init__(
         self,
-        table: ExportTable,
+        table: Exports,
         *,
         tcp: list[TCPAddress] | None = None,
         unix: list[UnixAddress] | None = None,
@@ -247,15 +246,7 @@ class Server:
                 session.abort()
                 thread.join(5)
         self._pool.shutdown(wait=True)
-        clean = True
-        for export in self.table.all():
-            try:
-                if not export.read_only and export.storage.capabilities.can_flush:
-                    export.storage.flush()
-            except StorageError as err:
-                log.error("flushing export %r failed: %s", export.name, err)
-                clean = False
-            export.storage.close()
+        clean = self.table.close()
         self._wake_r.close()
         self._wake_w.close()
         return clean

@@ -32,7 +32,7 @@ from backend.nbd import (
     StartTLS,
 )
 from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
-from backend.server.exports import Export, ExportTable
+from backend.server.exports import Export, Exports
 from backend.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Session:
         self,
         sock: socket.socket,
         peer: str,
-        table: ExportTable,
+        table: Exports,
         *,
         tls: ssl.SSLContext | None,
         pool: ThreadPoolExecutor,

@@ -1,0 +1,208 @@
+"""The volume catalogue: SQLite metadata of volumes, their layers and snapshots.
+
+A volume's data is a chain of copy-on-write layers (backend.storage.cow): its writable top
+layer, whose ``parent`` is the layer below, and so on.  A snapshot names a frozen layer; a
+clone is a volume whose top's parent is a snapshot's layer.  Layers no chain reaches are
+garbage (removed by VolumeService.gc).
+
+Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
+up volumes created, resized or deleted by another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    parent TEXT REFERENCES layers(id),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    labels TEXT NOT NULL DEFAULT '{}',
+    read_only INTEGER NOT NULL DEFAULT 0,
+    top TEXT NOT NULL REFERENCES layers(id),
+    origin TEXT,
+    state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    volume TEXT NOT NULL,
+    name TEXT NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (volume, name)
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRow:
+    name: str
+    size: int
+    description: str
+    labels: dict[str, str]
+    read_only: bool
+    top: str
+    origin: str | None
+    state: str
+    created: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotRow:
+    volume: str
+    name: str
+    layer: str
+    size: int
+    created: float
+
+
+def _volume(row: sqlite3.Row) -> VolumeRow:
+    return VolumeRow(
+        name=row["name"],
+        size=row["size"],
+        description=row["description"],
+        labels=json.loads(row["labels"]),
+        read_only=bool(row["read_only"]),
+        top=row["top"],
+        origin=row["origin"],
+        state=row["state"],
+        created=row["created"],
+    )
+
+
+def _snapshot(row: sqlite3.Row) -> SnapshotRow:
+    return SnapshotRow(row["volume"], row["name"], row["layer"], row["size"], row["created"])
+
+
+class Catalogue:
+    """One SQLite file; safe to share between threads (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locked) transaction that bumps the generation on success."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute(
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def generation(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row["value"])
+
+    # ------------------------------------------------------------------ reads
+
+    def volumes(self, state: str | None = "ready") -> list[VolumeRow]:
+        with self._lock:
+            if state is None:
+                rows = self._db.execute("SELECT * FROM volumes ORDER BY name").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM volumes WHERE state = ? ORDER BY name", (state,)
+                ).fetchall()
+        return [_volume(r) for r in rows]
+
+    def volume(self, name: str) -> VolumeRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM volumes WHERE name = ?", (name,)).fetchone()
+        return _volume(row) if row else None
+
+    def snapshots(self, volume: str | None = None) -> list[SnapshotRow]:
+        with self._lock:
+            if volume is None:
+                rows = self._db.execute(
+                    "SELECT * FROM snapshots ORDER BY volume, created"
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM snapshots WHERE volume = ? ORDER BY created", (volume,)
+                ).fetchall()
+        return [_snapshot(r) for r in rows]
+
+    def snapshot(self, volume: str, name: str) -> SnapshotRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM snapshots WHERE volume = ? AND name = ?", (volume, name)
+            ).fetchone()
+        return _snapshot(row) if row else None
+
+    def parents(self) -> dict[str, str | None]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, parent FROM layers").fetchall()
+        return {r["id"]: r["parent"] for r in rows}
+
+    def chain(self, top: str) -> list[str]:
+        """Layer ids from the bottom to ``top``."""
+        parents = self.parents()
+        out = [top]
+        while (parent := parents.get(out[-1])) is not None:
+            out.append(parent)
+        return out[::-1]
+
+    # ------------------------------------------------------------------ writes (in a tx)
+
+    @staticmethod
+    def add_layer(db: sqlite3.Connection, layer: str, parent: str | None) -> None:
+        db.execute("INSERT INTO layers VALUES (?, ?, ?)", (layer, parent, time.time()))
+
+    @staticmethod
+    def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
+        db.execute(
+            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.size,
+                row.description,
+                json.dumps(row.labels, sort_keys=True),
+                int(row.read_only),
+                row.top,
+                row.origin,
+                row.state,
+                row.created,
+            ),
+        )

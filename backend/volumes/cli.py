@@ -1,0 +1,366 @@
+"""``nbs volume …`` and ``nbs snapshot …``: managing the volume catalogue.
+
+Every command acts on the data directory (``--data-dir``, config ``data_dir``, default as in
+backend.volumes.config.default_data_dir) in this process, or, when a server runs there or
+``--server URL`` is given, through that server's API (backend.api.client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from backend.volumes.model import InvalidRequestError, SnapshotInfo, VolumeError, VolumeInfo
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _labels(items: Sequence[str] | None) -> dict[str, str]:
+    labels = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidRequestError(f"labels are KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def _volume_at_snapshot(text: str) -> tuple[str, str]:
+    volume, sep, snapshot = text.partition("@")
+    if not sep:
+        raise InvalidRequestError(f"expected VOLUME@SNAPSHOT, got {text!r}")
+    return volume, snapshot
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+class ProgressBar:
+    """Progress of a long copy on stderr: a redrawn bar on a terminal, lines otherwise."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = int(100 * done / total) if total else 100
+        step = percent if self.tty else percent - percent % 10
+        if step == self.last:
+            return
+        self.last = step
+        rate = done / max(time.monotonic() - self.started, 1e-6)
+        text = (
+            f"{self.what}: {percent:3d}% ({human_size(done)} of {human_size(total)},"
+            f" {human_size(int(rate))}/s)"
+        )
+        if self.tty:
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\r[{bar:<25}] {text}")
+            if percent == 100:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def add_commands(sub: Any) -> None:
+    volume = sub.add_parser("volume", help="create, list, resize, delete, import, export volumes")
+    vsub = volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+
+    create = vsub.add_parser("create", help="create a volume (empty and sparse, or from an image)")
+    create.add_argument("name")
+    create.add_argument("--size", help="e.g. 10GiB, 512MiB (default: the image's size)")
+    create.add_argument("--from-image", metavar="PATH|URI", help="raw/qcow2/… file or nbd:// URI")
+    create.add_argument("--description", default="")
+    create.add_argument("--label", action="append", metavar="KEY=VALUE")
+    create.add_argument("--read-only", action="store_true")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_create)
+
+    listing = vsub.add_parser("list", help="list volumes")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+
+    info = vsub.add_parser("info", help="show one volume")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    resize = vsub.add_parser("resize", help="grow a volume (live); shrinking needs --allow-shrink")
+    resize.add_argument("name")
+    resize.add_argument("size")
+    resize.add_argument("--allow-shrink", action="store_true")
+    resize.set_defaults(func=cmd_resize)
+
+    delete = vsub.add_parser("delete", help="delete a volume")
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="even if open or with snapshots")
+    delete.set_defaults(func=cmd_delete)
+
+    imp = vsub.add_parser("import", help="create a volume from an image (like create --from-image)")
+    imp.add_argument("name")
+    imp.add_argument("source", metavar="PATH|URI")
+    imp.add_argument("--size", help="default: the image's size")
+    imp.add_argument("--description", default="")
+    imp.set_defaults(func=cmd_import)
+
+    exp = vsub.add_parser("export", help="write a volume or snapshot to an image file")
+    exp.add_argument("name", metavar="VOLUME[@SNAPSHOT]")
+    exp.add_argument("dest", type=Path)
+    exp.add_argument("--format", default="raw", help="qemu-img output format (raw, qcow2, …)")
+    exp.set_defaults(func=cmd_export)
+
+    clone = vsub.add_parser("clone", help="thin, instant writable copy of VOLUME@SNAPSHOT")
+    clone.add_argument("source", metavar="VOLUME@SNAPSHOT")
+    clone.add_argument("name")
+    clone.add_argument("--description", default="")
+    clone.add_argument("--json", action="store_true")
+    clone.set_defaults(func=cmd_clone)
+
+    gc = vsub.add_parser("gc", help="clean up what a crash left behind")
+    gc.set_defaults(func=cmd_gc)
+
+    snap = sub.add_parser("snapshot", help="create, list, delete snapshots")
+    ssub = snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND")
+    screate = ssub.add_parser("create", help="point-in-time snapshot, while the volume is in use")
+    screate.add_argument("volume")
+    screate.add_argument("name")
+    screate.add_argument("--json", action="store_true")
+    screate.set_defaults(func=cmd_snapshot_create)
+    slist = ssub.add_parser("list", help="list snapshots")
+    slist.add_argument("volume", nargs="?")
+    slist.add_argument("--json", action="store_true")
+    slist.set_defaults(func=cmd_snapshot_list)
+    sdelete = ssub.add_parser("delete", help="delete VOLUME@SNAPSHOT")
+    sdelete.add_argument("name", metavar="VOLUME@SNAPSHOT")
+    sdelete.add_argument(
+        "--flatten-clones",
+        action="store_true",
+        help="copy the snapshot's data into clones that depend on it first",
+    )
+    sdelete.set_defaults(func=cmd_snapshot_delete)
+
+    for parser in (volume, snap):
+        parser.add_argument("--data-dir", type=Path, help="the catalogue's data directory")
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from backend.volumes.client import open_client  # noqa: PLC0415
+
+    client = open_client(args)
+    args.opened_client = client
+    return client
+
+
+def _show_volume(info: VolumeInfo, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info.to_json(), indent=2))
+        return
+    rows = [
+        ("name", info.name),
+        ("size", f"{human_size(info.size)} ({info.size} bytes)"),
+        ("used", human_size(info.used_bytes)),
+        ("read-only", "yes" if info.read_only else "no"),
+        ("origin", info.origin or "-"),
+        ("snapshots", ", ".join(info.snapshots) or "-"),
+        ("connections", str(info.connections)),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"),
+        ("description", info.description or "-"),
+        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<13}{value}")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    service = _service(args)
+    labels = _labels(args.label)
+    if args.from_image:
+        info = service.import_image(
+            args.name,
+            args.from_image,
+            size=args.size,
+            description=args.description,
+            labels=labels,
+            read_only=args.read_only,
+            progress=ProgressBar(f"importing {args.name}"),
+        )
+    else:
+        if not args.size:
+            raise InvalidRequestError("--size is required without --from-image")
+        info = service.create(
+            args.name,
+            args.size,
+            description=args.description,
+            labels=labels,
+            read_only=args.read_only,
+        )
+    if args.json:
+        _show_volume(info, True)
+    else:
+        print(f"created volume {info.name} ({human_size(info.size)})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    service = _service(args)
+    info = service.import_image(
+        args.name,
+        args.source,
+        size=args.size,
+        description=args.description,
+        progress=ProgressBar(f"importing {args.name}"),
+    )
+    print(f"imported {args.source} into volume {info.name} ({human_size(info.size)})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    service = _service(args)
+    service.export_image(
+        args.name, args.dest, fmt=args.format, progress=ProgressBar(f"exporting {args.name}")
+    )
+    print(f"exported {args.name} to {args.dest} ({args.format})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    volumes = _service(args).list()
+    if args.json:
+        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        return 0
+    if not volumes:
+        print("no volumes")
+        return 0
+    print_table(
+        ["NAME", "SIZE", "USED", "RO", "ORIGIN", "SNAPSHOTS", "CONN", "DESCRIPTION"],
+        [
+            [
+                v.name,
+                human_size(v.size),
+                human_size(v.used_bytes),
+                "ro" if v.read_only else "",
+                v.origin or "",
+                str(len(v.snapshots)),
+                str(v.connections),
+                v.description,
+            ]
+            for v in volumes
+        ],
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).info(args.name), args.json)
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    info = _service(args).resize(args.name, args.size, allow_shrink=args.allow_shrink)
+    print(f"volume {info.name} is now {human_size(info.size)} ({info.size} bytes)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _service(args).delete(args.name, force=args.force)
+    print(f"deleted volume {args.name}")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    volume, snapshot = _volume_at_snapshot(args.source)
+    info = _service(args).clone(volume, snapshot, args.name, description=args.description)
+    if args.json:
+        _show_volume(info, True)
+    else:
+        print(f"cloned {args.source} as volume {info.name}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    removed = _service(args).gc()
+    print("\n".join(f"removed {r}" for r in removed) or "nothing to clean up")
+    return 0
+
+
+def _show_snapshot(snap: SnapshotInfo) -> list[str]:
+    return [
+        f"{snap.volume}@{snap.name}",
+        human_size(snap.size),
+        human_size(snap.used_bytes),
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.created)),
+        ", ".join(snap.clones),
+    ]
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    snap = _service(args).snapshot(args.volume, args.name)
+    if args.json:
+        print(json.dumps(snap.to_json(), indent=2))
+    else:
+        print(f"created snapshot {snap.volume}@{snap.name}")
+    return 0
+
+
+def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    snaps = _service(args).snapshots(args.volume)
+    if args.json:
+        print(json.dumps([s.to_json() for s in snaps], indent=2))
+    elif not snaps:
+        print("no snapshots")
+    else:
+        print_table(
+            ["SNAPSHOT", "SIZE", "USED", "CREATED", "CLONES"], [_show_snapshot(s) for s in snaps]
+        )
+    return 0
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    volume, snapshot = _volume_at_snapshot(args.name)
+    _service(args).delete_snapshot(
+        volume,
+        snapshot,
+        flatten_clones=args.flatten_clones,
+        progress=ProgressBar(f"flattening clones of {args.name}"),
+    )
+    print(f"deleted snapshot {args.name}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result: int = args.func(args)
+    except InvalidRequestError as err:
+        print(f"nbs: error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except VolumeError as err:
+        print(f"nbs: error: {err.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        client = getattr(args, "opened_client", None)
+        if client is not None:
+            client.close()
+    return result

@@ -1,0 +1,87 @@
+"""How the volume commands reach the catalogue: in this process, or through a server's API."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+
+from backend.storage import StorageError
+from backend.volumes import transfer
+from backend.volumes.config import default_data_dir
+from backend.volumes.model import InvalidRequestError, VolumeInfo, parse_size
+from backend.volumes.service import Progress, VolumeService
+
+
+class LocalVolumes:
+    """The volume operations on a data directory, done in this process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.service = VolumeService(data_dir)
+        self.list = self.service.list
+        self.info = self.service.info
+        self.create = self.service.create
+        self.resize = self.service.resize
+        self.delete = self.service.delete
+        self.snapshot = self.service.snapshot
+        self.snapshots = self.service.snapshots
+        self.clone = self.service.clone
+        self.delete_snapshot = self.service.delete_snapshot
+        self.gc = self.service.gc
+        self.close = self.service.close
+
+    def import_image(
+        self,
+        name: str,
+        source: str,
+        *,
+        size: str | int | None = None,
+        description: str = "",
+        labels: dict[str, str] | None = None,
+        read_only: bool = False,
+        progress: Progress | None = None,
+    ) -> VolumeInfo:
+        """A new volume holding the image at ``source`` (hidden until the copy is complete)."""
+        total = parse_size(size) if size else transfer.image_size(source)
+        if total % 512:
+            total += 512 - total % 512
+        self.service.create(
+            name,
+            total,
+            description=description,
+            labels=labels,
+            read_only=read_only,
+            ready=False,
+        )
+        try:
+            storage = self.service.open_creating(name)
+            try:
+                transfer.import_image(storage, name, source, progress)
+            finally:
+                storage.close()
+        except BaseException:
+            self.service.abandon(name)
+            raise
+        return self.service.mark_ready(name)
+
+    def export_image(
+        self, name: str, dest: Path, *, fmt: str = "raw", progress: Progress | None = None
+    ) -> None:
+        volume, _, snapshot = name.partition("@")
+        if dest.exists():
+            raise InvalidRequestError(f"{dest} exists; refusing to overwrite it")
+        storage = self.service.open_view(volume, snapshot or None)
+        try:
+            transfer.export_image(storage, name.replace("@", "-"), dest, fmt, progress)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dest.unlink()
+            raise
+        finally:
+            with contextlib.suppress(StorageError):
+                storage.close()
+
+
+def open_client(args: argparse.Namespace) -> LocalVolumes:
+    data_dir = args.data_dir or default_data_dir()
+    return LocalVolumes(data_dir)

@@ -1,0 +1,129 @@
+"""What the volume service talks about: volumes, snapshots, their validation, and its errors.
+
+VolumeError                 every failure of a volume operation; ``status`` is the HTTP
+ ├── InvalidRequestError    status the API answers with, ``code`` a stable identifier
+ ├── NotFoundError
+ ├── AlreadyExistsError
+ ├── InUseError             a client has the volume open (409)
+ ├── DependencyError        clones depend on it (409)
+ └── StorageFailureError    the storage underneath failed (500)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+NAME_RULE = "1-255 characters of letters, digits, '.', '_', '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTPE]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+SECTOR = 512
+MAX_SIZE = 1 << 50  # 1 PiB: larger is a typo, not a volume
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+
+
+class VolumeError(Exception):
+    status = 500
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(VolumeError):
+    status = 400
+    code = "invalid"
+
+
+class NotFoundError(VolumeError):
+    status = 404
+    code = "not-found"
+
+
+class AlreadyExistsError(VolumeError):
+    status = 409
+    code = "exists"
+
+
+class InUseError(VolumeError):
+    status = 409
+    code = "in-use"
+
+
+class DependencyError(VolumeError):
+    status = 409
+    code = "has-dependents"
+
+
+class StorageFailureError(VolumeError):
+    status = 500
+    code = "storage"
+
+
+def check_name(name: str, what: str = "volume") -> str:
+    """``name`` if it is a valid volume or snapshot name, else InvalidRequestError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidRequestError(f"invalid {what} name {name!r}: {NAME_RULE}")
+    return name
+
+
+def parse_size(text: str | int) -> int:
+    """``10GiB``, ``512M``, ``1T``, ``4096`` (bytes); binary units; a multiple of 512 bytes."""
+    if isinstance(text, bool):
+        raise InvalidRequestError(f"invalid size {text!r}")
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(text)
+        if not match:
+            raise InvalidRequestError(f"invalid size {text!r}: use e.g. 10GiB, 512MiB, 4096")
+        size = int(match.group(1)) << (10 * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise InvalidRequestError(f"size must be positive, got {text!r}")
+    if size % SECTOR:
+        raise InvalidRequestError(f"size must be a multiple of {SECTOR} bytes, got {size}")
+    if size > MAX_SIZE:
+        raise InvalidRequestError(f"size {size} is larger than the limit of {MAX_SIZE} bytes")
+    return size
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise InvalidRequestError(f"invalid label key {key!r}")
+        if not isinstance(value, str) or len(value) > 255 or "\0" in value:
+            raise InvalidRequestError(f"invalid value for label {key!r}")
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    volume: str
+    name: str
+    size: int
+    created: float
+    used_bytes: int  # space held by this snapshot's own layer
+    clones: tuple[str, ...]  # volumes cloned from it
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    size: int
+    description: str
+    labels: dict[str, str]
+    read_only: bool
+    created: float
+    used_bytes: int  # space held by the volume's own (writable) layer
+    origin: str | None  # "VOLUME@SNAPSHOT" for clones
+    snapshots: tuple[str, ...]
+    connections: int = 0  # clients that have it open (when asked of a running server)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,158 @@
+"""Importing images into volumes and exporting volumes to images, with qemu-img.
+
+The volume is served for the copy by an in-process NBS server on a private Unix socket, and
+``qemu-img convert`` reads or writes it over NBD: any format qemu-img knows (raw, qcow2, vmdk,
+…, or an nbd:// URI) works both ways, and sparse regions stay sparse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from backend.nbd import TLSPolicy
+from backend.server.exports import Export, ExportTable
+from backend.server.server import Server, UnixAddress
+from backend.storage import Capabilities, Extent, Storage
+from backend.volumes.model import InvalidRequestError, StorageFailureError
+
+Progress = Callable[[int, int], None]
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise StorageFailureError("qemu-img is needed for import/export (apt install qemu-utils)")
+    return path
+
+
+def image_size(source: str) -> int:
+    """Virtual size of an image file or NBD URI, as qemu-img sees it."""
+    result = subprocess.run(
+        [qemu_img(), "info", "--output=json", source],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise InvalidRequestError(f"cannot read image {source}: {result.stderr.strip()}")
+    return int(json.loads(result.stdout)["virtual-size"])
+
+
+class _Borrowed(Storage):
+    """A storage lent to the temporary server: closing the export must not close it."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._inner.capabilities
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._inner.read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._inner.write(offset, data, fua)
+
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        self._inner.write_zeroes(offset, length, fua, may_trim, fast)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._inner.trim(offset, length, fua)
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        self._inner.cache(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self._inner.extents(offset, length)
+
+    def close(self) -> None:
+        """The owner closes the real storage."""
+
+
+@contextmanager
+def serve_privately(name: str, storage: Storage, read_only: bool) -> Iterator[str]:
+    """Serve ``storage`` as ``name`` on a private Unix socket; yields its NBD URI."""
+    with tempfile.TemporaryDirectory(prefix="nbs-transfer-") as tmp:
+        socket_path = Path(tmp) / "nbd.sock"
+        export = Export(name, _Borrowed(storage), tls=TLSPolicy.OFF, read_only=read_only)
+        server = Server(ExportTable([export]), unix=[UnixAddress(socket_path)])
+        server.bind()
+        server.start()
+        try:
+            yield f"nbd+unix:///{name}?socket={socket_path}"
+        finally:
+            server.shutdown(grace=5)
+
+
+def _convert(args: list[str], total: int, progress: Progress | None) -> None:
+    process = subprocess.Popen(
+        [qemu_img(), "convert", "-p", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    buffered = b""
+    while chunk := os.read(process.stdout.fileno(), 4096):
+        buffered = (buffered + chunk)[-256:]
+        found = _PERCENT.findall(buffered)
+        if found and progress is not None:
+            progress(int(total * float(found[-1]) / 100), total)
+    error = process.stderr.read().decode(errors="replace").strip()
+    if process.wait() != 0:
+        raise StorageFailureError(f"qemu-img convert failed: {error}")
+    if progress is not None:
+        progress(total, total)
+
+
+def import_image(
+    storage: Storage, name: str, source: str, progress: Progress | None = None
+) -> None:
+    """Copy the image at ``source`` (file or NBD URI) into ``storage``."""
+    total = image_size(source)
+    if total > storage.size:
+        raise InvalidRequestError(
+            f"image {source} ({total} bytes) is larger than the volume ({storage.size} bytes)"
+        )
+    with serve_privately(name, storage, read_only=False) as uri:
+        # -n: the target exists; --target-is-zero: a new volume reads as zeroes, so holes in
+        # the source need no writes at all.
+        _convert(["-n", "--target-is-zero", "-O", "raw", source, uri], total, progress)
+    storage.flush()
+
+
+def export_image(
+    storage: Storage,
+    name: str,
+    dest: Path,
+    fmt: str = "raw",
+    progress: Progress | None = None,
+) -> None:
+    """Write ``storage`` to the image file ``dest`` in format ``fmt`` (raw, qcow2, …)."""
+    with serve_privately(name, storage, read_only=True) as uri:
+        _convert(["-f", "raw", "-O", fmt, uri, str(dest)], storage.size, progress)

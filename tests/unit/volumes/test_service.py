@@ -1,0 +1,213 @@
+"""The volume service on a real data directory (SQLite + copy-on-write layer files)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from backend.volumes.model import (
+    AlreadyExistsError,
+    DependencyError,
+    InUseError,
+    InvalidRequestError,
+    NotFoundError,
+    parse_size,
+)
+from backend.volumes.service import ServedElsewhereError, VolumeService
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> VolumeService:
+    svc = VolumeService(tmp_path / "data")
+    yield svc  # type: ignore[misc]
+    svc.close()
+
+
+def test_create_list_info(service: VolumeService) -> None:
+    service.create("a", "8MiB", description="first", labels={"env": "test"})
+    service.create("b", 4 * MiB, read_only=True)
+    assert [v.name for v in service.list()] == ["a", "b"]
+    info = service.info("a")
+    assert (info.size, info.description, info.labels, info.used_bytes) == (
+        8 * MiB,
+        "first",
+        {"env": "test"},
+        0,
+    )
+    assert service.info("b").read_only
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".", "a\0b", "x" * 256, "-lead", "sp ace", "ü"])
+def test_bad_names_are_refused(service: VolumeService, name: str) -> None:
+    with pytest.raises(InvalidRequestError):
+        service.create(name, MiB)
+    assert service.list() == []
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "1000", "12 parsecs", "2EiB", 0, -512, 513])
+def test_bad_sizes_are_refused(service: VolumeService, size: str | int) -> None:
+    with pytest.raises(InvalidRequestError):
+        service.create("v", size)
+    assert service.list() == []
+    assert list(service.layers.iterdir()) == []
+
+
+def test_size_units() -> None:
+    assert parse_size("10GiB") == 10 << 30
+    assert parse_size("512M") == 512 * MiB
+    assert parse_size("1t") == 1 << 40
+    assert parse_size(4096) == 4096
+
+
+def test_duplicate_names_are_refused(service: VolumeService) -> None:
+    service.create("v", MiB)
+    with pytest.raises(AlreadyExistsError):
+        service.create("v", 2 * MiB)
+    assert service.info("v").size == MiB
+
+
+def test_write_read_through_the_storage(service: VolumeService) -> None:
+    service.create("v", 8 * MiB)
+    storage = service.storage("v")
+    storage.write(MiB + 5, b"hello")
+    storage.flush()
+    assert storage.read(MiB + 5, 5) == b"hello"
+    assert service.info("v").used_bytes > 0
+
+
+def test_resize_grows_and_refuses_to_shrink_without_permission(service: VolumeService) -> None:
+    service.create("v", 4 * MiB)
+    service.storage("v").write(3 * MiB, b"keep")
+    assert service.resize("v", "8MiB").size == 8 * MiB
+    assert service.storage("v").size == 8 * MiB
+    with pytest.raises(InvalidRequestError, match="allow-shrink"):
+        service.resize("v", MiB)
+    assert service.storage("v").read(3 * MiB, 4) == b"keep"
+    assert service.resize("v", 2 * MiB, allow_shrink=True).size == 2 * MiB
+
+
+def test_delete_refused_while_in_use_unless_forced(tmp_path: Path) -> None:
+    users = {"v": 1}
+    svc = VolumeService(tmp_path / "d", in_use=lambda n: users.get(n, 0))
+    svc.create("v", MiB)
+    with pytest.raises(InUseError):
+        svc.delete("v")
+    assert svc.info("v")
+    svc.delete("v", force=True)
+    with pytest.raises(NotFoundError):
+        svc.info("v")
+    assert list(svc.layers.iterdir()) == []
+    svc.close()
+
+
+def test_snapshot_is_a_point_in_time_and_clone_is_thin(service: VolumeService) -> None:
+    service.create("gold", 8 * MiB)
+    live = service.storage("gold")
+    live.write(0, b"version one")
+    snap = service.snapshot("gold", "s1")
+    live.write(0, b"version two")
+    assert (snap.volume, snap.name, snap.size) == ("gold", "s1", 8 * MiB)
+    clone = service.clone("gold", "s1", "vm1")
+    assert clone.origin == "gold@s1"
+    assert clone.used_bytes == 0  # thin: nothing copied
+    vm1 = service.storage("vm1")
+    assert vm1.read(0, 11) == b"version one"
+    vm1.write(0, b"clone edits")
+    assert service.storage("gold").read(0, 11) == b"version two"
+    view = service.open_view("gold", "s1")
+    assert view.read(0, 11) == b"version one"
+    view.close()
+    assert [s.clones for s in service.snapshots("gold")] == [("vm1",)]
+
+
+def test_snapshot_under_concurrent_writes_keeps_every_completed_write(
+    service: VolumeService,
+) -> None:
+    service.create("v", 16 * MiB)
+    storage = service.storage("v")
+    done: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set() and i < 2000:
+            storage.write((i % 256) * 4096, i.to_bytes(4, "big") * 1024)
+            done.append(i)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while len(done) < 50:
+        pass
+    completed = len(done)
+    service.snapshot("v", "mid")
+    stop.set()
+    thread.join()
+    view = service.open_view("v", "mid")
+    # Every write that completed before the snapshot began is in it.
+    last = completed - 1
+    assert int.from_bytes(view.read((last % 256) * 4096, 4), "big") >= last
+    view.close()
+
+
+def test_deleting_a_snapshot_with_clones_is_refused_or_flattens(service: VolumeService) -> None:
+    service.create("gold", 4 * MiB)
+    service.storage("gold").write(0, b"golden")
+    service.snapshot("gold", "s")
+    service.clone("gold", "s", "c1")
+    with pytest.raises(DependencyError):
+        service.delete_snapshot("gold", "s")
+    with pytest.raises(DependencyError):
+        service.delete("gold")
+    progress: list[tuple[int, int]] = []
+    service.delete_snapshot(
+        "gold", "s", flatten_clones=True, progress=lambda d, t: progress.append((d, t))
+    )
+    assert progress
+    assert progress[-1][0] == progress[-1][1]
+    assert service.info("c1").origin is None
+    assert service.storage("c1").read(0, 6) == b"golden"
+    service.delete("gold")
+    assert service.storage("c1").read(0, 6) == b"golden"
+
+
+def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    svc = VolumeService(data)
+    svc.create("half", MiB, ready=False)
+    svc.create("whole", MiB)
+    (svc.layers / "deadbeef.data").write_bytes(b"x")
+    svc.close()
+    svc = VolumeService(data)  # startup gc
+    assert [v.name for v in svc.list()] == ["whole"]
+    assert (
+        sorted(p.name.split(".")[0] for p in svc.layers.iterdir())
+        == [
+            svc.catalogue.volume("whole").top  # type: ignore[union-attr]
+        ]
+        * 2
+    )
+    svc.close()
+
+
+def test_a_second_server_on_one_data_dir_is_refused(tmp_path: Path) -> None:
+    first = VolumeService(tmp_path / "d", serving=True)
+    with pytest.raises(ServedElsewhereError):
+        VolumeService(tmp_path / "d", serving=True)
+    local = VolumeService(tmp_path / "d")
+    first.create("v", MiB)
+    with pytest.raises(ServedElsewhereError):
+        local.snapshot("v", "s")
+    local.close()
+    first.close()
+
+
+def test_data_dir_is_private(tmp_path: Path) -> None:
+    svc = VolumeService(tmp_path / "d")
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o700
+    svc.close()
