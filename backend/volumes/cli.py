@@ -76,9 +76,30 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def _common() -> argparse.ArgumentParser:
+    """Options every volume and snapshot command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="the catalogue's data directory")
+    return common
+
+
+class _Leaves:
+    """Adds the common options to every leaf command."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+        self._common = _common()
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._sub.add_parser(
+            name, parents=[self._common], **kwargs
+        )
+        return parser
+
+
 def add_commands(sub: Any) -> None:
     volume = sub.add_parser("volume", help="create, list, resize, delete, import, export volumes")
-    vsub = volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+    vsub = _Leaves(volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND"))
 
     create = vsub.add_parser("create", help="create a volume (empty and sparse, or from an image)")
     create.add_argument("name")
@@ -134,7 +155,7 @@ def add_commands(sub: Any) -> None:
     gc.set_defaults(func=cmd_gc)
 
     snap = sub.add_parser("snapshot", help="create, list, delete snapshots")
-    ssub = snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND")
+    ssub = _Leaves(snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND"))
     screate = ssub.add_parser("create", help="point-in-time snapshot, while the volume is in use")
     screate.add_argument("volume")
     screate.add_argument("name")
@@ -152,9 +173,6 @@ def add_commands(sub: Any) -> None:
         help="copy the snapshot's data into clones that depend on it first",
     )
     sdelete.set_defaults(func=cmd_snapshot_delete)
-
-    for parser in (volume, snap):
-        parser.add_argument("--data-dir", type=Path, help="the catalogue's data directory")
 
 
 def _service(args: argparse.Namespace) -> Any:

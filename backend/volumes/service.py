@@ -86,8 +86,9 @@ class VolumeService:
         if serving:
             self._serving_fd = self._take_serving_lock()
         self.catalogue = Catalogue(data_dir / "catalogue.sqlite3")
-        with self._mutating():
-            self._gc()
+        if not self.served_elsewhere():  # a running server may be mid-create: not ours to undo
+            with self._mutating():
+                self._gc()
 
     # ------------------------------------------------------------------ locks
 

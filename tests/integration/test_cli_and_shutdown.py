@@ -240,9 +240,11 @@ def test_default_export_is_a_1g_sparse_volume_in_the_data_dir(
 ) -> None:
     data_dir = tmp_path / "data"
     server = nbs_server("--listen", "127.0.0.1:0", "--data-dir", str(data_dir))
-    volume = data_dir / "default.img"
-    assert volume.stat().st_size == GiB
-    assert volume.stat().st_blocks * 512 < MiB, "the default volume is not sparse"
+    listed = run(*NBS, "volume", "list", "--json", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    (volume,) = json.loads(listed.stdout)
+    assert (volume["name"], volume["size"]) == ("default", GiB)
+    assert volume["used_bytes"] < MiB, "the default volume is not sparse"
     # The empty export name reaches the default export.
     info = run(require_tool("qemu-img"), "info", "--output=json", server.tcp)
     assert info.returncode == 0, info.stderr
