@@ -4,6 +4,10 @@ Shutdown (SIGTERM) runs in this order: stop accepting; stop reading from every s
 (requests already received are answered, then the connection closes); wait up to ``grace``
 seconds for sessions to finish, then refuse what still arrives with ESHUTDOWN and cut them;
 flush and close every storage.
+
+A config reload (SIGHUP) changes what new connections get and never touches an open one:
+``set_tls``, ``set_listeners`` and ``replace_exports``.  A removed export's storage stays open
+until no session that could still be using it is left (see ``_unused_retired``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import socket
 import ssl
 import stat
 import threading
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from backend.server.exports import Export, Exports
+from backend.server.exports import Export, Exports, close_storages
+from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,9 @@ class UnixAddress:
         return f"nbd+unix:///?socket={self.path}"
 
 
+Address = TCPAddress | UnixAddress
+
+
 class Server:
     """Serves a set of exports (a fixed ExportTable or the volume catalogue) on listeners."""
 
@@ -66,9 +75,11 @@ class Server:
         self._tcp = tcp or []
         self._unix = unix or []
         self._tls = tls
-        self._listeners: list[socket.socket] = list(inherited or [])
-        self._unix_paths: list[Path] = []
-        self.uris: list[str] = []
+        self._inherited: list[socket.socket] = list(inherited or [])
+        # Listeners this server opened, by address; guarded by _lock once accepting.
+        self._bound: dict[Address, tuple[socket.socket, str]] = {}
+        self._closing: list[tuple[socket.socket, Address | None]] = []  # for the acceptor
+        self._synced = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="nbs-io")
         self._sessions: dict[Session, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -77,28 +88,48 @@ class Server:
         self._stopping = False
         self._shut_down = False
         self.connections_by_export: dict[str, int] = {}
+        self.stats = ServerStats()
+        # Exports removed by a reload, with the generation that removed them; a session
+        # remembers the generation it was accepted in.
+        self._generation = 0
+        self._born: dict[Session, int] = {}
+        self._retired: list[tuple[Export, int]] = []
 
     # ------------------------------------------------------------------ binding
 
     def bind(self) -> list[str]:
         """Open every listener; returns the URIs clients can use.  Raises ServeError."""
         try:
-            for address in self._tcp:
-                self._bind_tcp(address)
-            for unix in self._unix:
-                self._bind_unix(unix)
+            self._bound = self._open([*self._tcp, *self._unix])
         except ServeError:
             self.close_listeners()
             raise
-        for sock in self._listeners:
-            if sock.family == socket.AF_UNIX and not self._owned_unix(sock):
-                self.uris.append(f"nbd+unix:///?socket={sock.getsockname()}")
         return self.uris
 
-    def _owned_unix(self, sock: socket.socket) -> bool:
-        return Path(sock.getsockname()) in self._unix_paths
+    @property
+    def uris(self) -> list[str]:
+        """Where clients reach this server: inherited listeners first, then bound ones."""
+        with self._lock:
+            bound = [uri for _, uri in self._bound.values()]
+        return [_uri_of(sock) for sock in self._inherited] + bound
 
-    def _bind_tcp(self, address: TCPAddress) -> None:
+    def _open(self, addresses: list[Address]) -> dict[Address, tuple[socket.socket, str]]:
+        """Listen on each address; all or nothing (raises ServeError)."""
+        opened: dict[Address, tuple[socket.socket, str]] = {}
+        try:
+            for address in addresses:
+                if address not in opened:
+                    if isinstance(address, TCPAddress):
+                        opened[address] = self._bind_tcp(address)
+                    else:
+                        opened[address] = self._bind_unix(address)
+        except ServeError:
+            for address, (sock, _) in opened.items():
+                _close_listener(sock, address)
+            raise
+        return opened
+
+    def _bind_tcp(self, address: TCPAddress) -> tuple[socket.socket, str]:
         try:
             infos = socket.getaddrinfo(
                 address.host or None,
@@ -118,10 +149,9 @@ class Server:
             sock.close()
             what = "address already in use" if err.errno == errno.EADDRINUSE else err.strerror
             raise ServeError(f"cannot listen on {address.host}:{address.port}: {what}") from err
-        self._listeners.append(sock)
-        self.uris.append(address.uri(sock.getsockname()[1]))
+        return sock, address.uri(sock.getsockname()[1])
 
-    def _bind_unix(self, address: UnixAddress) -> None:
+    def _bind_unix(self, address: UnixAddress) -> tuple[socket.socket, str]:
         path = address.path
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -136,9 +166,7 @@ class Server:
         except OSError as err:
             sock.close()
             raise ServeError(f"cannot listen on {path}: {err.strerror}") from err
-        self._listeners.append(sock)
-        self._unix_paths.append(path)
-        self.uris.append(address.uri())
+        return sock, address.uri()
 
     # ------------------------------------------------------------------ running
 
@@ -149,14 +177,15 @@ class Server:
 
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as sel:
-            for sock in self._listeners:
-                sock.setblocking(False)
-                sel.register(sock, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
+            self._sync_listeners(sel)
             while not self._stopping:
                 for key, _ in sel.select():
                     if key.fileobj is self._wake_r:
-                        return
+                        # Stopping, or set_listeners changed the listeners.
+                        self._wake_r.recv(4096)
+                        self._sync_listeners(sel)
+                        break
                     listener = key.fileobj
                     assert isinstance(listener, socket.socket)
                     try:
@@ -168,6 +197,23 @@ class Server:
                         log.error("accept failed: %s", err)
                         continue
                     self._spawn(client, addr)
+
+    def _sync_listeners(self, sel: selectors.BaseSelector) -> None:
+        """(Acceptor thread) Watch exactly the current listeners; close the removed ones."""
+        with self._lock:
+            wanted = self._inherited + [sock for sock, _ in self._bound.values()]
+            closing, self._closing = self._closing, []
+        for key in list(sel.get_map().values()):
+            if key.fileobj is not self._wake_r and key.fileobj not in wanted:
+                sel.unregister(key.fileobj)
+        for sock, path in closing:
+            _close_listener(sock, path)
+        watched = sel.get_map()
+        for sock in wanted:
+            if sock not in watched:
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ)
+        self._synced.set()
 
     def _spawn(self, client: socket.socket, addr: object) -> None:
         client.setblocking(True)
@@ -185,6 +231,8 @@ class Server:
                 client.close()
                 return
             self._sessions[session] = thread
+            self._born[session] = self._generation
+            self.stats.accepted += 1
         log.debug("%s: connected", peer)
         thread.start()
 
@@ -194,6 +242,11 @@ class Server:
         finally:
             with self._lock:
                 self._sessions.pop(session, None)
+                self._born.pop(session, None)
+                if session.export is not None:
+                    self.stats.retire(session.export.name, session.stats)
+                unused = self._unused_retired() if self._retired else []
+            close_storages(unused)
 
     def _track(self, session: Session, export: Export | None) -> None:
         with self._lock:
@@ -204,6 +257,71 @@ class Server:
             elif session.export is not None:
                 self.connections_by_export[session.export.name] -= 1
 
+    def metrics_snapshot(self) -> Snapshot:
+        """Request and connection counts per export, for the metrics endpoint."""
+        with self._lock:
+            live = [(s.export.name if s.export else None, s.stats) for s in self._sessions]
+            return self.stats.snapshot(live)
+
+    # ------------------------------------------------------------------ reloading
+
+    def set_tls(self, tls: ssl.SSLContext | None) -> None:
+        """Connections accepted from now on negotiate TLS with ``tls``."""
+        self._tls = tls
+
+    def set_listeners(self, tcp: list[TCPAddress], unix: list[UnixAddress]) -> list[str]:
+        """Listen on exactly these addresses (plus inherited sockets) from now on.
+
+        Opens the new ones first: if one fails (ServeError), nothing changed.  Connections
+        accepted on a removed listener stay open.  Returns the URIs of the added listeners.
+        """
+        wanted: list[Address] = [*tcp, *unix]
+        with self._lock:
+            current = set(self._bound)
+        added = self._open([a for a in wanted if a not in current])
+        with self._lock:
+            for address in [a for a in self._bound if a not in wanted]:
+                sock, uri = self._bound.pop(address)
+                self._closing.append((sock, address))
+                log.info("stopped listening on %s", uri)
+            self._bound.update(added)
+        if self._acceptor is not None and self._acceptor.is_alive():
+            self._synced.clear()
+            self._wake_w.send(b"r")
+            self._synced.wait(10)
+        return [uri for _, uri in added.values()]
+
+    def replace_exports(self, table: Exports, retired: list[Export]) -> None:
+        """Serve ``table`` to new connections; ``retired`` are the exports it dropped.
+
+        Sessions already using a retired export keep it; its storage is flushed and closed
+        once they are gone.
+        """
+        with self._lock:
+            self.table = table
+            self._generation += 1
+            self._retired += [(export, self._generation) for export in retired]
+            unused = self._unused_retired()
+        close_storages(unused)
+
+    def _unused_retired(self) -> list[Export]:
+        """(Lock held) Take the retired exports no session can use any more.
+
+        A session accepted before the export was retired may still be negotiating with the
+        old table: until it has picked an export, it could pick this one.
+        """
+        busy = {id(s.export) for s in self._sessions if s.export is not None}
+        negotiating = [self._born[s] for s in self._sessions if s.export is None]
+        oldest = min(negotiating, default=self._generation)
+        unused, kept = [], []
+        for export, generation in self._retired:
+            if id(export) in busy or oldest < generation:
+                kept.append((export, generation))
+            else:
+                unused.append(export)
+        self._retired = kept
+        return unused
+
     # ------------------------------------------------------------------ stopping
 
     def close_listeners(self) -> None:
@@ -212,14 +330,14 @@ class Server:
             self._wake_w.send(b"x")
         if self._acceptor is not None:
             self._acceptor.join()
-        for sock in self._listeners:
-            with contextlib.suppress(OSError):
-                sock.close()
-        for path in self._unix_paths:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        self._listeners.clear()
-        self._unix_paths.clear()
+        with self._lock:
+            closing: list[tuple[socket.socket, Address | None]] = [
+                (sock, None) for sock in self._inherited
+            ]
+            closing += self._closing + [(sock, a) for a, (sock, _) in self._bound.items()]
+            self._inherited, self._closing, self._bound = [], [], {}
+        for sock, path in closing:
+            _close_listener(sock, path)
 
     def shutdown(self, grace: float = 10.0) -> bool:
         """Stop as described in the module docstring; True if everything was flushed.
@@ -247,6 +365,7 @@ class Server:
                 thread.join(5)
         self._pool.shutdown(wait=True)
         clean = self.table.close()
+        clean = close_storages([export for export, _ in self._retired]) and clean
         self._wake_r.close()
         self._wake_w.close()
         return clean
@@ -255,6 +374,23 @@ class Server:
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+
+def _close_listener(sock: socket.socket, address: Address | None) -> None:
+    """Close a listening socket (and remove the socket file of a Unix one)."""
+    with contextlib.suppress(OSError):
+        sock.close()
+    if isinstance(address, UnixAddress):
+        with contextlib.suppress(OSError):
+            address.path.unlink()
+
+
+def _uri_of(sock: socket.socket) -> str:
+    """The URI of a listener this server did not bind itself (socket activation)."""
+    if sock.family == socket.AF_UNIX:
+        return f"nbd+unix:///?socket={sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return TCPAddress(host, port).uri()
 
 
 def _socket_alive(path: Path) -> bool:
@@ -268,10 +404,47 @@ def _socket_alive(path: Path) -> bool:
     return True
 
 
-def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
-    """Listening sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS)."""
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets are fds 3, 4, ...
+
+
+def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (sd_listen_fds(3)).
+
+    Uses them only if $LISTEN_PID is this process, then removes LISTEN_PID, LISTEN_FDS and
+    LISTEN_FDNAMES from the environment and marks the fds close-on-exec, so that no child
+    process takes them for its own.  Raises ServeError if an fd is not a listening stream
+    socket (a socket unit with Accept=yes passes connections, which nbs does not take).
+    """
     env = os.environ if environ is None else environ
     if env.get("LISTEN_PID") != str(os.getpid()):
         return []
-    count = int(env.get("LISTEN_FDS", "0"))
-    return [socket.socket(fileno=3 + i) for i in range(count)]
+    count_text = env.get("LISTEN_FDS", "0")
+    names = env.get("LISTEN_FDNAMES", "")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ServeError(f"LISTEN_FDS is not a number: {count_text!r}") from None
+    sockets: list[socket.socket] = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise ServeError(f"fd {fd} from socket activation: {err.strerror}") from err
+        sockets.append(sock)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ServeError(
+                f"fd {fd} from socket activation is not a listening stream socket"
+                " (use ListenStream= and Accept=no)"
+            )
+    if sockets:
+        log.info(
+            "using %d socket(s) from socket activation%s",
+            len(sockets),
+            f" ({names.replace(':', ', ')})" if names else "",
+        )
+    return sockets

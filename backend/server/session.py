@@ -16,8 +16,10 @@ import logging
 import socket
 import ssl
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter_ns
 
 from backend.nbd import (
     NEED_DATA,
@@ -33,6 +35,7 @@ from backend.nbd import (
 )
 from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
 from backend.server.exports import Export, Exports
+from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
 from backend.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class Session:
         self._inflight = 0
         self._storage_lock: threading.Lock | None = None
         self.export: Export | None = None
+        self.stats = SessionStats()
         # Recycled WRITE payload buffers: a fresh 1 MiB bytearray is zero-filled and
         # page-faulted on every write, which cost 30% of the CPU of 1 MiB writes.
         self._spare: dict[int, list[bytearray]] = {}
@@ -167,6 +171,10 @@ class Session:
         inline = storage.capabilities.inline and self._storage_lock is None
         pending: list[bytes] = []
         queued = 0
+        # Metrics, counted inline (backend/server/metrics.py says why and how).
+        sizes = self.stats.bytes
+        latency = self.stats.latency
+        bounds = LATENCY_BOUNDS_NS
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -182,9 +190,15 @@ class Session:
                     conn.receive_data(scratch_view[:count] if count else b"")
                 continue
             if type(event) is Request:
-                if inline and (event.length < OFFLOAD_MIN or event.command not in _BULK):
+                command = event.command
+                sizes[command] += event.length
+                if inline and (event.length < OFFLOAD_MIN or command not in _BULK):
+                    start = perf_counter_ns()
                     pending += self._execute(storage, event)
-                    queued += event.length if event.command == Cmd.READ else 16
+                    elapsed = perf_counter_ns() - start
+                    latency[BLOCK[command] + bisect_left(bounds, elapsed)] += 1
+                    latency[SUM[command]] += elapsed
+                    queued += event.length if command == Cmd.READ else 16
                     if queued >= SEND_BATCH or len(pending) >= MAX_IOV:
                         self._send(pending)
                         pending = []
@@ -192,9 +206,10 @@ class Session:
                 else:
                     with self._idle:
                         self._inflight += 1
-                    self._pool.submit(self._execute_async, storage, event)
+                    self._pool.submit(self._execute_async, storage, event, perf_counter_ns())
             elif type(event) is Rejected:
                 log.debug("%s: rejected %s: %s", self.peer, event.command, event.message)
+                self.stats.reject(event.command, event.error)
                 pending.append(
                     conn.reply_error(event.cookie, event.command, event.error, event.message)
                 )
@@ -216,15 +231,19 @@ class Session:
             if len(spare) < SPARE_BUFFERS:  # list append/pop are atomic: no lock needed
                 spare.append(payload)
 
-    def _execute_async(self, storage: Storage, request: Request) -> None:
+    def _execute_async(self, storage: Storage, request: Request, queued_at: int) -> None:
+        """``queued_at``: perf_counter_ns() at submission (waiting for a worker is latency)."""
+        elapsed = 0
         try:
             replies = self._execute(storage, request)
+            elapsed = perf_counter_ns() - queued_at
             self._recycle(request)
             with contextlib.suppress(OSError):
                 self._send(replies)
         finally:
             with self._idle:
                 self._inflight -= 1
+                record(self.stats.pool_latency, request.command, elapsed)
                 self._idle.notify_all()
 
     def _wait_idle(self) -> None:
@@ -249,9 +268,12 @@ class Session:
                 request.length,
                 err,
             )
-            return [conn.reply_error(request.cookie, command, wire_error(err.errno), str(err))]
+            code = wire_error(err.errno)
+            self.stats.error(command, code)
+            return [conn.reply_error(request.cookie, command, code, str(err))]
         except Exception:
             log.exception("%s: %s failed unexpectedly", self.peer, command.name)
+            self.stats.error(command, Error.EIO)
             return [conn.reply_error(request.cookie, command, Error.EIO, "internal error")]
 
     def _dispatch(self, storage: Storage, request: Request) -> list[bytes]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from backend.nbd import ExportDescription, TLSPolicy
-from backend.server.exports import Export
+from backend.server.exports import Export, transmission_flags
+from backend.storage import Capabilities
 from backend.volumes.model import VolumeError
 from backend.volumes.service import VolumeService
+
+_LISTED = Capabilities(can_fast_zero=True)
 
 
 class VolumeExports:
@@ -51,8 +54,22 @@ class VolumeExports:
         return export.describe() if export is not None else None
 
     def exports(self) -> Sequence[ExportDescription]:
-        found = (self.get(v.name) for v in self.service.catalogue.volumes())
-        return [e.describe() for e in found if e is not None]
+        """Every volume, described from the catalogue alone (for NBD_OPT_LIST).
+
+        Opening each volume's storage here would cost two files per layer for every volume
+        (thousands of descriptors for a large catalogue) just to print names; the flags are
+        the ones a copy-on-write volume declares, exact ones come with INFO/GO.
+        """
+        return [
+            ExportDescription(
+                name=row.name,
+                size=row.size,
+                flags=transmission_flags(_LISTED, read_only=row.read_only),
+                description=row.description,
+                tls=self.tls,
+            )
+            for row in self.service.catalogue.volumes()
+        ]
 
     def close(self) -> bool:
         self.service.close()

@@ -80,6 +80,24 @@ def _common() -> argparse.ArgumentParser:
     """Options every volume and snapshot command takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, help="the catalogue's data directory")
+    common.add_argument(
+        "--server",
+        metavar="URL",
+        help="act through the API of the nbs serve at URL (https://HOST:PORT, unix:PATH);"
+        " default: the server of the data directory, if one runs",
+    )
+    common.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the API token for --server (default: $NBS_API_TOKEN)",
+    )
+    common.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="CA of the server's certificate (default: $NBS_API_CA, else the system's)",
+    )
     return common
 
 

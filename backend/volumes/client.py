@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.storage import StorageError
 from backend.volumes import transfer
 from backend.volumes.config import default_data_dir
 from backend.volumes.model import InvalidRequestError, VolumeInfo, parse_size
 from backend.volumes.service import Progress, VolumeService
+
+if TYPE_CHECKING:
+    from backend.api.client import RemoteVolumes
 
 
 class LocalVolumes:
@@ -82,6 +86,10 @@ class LocalVolumes:
                 storage.close()
 
 
-def open_client(args: argparse.Namespace) -> LocalVolumes:
-    data_dir = args.data_dir or default_data_dir()
-    return LocalVolumes(data_dir)
+def open_client(args: argparse.Namespace) -> LocalVolumes | RemoteVolumes:
+    """The server named by --server, else the one serving the data directory, else the data
+    directory itself (see backend.api.client.client_for)."""
+    from backend.api.client import client_for  # noqa: PLC0415 - httpx only when needed
+
+    remote = client_for(args.data_dir, args.server, None, args.token_file, ca_file=args.ca_file)
+    return remote if remote is not None else LocalVolumes(args.data_dir or default_data_dir())

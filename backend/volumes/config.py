@@ -21,6 +21,8 @@ DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_VOLUME_SIZE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
@@ -46,12 +48,33 @@ class TLSConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT of the Prometheus endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiTLSConfig:
+    cert: Path
+    key: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    listen: tuple[str, ...] = ()  # TCP listeners (HOST:PORT); none: the local socket only
+    tls: ApiTLSConfig | None = None
+    token_file: Path | None = None  # None: DATA_DIR/api-token
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeConfig:
     listen: tuple[str, ...] = ()
     sockets: tuple[Path, ...] = ()
     exports: tuple[ExportConfig, ...] = ()
     tls: TLSConfig | None = None
     log_level: str = "info"
+    log_format: str = "text"
+    metrics: MetricsConfig | None = None  # None: no metrics endpoint
+    api: ApiConfig = ApiConfig()
     data_dir: Path | None = None
     io_threads: int = 16
     shutdown_grace: float = 10.0
@@ -161,6 +184,13 @@ class _Reader:
             raise self.fail(key, "a list of strings", value)
         return [self.string(item, f"{key}[{i}]") for i, item in enumerate(value)]
 
+    def addresses(self, value: object, key: str) -> tuple[str, ...]:
+        """One HOST:PORT or a list of them."""
+        items = self.strings(value, key)
+        for i, item in enumerate(items):
+            self.convert(item, f"{key}[{i}]", parse_host_port)
+        return tuple(items)
+
     def convert(self, value: object, key: str, parse: Any) -> Any:
         try:
             return parse(value)
@@ -189,6 +219,9 @@ def parse_config(data: object, source: str) -> ServeConfig:
         "exports",
         "tls",
         "log_level",
+        "log_format",
+        "metrics",
+        "api",
         "data_dir",
         "io_threads",
         "shutdown_grace",
@@ -196,10 +229,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
     top = r.mapping(data, "", known)
     fields: dict[str, Any] = {}
     if "listen" in top:
-        listen = r.strings(top["listen"], "listen")
-        for i, item in enumerate(listen):
-            r.convert(item, f"listen[{i}]", parse_host_port)
-        fields["listen"] = tuple(listen)
+        fields["listen"] = r.addresses(top["listen"], "listen")
     if "sockets" in top:
         fields["sockets"] = tuple(Path(p) for p in r.strings(top["sockets"], "sockets"))
     if "log_level" in top:
@@ -207,6 +237,19 @@ def parse_config(data: object, source: str) -> ServeConfig:
         if level not in LOG_LEVELS:
             raise r.fail("log_level", f"one of {', '.join(LOG_LEVELS)}", level)
         fields["log_level"] = level
+    if "log_format" in top:
+        log_format = top["log_format"]
+        if log_format not in LOG_FORMATS:
+            raise r.fail("log_format", f"one of {', '.join(LOG_FORMATS)}", log_format)
+        fields["log_format"] = log_format
+    if "metrics" in top:
+        # ``metrics:`` with no value turns the endpoint on at its default address.
+        metrics = r.mapping(_empty_if_none(top["metrics"]), "metrics", {"listen"})
+        listen = metrics.get("listen", DEFAULT_METRICS_LISTEN)
+        r.convert(r.string(listen, "metrics.listen"), "metrics.listen", parse_host_port)
+        fields["metrics"] = MetricsConfig(listen=listen)
+    if "api" in top:
+        fields["api"] = _api(r, top["api"])
     if "data_dir" in top:
         fields["data_dir"] = Path(r.string(top["data_dir"], "data_dir"))
     if "io_threads" in top:
@@ -258,3 +301,25 @@ def _export(r: _Reader, item: object, key: str) -> ExportConfig:
     if "min_block" in export:
         fields["min_block"] = r.convert(export["min_block"], f"{key}.min_block", _block_size)
     return ExportConfig(**fields)
+
+
+def _api(r: _Reader, value: object) -> ApiConfig:
+    api = r.mapping(_empty_if_none(value), "api", {"listen", "tls", "token_file"})
+    fields: dict[str, Any] = {}
+    if "listen" in api:
+        fields["listen"] = r.addresses(api["listen"], "api.listen")
+    if "tls" in api:
+        tls = r.mapping(api["tls"], "api.tls", {"cert", "key"})
+        if "cert" not in tls or "key" not in tls:
+            raise ConfigError(f"{r.source}: api.tls: expected both 'cert' and 'key'")
+        fields["tls"] = ApiTLSConfig(
+            cert=Path(r.string(tls["cert"], "api.tls.cert")),
+            key=Path(r.string(tls["key"], "api.tls.key")),
+        )
+    if "token_file" in api:
+        fields["token_file"] = Path(r.string(api["token_file"], "api.token_file"))
+    return ApiConfig(**fields)
+
+
+def _empty_if_none(value: object) -> object:
+    return {} if value is None else value

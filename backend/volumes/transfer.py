@@ -110,11 +110,14 @@ def serve_privately(name: str, storage: Storage, read_only: bool) -> Iterator[st
 
 
 def _convert(args: list[str], total: int, progress: Progress | None) -> None:
-    process = subprocess.Popen(
-        [qemu_img(), "convert", "-p", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    with subprocess.Popen(
+        [qemu_img(), "convert", "-p", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        _follow(process, total, progress)
+
+
+def _follow(process: subprocess.Popen[bytes], total: int, progress: Progress | None) -> None:
+    """Report qemu-img's ``-p`` percentages as bytes; raise if it fails."""
     assert process.stdout is not None
     assert process.stderr is not None
     buffered = b""

@@ -1,0 +1,152 @@
+"""Importing an image into a new volume for the API: checked at once, copied on a thread.
+
+:class:`Import` does everything that can be refused (a bad name or size, an existing volume,
+an unreadable source) before it returns, so the API answers those with their own status; then
+it copies on a thread of its own and reports events.  The copy does not depend on anyone
+reading the events: a client that goes away does not cancel it.  The volume is hidden
+(``creating``) until the copy completed, and removed if it fails.
+
+Sources are the server's own files (absolute paths of regular files or block devices) or NBD
+URIs.  Everything else qemu-img would accept (``json:{…}``, ``http://…``, relative paths) is
+refused: a token holder must not make the server open arbitrary qemu block drivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from backend.volumes import transfer
+from backend.volumes.model import (
+    SECTOR,
+    InvalidRequestError,
+    StorageFailureError,
+    VolumeError,
+    check_name,
+    parse_size,
+)
+from backend.volumes.service import VolumeService
+
+log = logging.getLogger(__name__)
+
+NBD_SCHEMES = ("nbd", "nbd+tcp", "nbd+unix")
+_END = object()
+
+
+def check_source(source: str) -> str:
+    """``source`` if it is an NBD URI or the absolute path of an existing file or block device
+    on this machine; else InvalidRequestError."""
+    scheme = urlsplit(source).scheme if "://" in source else ""
+    if scheme:
+        if scheme not in NBD_SCHEMES:
+            raise InvalidRequestError(
+                f"unsupported source {source!r}: use a path on the server or an"
+                f" {'/'.join(NBD_SCHEMES)} URI"
+            )
+        return source
+    path = Path(source)
+    if not path.is_absolute():
+        raise InvalidRequestError(f"source {source!r} must be an absolute path on the server")
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise InvalidRequestError(f"cannot use source {source}: {err.strerror}") from err
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise InvalidRequestError(f"source {source} is not a regular file or block device")
+    return source
+
+
+class Import:
+    """One image being copied into a new, hidden volume.
+
+    The constructor checks the request, creates the volume (``creating``) and starts the copy;
+    it raises the VolumeError of a refused request, and then nothing is left behind.
+    :meth:`next_event` hands out the copy's events, each once.
+    """
+
+    def __init__(
+        self,
+        service: VolumeService,
+        name: str,
+        source: str,
+        *,
+        size: int | str | None = None,
+        description: str = "",
+        labels: dict[str, str] | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.service = service
+        self.name = check_name(name)
+        self.source = check_source(source)
+        total = parse_size(size) if size is not None else transfer.image_size(self.source)
+        total += -total % SECTOR
+        service.create(
+            name, total, description=description, labels=labels, read_only=read_only, ready=False
+        )
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._copy, name=f"nbs-import-{name}", daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        try:
+            storage = self.service.open_creating(self.name)
+            try:
+                transfer.import_image(storage, self.name, self.source, self._progress)
+            finally:
+                storage.close()
+            info = self.service.mark_ready(self.name)
+        except BaseException as err:
+            with contextlib.suppress(VolumeError):
+                self.service.abandon(self.name)
+            if not isinstance(err, VolumeError):
+                log.exception("import of %s into %s failed", self.source, self.name)
+                err = StorageFailureError(f"import of {self.source} failed: {err}")
+            self._events.put({"error": {"code": err.code, "message": err.message}})
+        else:
+            log.info("imported %s into volume %s", self.source, self.name)
+            self._events.put({"volume": info.to_json()})
+        finally:
+            self._events.put(_END)
+
+    def _progress(self, done: int, total: int) -> None:
+        self._events.put({"done": done, "total": total})
+
+    def next_event(self) -> dict[str, Any] | None:
+        """The next event, blocking until there is one; None after the last.
+
+        Events: ``{"done": n, "total": t}`` while copying, then exactly one of
+        ``{"volume": {…}}`` and ``{"error": {"code": …, "message": …}}``.  For one reader.
+        """
+        event = self._events.get()
+        return None if event is _END else event
+
+
+class Imports:
+    """The imports of one API instance, so that stopping can wait for the running ones."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[Import] = set()
+
+    def start(self, service: VolumeService, name: str, source: str, **options: Any) -> Import:
+        """A started :class:`Import` (raises what its constructor raises)."""
+        job = Import(service, name, source, **options)
+        with self._lock:
+            self._running = {j for j in self._running if j.thread.is_alive()} | {job}
+        return job
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the running imports; True if none is left."""
+        with self._lock:
+            running = list(self._running)
+        deadline = time.monotonic() + timeout
+        for job in running:
+            job.thread.join(max(deadline - time.monotonic(), 0))
+        return not any(job.thread.is_alive() for job in running)
