@@ -201,6 +201,15 @@ def _service(args: argparse.Namespace) -> Any:
     return client
 
 
+def _local(args: argparse.Namespace) -> Any:
+    from backend.volumes.client import LocalVolumes  # noqa: PLC0415
+    from backend.volumes.config import default_data_dir  # noqa: PLC0415
+
+    client = LocalVolumes(args.data_dir or default_data_dir())
+    args.opened_client = client
+    return client
+
+
 def _show_volume(info: VolumeInfo, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info.to_json(), indent=2))
@@ -274,7 +283,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    service = _service(args)
+    # Exporting only reads layer files: done here even while a local server runs (snapshots
+    # never change; a live volume may, so export a snapshot for a consistent image).
+    service = _service(args) if args.server else _local(args)
     service.export_image(
         args.name, args.dest, fmt=args.format, progress=ProgressBar(f"exporting {args.name}")
     )
