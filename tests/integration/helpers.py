@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -48,3 +49,41 @@ def guest_disk(vm: AgentGuest, serial: str, timeout: float = 30) -> str:
     raise AssertionError(
         f"no disk with serial {serial} in the guest: {vm.run('ls /sys/block').output}"
     )
+
+
+def file_layout(path: Path) -> list[tuple[int, int, bool]]:
+    """``(offset, length, is_data)`` runs of a file, from SEEK_DATA/SEEK_HOLE."""
+    runs: list[tuple[int, int, bool]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = size
+            if data > pos:
+                runs.append((pos, data - pos, False))
+                pos = data
+                continue
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            runs.append((pos, hole - pos, True))
+            pos = hole
+    finally:
+        os.close(fd)
+    return runs
+
+
+def merge(runs: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
+    out: list[tuple[int, int, bool]] = []
+    for offset, length, is_data in runs:
+        if out and out[-1][2] == is_data and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length, is_data)
+        else:
+            out.append((offset, length, is_data))
+    return out
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import NbsServer, require_tool
+from tests.integration.helpers import file_layout, merge
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -38,40 +39,6 @@ def sparse_file(path: Path, size: int = SIZE) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
-
-
-def file_layout(path: Path) -> list[tuple[int, int, bool]]:
-    """``(offset, length, is_data)`` runs of a file, from SEEK_DATA/SEEK_HOLE."""
-    runs: list[tuple[int, int, bool]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = size
-            if data > pos:
-                runs.append((pos, data - pos, False))
-                pos = data
-                continue
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            runs.append((pos, hole - pos, True))
-            pos = hole
-    finally:
-        os.close(fd)
-    return runs
-
-
-def merge(runs: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
-    out: list[tuple[int, int, bool]] = []
-    for offset, length, is_data in runs:
-        if out and out[-1][2] == is_data and out[-1][0] + out[-1][1] == offset:
-            out[-1] = (out[-1][0], out[-1][1] + length, is_data)
-        else:
-            out.append((offset, length, is_data))
-    return out
 
 
 @pytest.fixture
