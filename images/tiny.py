@@ -155,7 +155,8 @@ host_mounts() {
   mount -t devtmpfs devtmpfs /host/dev
   mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts
   mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
-  mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+  # /host/tmp stays the host's own (read-only): checkouts and virtualenvs under /tmp must be
+  # reachable by the chroot, e.g. a CI clone running its tox venv's python in the guest.
   mount -t tmpfs -o mode=755 tmpfs /host/run
 }
 for f in /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag; do

@@ -120,7 +120,7 @@ def guest(tiny_image: TinyImage, tmp_path_factory: pytest.TempPathFactory) -> It
         qemu=qemu,
         memory_mib=512,
         host_root=True,
-        shares={"work": workdir},  # /host/tmp is the guest's own tmpfs: patterns go here
+        shares={"work": workdir},  # /host is read-only: patterns go here
         guestfwd=[(GUEST_PORT, port)],
     )
     setup = Guest(vm, workdir, disk, port)
