@@ -1,0 +1,173 @@
+"""Objects as files in a directory tree: one file per key, ``a/b`` being ``root/a/b``.
+
+``put`` writes a temporary file next to the object, fsyncs it, renames it over the object and
+fsyncs the directory, so an object is always whole (the rename is atomic) and durable once
+``put`` returns.  ``delete`` fsyncs the directory too.  Every change being durable on its own,
+``sync()`` has nothing left to do.
+
+Temporary files are named ``.<name>~<random>.tmp``: ``~`` cannot appear in a key, so a
+temporary file left behind by a crash is never mistaken for an object, and ``list`` skips it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from backend.storage.base import StorageError
+from backend.storage.objects.base import ObjectStore
+
+_KEY = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def check_key(key: str) -> None:
+    """Raise ``StorageError(EINVAL)`` unless ``key`` is a valid key (see ObjectStore)."""
+    if not _KEY.fullmatch(key) or any(part in {"", ".", ".."} for part in key.split("/")):
+        raise StorageError(errno.EINVAL, f"invalid object key {key!r}")
+
+
+class DirectoryObjectStore(ObjectStore):
+    """Objects under the directory ``root`` (created if missing).
+
+    No offset writes: a partial update must be a whole new object, as on S3.  Empty
+    directories left by ``delete`` stay (removing them would race with a concurrent ``put``
+    into them).  A key that names a directory of other keys reads as missing.
+    """
+
+    supports_offset_writes = False
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"cannot create {self.root}") from err
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"get {key}") from err
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes | None:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"get {key}") from err
+        try:
+            parts: list[bytes] = []
+            done = 0
+            while done < length:
+                part = os.pread(fd, length - done, offset + done)
+                if not part:
+                    break
+                parts.append(part)
+                done += len(part)
+            return b"".join(parts)
+        except IsADirectoryError:
+            return None
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"get {key}") from err
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        temporary = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(
+                prefix=f".{path.name}~", suffix=".tmp", dir=path.parent
+            )
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)
+            temporary = None
+            _sync_directory(path.parent)
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"put {key}") from err
+        finally:
+            if temporary is not None:
+                # A stray temporary file is harmless: list() skips it.
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"delete {key}") from err
+        try:
+            _sync_directory(path.parent)
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"delete {key}") from err
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        self._check_open()
+        # Walk only the directory the prefix lies in.
+        head = prefix.rpartition("/")[0]
+        start = self.root / head if head else self.root
+        keys: list[str] = []
+        try:
+            for directory, dirnames, filenames in os.walk(start):
+                dirnames.sort()
+                relative = Path(directory).relative_to(self.root).as_posix()
+                base = "" if relative == "." else relative + "/"
+                for name in filenames:
+                    key = base + name
+                    if key.startswith(prefix) and "~" not in name and _KEY.fullmatch(key):
+                        keys.append(key)
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"list {prefix}") from err
+        return iter(sorted(keys))
+
+    def sync(self) -> None:
+        # Every put and delete synced itself before returning.
+        self._check_open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def _path(self, key: str) -> Path:
+        self._check_open()
+        check_key(key)
+        return self.root / key
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(errno.EBADF, f"object store {self.root} is closed")
+
+    def __repr__(self) -> str:
+        return f"DirectoryObjectStore({str(self.root)!r})"
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
