@@ -72,6 +72,7 @@ from pathlib import Path
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
 from backend.storage.file import FileStorage
+from backend.storage.ranges import RangeLock
 
 MAGIC = b"NBSCOWL\0"
 VERSION = 1
@@ -245,7 +246,7 @@ class CowStorage(Storage):
                 preferred_block=block,
             )
         self._requests = _SharedLock()
-        self._chunk_locks = _RangeLock()
+        self._chunk_locks = RangeLock()
         # Guards every bitmap byte and dirty-page set (bits of neighbouring chunks share bytes).
         self._map_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -891,28 +892,6 @@ class _SharedLock:
         finally:
             with self._cond:
                 self._exclusive = False
-                self._cond.notify_all()
-
-
-class _RangeLock:
-    """Mutual exclusion over ranges of chunk numbers: a range is held once no held range
-    overlaps it (all or nothing, so two holders never wait for each other)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held: list[tuple[int, int]] = []
-
-    @contextlib.contextmanager
-    def hold(self, first: int, stop: int) -> Iterator[None]:
-        with self._cond:
-            while any(a < stop and first < b for a, b in self._held):
-                self._cond.wait()
-            self._held.append((first, stop))
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held.remove((first, stop))
                 self._cond.notify_all()
 
 
