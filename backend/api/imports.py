@@ -13,7 +13,6 @@ refused: a token holder must not make the server open arbitrary qemu block drive
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import stat
@@ -25,12 +24,10 @@ from urllib.parse import urlsplit
 
 from backend.volumes import transfer
 from backend.volumes.model import (
-    SECTOR,
     InvalidRequestError,
     StorageFailureError,
     VolumeError,
     check_name,
-    parse_size,
 )
 from backend.volumes.service import VolumeService
 
@@ -85,10 +82,14 @@ class Import:
         self.service = service
         self.name = check_name(name)
         self.source = check_source(source)
-        total = parse_size(size) if size is not None else transfer.image_size(self.source)
-        total += -total % SECTOR
-        service.create(
-            name, total, description=description, labels=labels, read_only=read_only, ready=False
+        transfer.begin_import(
+            service,
+            name,
+            self.source,
+            size=size,
+            description=description,
+            labels=labels,
+            read_only=read_only,
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._copy, name=f"nbs-import-{name}", daemon=True)
@@ -96,15 +97,8 @@ class Import:
 
     def _copy(self) -> None:
         try:
-            storage = self.service.open_creating(self.name)
-            try:
-                transfer.import_image(storage, self.name, self.source, self._progress)
-            finally:
-                storage.close()
-            info = self.service.mark_ready(self.name)
+            info = transfer.finish_import(self.service, self.name, self.source, self._progress)
         except BaseException as err:
-            with contextlib.suppress(VolumeError):
-                self.service.abandon(self.name)
             if not isinstance(err, VolumeError):
                 log.exception("import of %s into %s failed", self.source, self.name)
                 err = StorageFailureError(f"import of {self.source} failed: {err}")

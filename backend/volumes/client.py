@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from backend.storage import StorageError
 from backend.volumes import transfer
 from backend.volumes.config import default_data_dir
-from backend.volumes.model import InvalidRequestError, VolumeInfo, parse_size
+from backend.volumes.model import InvalidRequestError, VolumeInfo
 from backend.volumes.service import Progress, VolumeService
 
 if TYPE_CHECKING:
@@ -46,27 +46,16 @@ class LocalVolumes:
         progress: Progress | None = None,
     ) -> VolumeInfo:
         """A new volume holding the image at ``source`` (hidden until the copy is complete)."""
-        total = parse_size(size) if size else transfer.image_size(source)
-        if total % 512:
-            total += 512 - total % 512
-        self.service.create(
+        transfer.begin_import(
+            self.service,
             name,
-            total,
+            source,
+            size=size,
             description=description,
             labels=labels,
             read_only=read_only,
-            ready=False,
         )
-        try:
-            storage = self.service.open_creating(name)
-            try:
-                transfer.import_image(storage, name, source, progress)
-            finally:
-                storage.close()
-        except BaseException:
-            self.service.abandon(name)
-            raise
-        return self.service.mark_ready(name)
+        return transfer.finish_import(self.service, name, source, progress)
 
     def export_image(
         self, name: str, dest: Path, *, fmt: str = "raw", progress: Progress | None = None

@@ -7,6 +7,7 @@ The volume is served for the copy by an in-process NBS server on a private Unix 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,15 @@ from backend.nbd import TLSPolicy
 from backend.server.exports import Export, ExportTable
 from backend.server.server import Server, UnixAddress
 from backend.storage import Capabilities, Extent, Storage
-from backend.volumes.model import InvalidRequestError, StorageFailureError
+from backend.volumes.model import (
+    SECTOR,
+    InvalidRequestError,
+    StorageFailureError,
+    VolumeError,
+    VolumeInfo,
+    parse_size,
+)
+from backend.volumes.service import VolumeService
 
 Progress = Callable[[int, int], None]
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -159,3 +168,45 @@ def export_image(
     """Write ``storage`` to the image file ``dest`` in format ``fmt`` (raw, qcow2, …)."""
     with serve_privately(name, storage, read_only=True) as uri:
         _convert(["-f", "raw", "-O", fmt, uri, str(dest)], storage.size, progress)
+
+
+def begin_import(
+    service: VolumeService,
+    name: str,
+    source: str,
+    *,
+    size: int | str | None = None,
+    description: str = "",
+    labels: dict[str, str] | None = None,
+    read_only: bool = False,
+) -> None:
+    """Create the hidden (``creating``) volume an image will be copied into.
+
+    Sized from ``size`` or else the image, rounded up to whole sectors.  Raises the
+    VolumeError of a refused request; then nothing was created.
+    """
+    total = parse_size(size) if size is not None else image_size(source)
+    total += -total % SECTOR
+    service.create(
+        name, total, description=description, labels=labels, read_only=read_only, ready=False
+    )
+
+
+def finish_import(
+    service: VolumeService, name: str, source: str, progress: Progress | None = None
+) -> VolumeInfo:
+    """Copy the image into the volume begin_import created and make it visible.
+
+    On any failure the half-filled volume is removed and the error re-raised.
+    """
+    try:
+        storage = service.open_creating(name)
+        try:
+            import_image(storage, name, source, progress)
+        finally:
+            storage.close()
+    except BaseException:
+        with contextlib.suppress(VolumeError):
+            service.abandon(name)
+        raise
+    return service.mark_ready(name)
