@@ -12,12 +12,28 @@ concurrent write.  Reads take no lock: an object ``put`` is atomic.  A request s
 several chunks runs them in parallel on a pool of ``workers`` threads.
 
 Durability is the store's: ``flush`` and FUA call ``store.sync()``.
+
+Layers (copy-on-write in the store, for snapshots and clones of volumes): a *layer* is a key
+prefix holding chunks plus a small ``{prefix}meta`` object (JSON: size, chunk size, floor; see
+:func:`create_layer`).  A ChunkedStorage opened with ``lower`` layers (the frozen layers under
+its top, nearest first) reads a chunk missing from the top from the nearest layer below that
+has it, and never writes below: a partial write to such a chunk first copies it up (reads it
+from below, writes the whole merged chunk to the top); zeroing such a chunk leaves an empty
+object in the top (a *whiteout*: an object shorter than its chunk reads as zeroes past its
+end).  A layer's *floor* is the smallest size it ever had; every layer below it is cut there,
+so a volume shrunk and grown again reads zeroes, not its old data.  :meth:`snapshot` freezes
+the top and continues in a new one; :meth:`flatten` copies everything read from below into the
+top; :meth:`resize` changes the size recorded in the top's ``meta``.
+
+Requests hold a shared lock; snapshot, resize, flatten and close hold it exclusively, so none
+of them ever sees a request half done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +41,7 @@ from typing import TypeVar
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
 from backend.storage.objects.base import ObjectStore
-from backend.storage.ranges import RangeLock
+from backend.storage.ranges import RangeLock, SharedLock
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -46,6 +62,101 @@ def chunk_key(prefix: str, index: int) -> str:
     return f"{prefix}{index:016x}"
 
 
+def meta_key(prefix: str) -> str:
+    """The key of a layer's ``meta`` object."""
+    return f"{prefix}meta"
+
+
+def create_layer(
+    store: ObjectStore, prefix: str, size: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> None:
+    """Write the ``meta`` object of a new, empty layer (durable on return)."""
+    _check_geometry(size, chunk_size)
+    _write_meta(store, prefix, size, chunk_size, size)
+
+
+def read_layer(store: ObjectStore, prefix: str) -> tuple[int, int, int]:
+    """``(size, chunk_size, floor)`` of the layer at ``prefix``; ``ENOENT`` if it has none."""
+    raw = store.get(meta_key(prefix))
+    if raw is None:
+        raise StorageError(errno.ENOENT, f"no chunked layer at {prefix!r} (no meta object)")
+    try:
+        meta = json.loads(raw)
+        size, chunk_size, floor = int(meta["size"]), int(meta["chunk_size"]), int(meta["floor"])
+        _check_geometry(size, chunk_size)
+    except (ValueError, KeyError, TypeError) as err:
+        raise StorageError(errno.EIO, f"corrupt meta object of layer {prefix!r}: {err}") from err
+    return size, chunk_size, floor
+
+
+def open_chain(
+    store: ObjectStore,
+    prefixes: Sequence[str],
+    *,
+    read_only: bool = False,
+    workers: int = 8,
+    owns_store: bool = False,
+) -> ChunkedStorage:
+    """The volume whose layers are ``prefixes`` (bottom first, top last), as created by
+    :func:`create_layer` and :meth:`ChunkedStorage.snapshot`."""
+    if not prefixes:
+        raise ValueError("a chain has at least one layer")
+    size, chunk_size, floor = read_layer(store, prefixes[-1])
+    lower = []
+    for prefix in reversed(prefixes[:-1]):
+        _, lower_chunk, lower_floor = read_layer(store, prefix)
+        if lower_chunk != chunk_size:
+            raise StorageError(
+                errno.EINVAL,
+                f"layer {prefix!r} has chunk size {lower_chunk}, the top {chunk_size}",
+            )
+        lower.append((prefix, lower_floor))
+    return ChunkedStorage(
+        store,
+        size,
+        chunk_size=chunk_size,
+        prefix=prefixes[-1],
+        workers=workers,
+        read_only=read_only,
+        lower=lower,
+        floor=floor,
+        owns_store=owns_store,
+        layered=True,
+    )
+
+
+def layer_keys(store: ObjectStore, prefix: str) -> list[str]:
+    """Every key of the layer at ``prefix`` (its chunks and its meta)."""
+    return store.keys(prefix)
+
+
+def remove_layer(store: ObjectStore, prefix: str) -> None:
+    """Delete a layer's chunks, then its meta (so a crash midway leaves a layer that can be
+    removed again)."""
+    meta = meta_key(prefix)
+    for key in store.list(prefix):
+        if key != meta:
+            store.delete(key)
+    store.delete(meta)
+    store.sync()
+
+
+def _check_geometry(size: int, chunk_size: int) -> None:
+    if size < 0:
+        raise ValueError(f"size must be >= 0, not {size}")
+    if chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk size must be a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], "
+            f"not {chunk_size}"
+        )
+
+
+def _write_meta(store: ObjectStore, prefix: str, size: int, chunk_size: int, floor: int) -> None:
+    meta = {"size": size, "chunk_size": chunk_size, "floor": floor}
+    store.put(meta_key(prefix), json.dumps(meta, sort_keys=True).encode())
+    store.sync()
+
+
 class ChunkedStorage(Storage):
     """A ``size``-byte volume in ``store``, which it owns (``close`` closes the store).
 
@@ -57,6 +168,10 @@ class ChunkedStorage(Storage):
     smaller is a read-modify-write of a whole chunk, and 4096 on stores with them.
     ``may_trim=False`` (NO_HOLE) keeps the chunks that exist as zero-filled objects; chunks
     that do not exist stay missing: an object store has nothing to preallocate.
+
+    ``lower``: the frozen layers under this one, nearest first, as ``(prefix, floor)``;
+    ``floor``: this layer's floor; ``layered``: keep the top's ``meta`` object up to date
+    (resize); see the module docstring.  ``owns_store``: ``close`` closes the store.
     """
 
     def __init__(
@@ -68,18 +183,12 @@ class ChunkedStorage(Storage):
         prefix: str = "",
         workers: int = 8,
         read_only: bool = False,
+        lower: Sequence[tuple[str, int]] = (),
+        floor: int | None = None,
+        owns_store: bool = True,
+        layered: bool = False,
     ) -> None:
-        if size < 0:
-            raise ValueError(f"size must be >= 0, not {size}")
-        if (
-            chunk_size < MIN_CHUNK_SIZE
-            or chunk_size > MAX_CHUNK_SIZE
-            or chunk_size & (chunk_size - 1)
-        ):
-            raise ValueError(
-                f"chunk size must be a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], "
-                f"not {chunk_size}"
-            )
+        _check_geometry(size, chunk_size)
         if workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
         self._store = store
@@ -103,8 +212,17 @@ class ChunkedStorage(Storage):
             )
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunked")
         self._locks = RangeLock()
+        self._requests = SharedLock()
         self._close_lock = threading.Lock()
         self._closed = False
+        self._owns_store = owns_store
+        self._layered = layered
+        self._floor = size if floor is None else floor
+        self._lower_floors = list(lower)
+        self._lower: list[tuple[str, int]] = []
+        self._set_limits()
+        # Chunks known to exist in the top (only tracked with layers below).
+        self._in_top: set[int] = set()
 
     @property
     def size(self) -> int:
@@ -123,57 +241,100 @@ class ChunkedStorage(Storage):
         return self._store
 
     def read(self, offset: int, length: int) -> bytes:
-        self._check_open()
-        if length <= 0:
-            return b""
-        pieces = list(self._pieces(offset, length))
-        return b"".join(self._map(lambda p: self._read_piece(*p), pieces))
+        with self._request():
+            if length <= 0:
+                return b""
+            pieces = list(self._pieces(offset, length))
+            return b"".join(self._map(lambda p: self._read_piece(*p), pieces))
 
     def _read_piece(self, index: int, start: int, length: int) -> bytes:
         data = self._store.get_range(self._key(index), start, length)
+        if data is None and self._lower:
+            data = self._read_below(index, start, length)
         if data is None:
             return bytes(length)
         if len(data) < length:  # an object cut short reads as zeroes past its end
             return data + bytes(length - len(data))
         return data[:length]
 
+    def _read_below(self, index: int, start: int, length: int) -> bytes | None:
+        """``[start, +length)`` of chunk ``index`` from the nearest lower layer holding it,
+        cut at that layer's limit; ``None`` when no layer has it (zeroes)."""
+        base = index * self._chunk_size
+        for prefix, limit in self._lower:
+            if base >= limit:
+                return None
+            data = self._store.get_range(chunk_key(prefix, index), start, length)
+            if data is not None:
+                visible = max(0, min(len(data), limit - base - start))
+                return bytes(data[:visible])
+        return None
+
     def write(self, offset: int, data: _Buffer, fua: bool = False) -> None:
-        self._check_writable()
-        view = memoryview(data).cast("B")
-        if not view:
-            return
-        pieces = list(self._pieces(offset, len(view)))
-        base = offset
+        with self._request(write=True):
+            view = memoryview(data).cast("B")
+            if not view:
+                return
+            pieces = list(self._pieces(offset, len(view)))
+            base = offset
 
-        def one(piece: tuple[int, int, int]) -> None:
-            index, start, length = piece
-            at = index * self._chunk_size + start - base
-            self._write_piece(index, start, view[at : at + length])
+            def one(piece: tuple[int, int, int]) -> None:
+                index, start, length = piece
+                at = index * self._chunk_size + start - base
+                self._write_piece(index, start, view[at : at + length])
 
-        with self._locks.hold(pieces[0][0], pieces[-1][0] + 1):
-            self._map(one, pieces)
-        if fua:
-            self._store.sync()
+            with self._locks.hold(pieces[0][0], pieces[-1][0] + 1):
+                self._map(one, pieces)
+            if fua:
+                self._store.sync()
 
     def _write_piece(self, index: int, start: int, data: memoryview) -> None:
         key = self._key(index)
         chunk_length = self._chunk_length(index)
         if start == 0 and len(data) == chunk_length:
             self._store.put(key, data)
-        elif self._offset_writes:
+            self._note_in_top(index)
+        elif self._offset_writes and (not self._lower or self._top_has(index)):
             self._store.put_range(key, start, data)
+            self._note_in_top(index)
         else:
-            self._modify(key, chunk_length, start, data, create=True)
+            self._modify(index, start, data, create=True)
 
-    def _modify(
-        self, key: str, chunk_length: int, start: int, data: memoryview | bytes, create: bool
-    ) -> None:
-        """Read-modify-write ``data`` into the chunk at ``start`` (its range lock held).
+    def _top_has(self, index: int) -> bool:
+        """Whether the top holds chunk ``index`` (its range lock held), or nothing below does
+        (so that an offset write cannot hide data)."""
+        if index in self._in_top:
+            return True
+        if self._store.exists(self._key(index)):
+            self._in_top.add(index)
+            return True
+        return not self._below_has(index)
+
+    def _below_has(self, index: int) -> bool:
+        base = index * self._chunk_size
+        for prefix, limit in self._lower:
+            if base >= limit:
+                return False
+            if self._store.exists(chunk_key(prefix, index)):
+                return True
+        return False
+
+    def _note_in_top(self, index: int) -> None:
+        if self._lower:
+            self._in_top.add(index)
+
+    def _modify(self, index: int, start: int, data: memoryview | bytes, create: bool) -> None:
+        """Read-modify-write ``data`` into chunk ``index`` at ``start`` (its range lock held);
+        a chunk the top lacks is read from the layers below (copied up).
 
         ``create``: a missing chunk is created; otherwise it is left missing (zeroing it would
         change nothing).
         """
+        key = self._key(index)
+        chunk_length = self._chunk_length(index)
         old = self._store.get(key)
+        if old is None and self._lower:
+            old = self._read_below(index, 0, chunk_length)
         if old is None and not create:
             return
         chunk = bytearray(chunk_length)
@@ -181,6 +342,7 @@ class ChunkedStorage(Storage):
             chunk[: min(len(old), chunk_length)] = old[:chunk_length]
         chunk[start : start + len(data)] = data
         self._store.put(key, chunk)
+        self._note_in_top(index)
 
     def write_zeroes(
         self,
@@ -193,16 +355,16 @@ class ChunkedStorage(Storage):
         """Delete whole chunks (or, NO_HOLE, overwrite the existing ones with zeroes) and zero
         the partial ones at the edges with a read-modify-write.  Always fast: it never writes
         more than a write of the same zeroes would."""
-        self._check_writable()
-        self._zero(offset, length, keep=not may_trim)
-        if fua:
-            self._store.sync()
+        with self._request(write=True):
+            self._zero(offset, length, keep=not may_trim)
+            if fua:
+                self._store.sync()
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._check_writable()
-        self._zero(offset, length, keep=False)
-        if fua:
-            self._store.sync()
+        with self._request(write=True):
+            self._zero(offset, length, keep=False)
+            if fua:
+                self._store.sync()
 
     def _zero(self, offset: int, length: int, keep: bool) -> None:
         if length <= 0:
@@ -222,25 +384,31 @@ class ChunkedStorage(Storage):
 
         def one(index: int) -> None:
             key = self._key(index)
-            if not keep:
-                self._store.delete(key)
-            else:
+            if keep:
                 self._store.put(key, bytes(self._chunk_length(index)))
+            elif index in below:
+                self._store.put(key, b"")  # a whiteout: reads as zeroes, hides the layers below
+                self._note_in_top(index)
+            else:
+                self._store.delete(key)
+                self._in_top.discard(index)
 
         def edge(piece: tuple[int, int, int]) -> None:
             index, start, piece_end = piece
             zeroes = bytes(piece_end - index * cs - start)
-            self._modify(self._key(index), self._chunk_length(index), start, zeroes, False)
+            self._modify(index, start, zeroes, create=False)
 
+        below: set[int] = set()
         with self._locks.hold(first, stop):
             if whole_first < whole_stop:
-                present = sorted(self._present(whole_first, whole_stop))
-                self._map(one, present)
+                below = self._present_below(whole_first, whole_stop)
+                present = self._present(whole_first, whole_stop) | below
+                self._map(one, sorted(present))
             self._map(edge, edges)
 
     def flush(self) -> None:
-        self._check_open()
-        self._store.sync()
+        with self._request():
+            self._store.sync()
 
     def cache(self, offset: int, length: int) -> None:
         # Nothing faster to fetch into: a layer above (CachingStorage) does the caching.
@@ -249,13 +417,16 @@ class ChunkedStorage(Storage):
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Existing chunks are data, missing ones hole and zero; one ``list`` per call, at
         most ``EXTENT_CHUNKS`` chunks described."""
-        self._check_open()
+        with self._request():
+            return self._extents(offset, length)
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
         cs = self._chunk_size
         end = offset + length
         first = offset // cs
         stop = min((end - 1) // cs + 1, first + EXTENT_CHUNKS)
         end = min(end, stop * cs)
-        present = self._present(first, stop)
+        present = self._present(first, stop) | self._present_below(first, stop)
         result: list[Extent] = []
         pos = offset
         for index in range(first, stop):
@@ -273,31 +444,165 @@ class ChunkedStorage(Storage):
         with self._close_lock:
             if self._closed:
                 return
-            self._closed = True
+            with self._requests.exclusive():
+                self._closed = True
         self._pool.shutdown(wait=True)
-        self._store.close()
+        if self._owns_store:
+            self._store.close()
+
+    # -- Layers ------------------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def lower(self) -> list[tuple[str, int]]:
+        """The layers below the top, nearest first, as ``(prefix, floor)``."""
+        return list(self._lower_floors)
+
+    def snapshot(self, new_prefix: str, commit: Callable[[], None] | None = None) -> str:
+        """Freeze the top and continue in a new empty layer at ``new_prefix``; returns the
+        frozen top's prefix.
+
+        Writes are held meanwhile: everything written before is flushed into the frozen layer,
+        nothing after reaches it.  ``commit`` runs after the new layer exists and before any
+        write lands in it (to record the new chain); if it raises, the snapshot is undone.
+        """
+        if not self._layered:
+            raise StorageError(errno.EINVAL, "only a layered chunked storage has snapshots")
+        with self._requests.exclusive():
+            self._check_writable()
+            self._store.sync()
+            _write_meta(self._store, new_prefix, self._size, self._chunk_size, self._size)
+            if commit is not None:
+                try:
+                    commit()
+                except BaseException:
+                    with contextlib.suppress(StorageError):
+                        remove_layer(self._store, new_prefix)
+                    raise
+            frozen = self._prefix
+            self._lower_floors.insert(0, (frozen, self._floor))
+            self._prefix = new_prefix
+            self._floor = self._size
+            self._in_top.clear()
+            self._set_limits()
+            return frozen
+
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Change the size (recorded in the top's ``meta``).  Shrinking deletes the chunks past
+        the new end, zeroes the tail of the last one and lowers the floor."""
+        if not self._layered:
+            raise StorageError(errno.EINVAL, "only a layered chunked storage can be resized")
+        with self._requests.exclusive():
+            self._check_writable()
+            _check_geometry(new_size, self._chunk_size)
+            if new_size < self._size and not allow_shrink:
+                raise StorageError(errno.EINVAL, "refusing to shrink without allow_shrink")
+            cs = self._chunk_size
+            old_size = self._size
+            floor = min(self._floor, new_size)
+            end = min(new_size, old_size)
+            keep = -(-end // cs)
+            # Chunks past the smaller end go (also when growing: a crash during an earlier
+            # shrink may have left some), and the last partial chunk loses its tail.
+            for key in self._store.list(self._prefix):
+                digits = key[len(self._prefix) :]
+                if len(digits) == 16 and int(digits, 16) >= keep:
+                    self._store.delete(key)
+                    self._in_top.discard(int(digits, 16))
+            if end % cs and new_size < old_size:
+                index = end // cs
+                old = self._store.get(self._key(index))
+                if old is None and self._lower:
+                    old = self._read_below(index, 0, cs)
+                if old is not None:
+                    self._store.put(self._key(index), bytes(old[: end - index * cs]))
+                    self._note_in_top(index)
+            self._store.sync()
+            _write_meta(self._store, self._prefix, new_size, cs, floor)
+            self._size = new_size
+            self._floor = floor
+            self._set_limits()
+
+    def flatten(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy every chunk read from the layers below into the top; then the top alone holds
+        the volume and the layers below are no longer read.  ``progress(done, total)``."""
+        with self._requests.exclusive():
+            self._check_writable()
+            cs = self._chunk_size
+            total = -(-self._size // cs)
+            done = 0
+            step = EXTENT_CHUNKS
+            for first in range(0, total, step):
+                stop = min(total, first + step)
+                todo = sorted(self._present_below(first, stop) - self._present(first, stop))
+                self._map(self._copy_up, todo)
+                done = stop
+                if progress is not None:
+                    progress(done * cs if stop < total else self._size, self._size)
+            self._store.sync()
+            self._lower_floors = []
+            self._set_limits()
+            if progress is not None and total == 0:
+                progress(0, 0)
+
+    def _copy_up(self, index: int) -> None:
+        data = self._read_below(index, 0, self._chunk_length(index))
+        self._store.put(self._key(index), data or b"")
+
+    def _set_limits(self) -> None:
+        limit = self._floor
+        self._lower = []
+        for prefix, floor in self._lower_floors:
+            self._lower.append((prefix, limit))
+            limit = min(limit, floor)
 
     # -- Internals ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _request(self, write: bool = False) -> Iterator[None]:
+        self._requests.acquire_shared()
+        try:
+            if write:
+                self._check_writable()
+            else:
+                self._check_open()
+            yield
+        finally:
+            self._requests.release_shared()
 
     def _key(self, index: int) -> str:
         return chunk_key(self._prefix, index)
 
-    def _present(self, first: int, stop: int) -> set[int]:
-        """The chunks of ``[first, stop)`` that have an object, from one ``list``.
+    def _present_below(self, first: int, stop: int) -> set[int]:
+        """The chunks of ``[first, stop)`` some lower layer holds within its limit."""
+        present: set[int] = set()
+        for prefix, limit in self._lower:
+            limit_stop = min(stop, -(-limit // self._chunk_size))
+            if limit_stop > first:
+                present |= self._present(first, limit_stop, prefix)
+        return present
+
+    def _present(self, first: int, stop: int, prefix: str | None = None) -> set[int]:
+        """The chunks of ``[first, stop)`` that have an object in the layer at ``prefix``
+        (the top by default), from one ``list``.
 
         The keys listed are those under the longest prefix shared by the first and last key,
         so a small range lists few objects.
         """
-        low, high = self._key(first), self._key(stop - 1)
+        prefix = self._prefix if prefix is None else prefix
+        low, high = chunk_key(prefix, first), chunk_key(prefix, stop - 1)
         # Both keys have the same length: the shared head is a plain string prefix.
         shared = next(
             (i for i, (a, b) in enumerate(zip(low, high, strict=True)) if a != b), len(low)
         )
         present: set[int] = set()
-        width = len(self._prefix)
+        width = len(prefix)
         for key in self._store.list(low[:shared]):
             digits = key[width:]
-            if key.startswith(self._prefix) and len(digits) == 16:
+            if key.startswith(prefix) and len(digits) == 16:
                 with contextlib.suppress(ValueError):
                     index = int(digits, 16)
                     if first <= index < stop:

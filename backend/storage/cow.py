@@ -72,7 +72,7 @@ from pathlib import Path
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
 from backend.storage.file import FileStorage
-from backend.storage.ranges import RangeLock
+from backend.storage.ranges import RangeLock, SharedLock
 
 MAGIC = b"NBSCOWL\0"
 VERSION = 1
@@ -245,7 +245,7 @@ class CowStorage(Storage):
                 rotational=top.rotational,
                 preferred_block=block,
             )
-        self._requests = _SharedLock()
+        self._requests = SharedLock()
         self._chunk_locks = RangeLock()
         # Guards every bitmap byte and dirty-page set (bits of neighbouring chunks share bytes).
         self._map_lock = threading.Lock()
@@ -853,46 +853,6 @@ class _Layer:
                 os.close(self.map_fd)
             except OSError as err:
                 raise StorageError.from_os_error(err, f"close {self.map_path}") from err
-
-
-class _SharedLock:
-    """Many shared holders or one exclusive holder.  A waiting exclusive holder blocks new
-    shared ones, so a snapshot is not starved by a steady stream of requests."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    def acquire_shared(self) -> None:
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
-
-    def release_shared(self) -> None:
-        with self._cond:
-            self._shared -= 1
-            if not self._shared and self._waiting:
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
 
 
 # -- Bitmaps -----------------------------------------------------------------------------------

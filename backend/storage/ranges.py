@@ -1,4 +1,5 @@
-"""A lock over ranges of chunk numbers, shared by the chunk-based storages."""
+"""Locks shared by the chunk-based storages: a lock over ranges of chunk numbers, and a
+shared/exclusive lock that lets snapshots and resizes wait for requests in flight."""
 
 from __future__ import annotations
 
@@ -30,4 +31,44 @@ class RangeLock:
         finally:
             with self._cond:
                 self._held.remove((first, stop))
+                self._cond.notify_all()
+
+
+class SharedLock:
+    """Many shared holders or one exclusive holder.  A waiting exclusive holder blocks new
+    shared ones, so a snapshot is not starved by a steady stream of requests."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if not self._shared and self._waiting:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
                 self._cond.notify_all()

@@ -8,6 +8,8 @@ block device.  The contract, checked by tests/unit/storage/test_chunked.py:
   ``StorageError(EINVAL)``.
 * A missing key is not an error: ``get`` and ``get_range`` return ``None``, ``delete`` does
   nothing.  ``ENOENT`` is never raised for it.
+* Empty objects exist (chunked volumes use them as whiteouts): ``get_range`` of one returns
+  ``b""``, ``exists`` returns True.
 * ``put`` is atomic: a concurrent or later ``get`` sees the whole old object or the whole new
   one, never a mix, also after a crash.
 * A completed ``put``, ``put_range`` or ``delete`` is durable once ``sync()`` returns.
@@ -44,6 +46,13 @@ class ObjectStore(abc.ABC):
         if data is None:
             return None
         return data[offset : offset + length]
+
+    def exists(self, key: str) -> bool:
+        """Whether there is an object at ``key`` (possibly empty).
+
+        The default reads the object's first byte; stores with a cheaper test override it.
+        """
+        return self.get_range(key, 0, 1) is not None
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
