@@ -225,7 +225,13 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
         return server_ref[0].connections_by_export.get(name, 0) if server_ref else 0
 
     try:
-        service = VolumeService(data_dir, serving=True, in_use=in_use)
+        service = VolumeService(
+            data_dir,
+            serving=True,
+            in_use=in_use,
+            profiles=config.storages,
+            default_storage=config.default_storage,
+        )
     except VolumeError as err:
         raise UsageError(err.message) from err
     except OSError as err:

@@ -70,12 +70,24 @@ Name = Annotated[str, Field(description=NAME_RULE, examples=["vm1-root"])]
 Labels = Annotated[dict[str, str], Field(default_factory=dict, examples=[{"env": "prod"}])]
 
 
+StorageField = Annotated[
+    str | None,
+    Field(
+        description="where the data lives: a profile name from the server's `storages:`, or"
+        " inline (file, dir:…, s3:bucket=…, rados:pool=…, rbd:pool=…[,image=…], +cache:…,"
+        " +retry:…); default: the server's default storage",
+        examples=["rbd:pool=rbd", "s3:bucket=nbs+cache:size=256MiB"],
+    ),
+]
+
+
 class VolumeCreate(_Request):
     name: Name
-    size: Size
+    size: Size | None = Field(None, description="required unless adopting an RBD image")
     description: str = ""
     labels: Labels
     read_only: bool = False
+    storage: StorageField = None
 
 
 class VolumeResize(_Request):
@@ -93,6 +105,7 @@ class VolumeImport(_Request):
     description: str = ""
     labels: Labels
     read_only: bool = False
+    storage: StorageField = None
 
 
 class SnapshotCreate(_Request):
@@ -118,6 +131,7 @@ class VolumeOut(BaseModel):
     origin: str | None = Field(description='"VOLUME@SNAPSHOT" for clones')
     snapshots: list[str]
     connections: int = Field(description="NBD clients that have the volume open")
+    storage: str = Field(description="where the data lives (inline storage spec)")
 
     @classmethod
     def of(cls, info: VolumeInfo) -> VolumeOut:
@@ -382,6 +396,7 @@ def create_app(
             description=body.description,
             labels=body.labels,
             read_only=body.read_only,
+            storage=body.storage,
         )
         response.headers["Location"] = f"{PREFIX}/volumes/{quote(info.name)}"
         return VolumeOut.of(info)
@@ -436,6 +451,7 @@ def create_app(
             description=body.description,
             labels=body.labels,
             read_only=body.read_only,
+            storage=body.storage,
         )
         return NDJSONResponse(_ndjson(job))
 

@@ -165,11 +165,12 @@ class RemoteVolumes:
     def create(
         self,
         name: str,
-        size: int | str,
+        size: int | str | None,
         *,
         description: str = "",
         labels: dict[str, str] | None = None,
         read_only: bool = False,
+        storage: str | None = None,
     ) -> VolumeInfo:
         body = {
             "name": name,
@@ -177,6 +178,7 @@ class RemoteVolumes:
             "description": description,
             "labels": labels or {},
             "read_only": read_only,
+            "storage": storage,
         }
         return _volume(self._call("POST", "/volumes", body=body))
 
@@ -234,6 +236,7 @@ class RemoteVolumes:
         description: str = "",
         labels: dict[str, str] | None = None,
         read_only: bool = False,
+        storage: str | None = None,
         progress: Progress | None = None,
     ) -> VolumeInfo:
         """A new volume holding the image at ``source``, read by the server: a path on the
@@ -247,6 +250,7 @@ class RemoteVolumes:
             "description": description,
             "labels": labels or {},
             "read_only": read_only,
+            "storage": storage,
         }
         path = f"{_volume_path(name)}/import"
         still_running = (

@@ -78,6 +78,7 @@ class Import:
         description: str = "",
         labels: dict[str, str] | None = None,
         read_only: bool = False,
+        storage: str | None = None,
     ) -> None:
         self.service = service
         self.name = check_name(name)
@@ -90,6 +91,7 @@ class Import:
             description=description,
             labels=labels,
             read_only=read_only,
+            storage=storage,
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._copy, name=f"nbs-import-{name}", daemon=True)

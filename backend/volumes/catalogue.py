@@ -5,6 +5,10 @@ layer, whose ``parent`` is the layer below, and so on.  A snapshot names a froze
 clone is a volume whose top's parent is a snapshot's layer.  Layers no chain reaches are
 garbage (removed by VolumeService.gc).
 
+Each volume and layer records its storage (a StorageSpec as JSON, backend.volumes.storages):
+layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
+place: their volumes are on ``file``.
+
 Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
 up volumes created, resized or deleted by another process.
 """
@@ -20,13 +24,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
     id TEXT PRIMARY KEY,
     parent TEXT REFERENCES layers(id),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    storage TEXT NOT NULL DEFAULT '{"kind": "file", "layers": [], "params": {}}'
 );
 CREATE TABLE IF NOT EXISTS volumes (
     name TEXT PRIMARY KEY,
@@ -37,7 +43,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     top TEXT NOT NULL REFERENCES layers(id),
     origin TEXT,
     state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    storage TEXT NOT NULL DEFAULT '{"kind": "file", "layers": [], "params": {}}'
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     volume TEXT NOT NULL,
@@ -61,6 +68,7 @@ class VolumeRow:
     origin: str | None
     state: str
     created: float
+    storage: str = FILE_STORAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +91,7 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         origin=row["origin"],
         state=row["state"],
         created=row["created"],
+        storage=row["storage"],
     )
 
 
@@ -110,6 +119,14 @@ class Catalogue:
                 "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')",
                 (str(SCHEMA_VERSION),),
             )
+            for table in ("layers", "volumes"):  # schema 1 → 2
+                columns = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if "storage" not in columns:
+                    db.execute(
+                        f"ALTER TABLE {table} ADD COLUMN storage TEXT NOT NULL DEFAULT"
+                        f" '{FILE_STORAGE}'"
+                    )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:
@@ -187,13 +204,24 @@ class Catalogue:
     # ------------------------------------------------------------------ writes (in a tx)
 
     @staticmethod
-    def add_layer(db: sqlite3.Connection, layer: str, parent: str | None) -> None:
-        db.execute("INSERT INTO layers VALUES (?, ?, ?)", (layer, parent, time.time()))
+    def add_layer(
+        db: sqlite3.Connection, layer: str, parent: str | None, storage: str = FILE_STORAGE
+    ) -> None:
+        db.execute(
+            "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
+            (layer, parent, time.time(), storage),
+        )
+
+    def layer_storage(self, layer: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
+        return row["storage"] if row else None
 
     @staticmethod
     def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
         db.execute(
-            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO volumes (name, size, description, labels, read_only, top, origin,"
+            " state, created, storage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.name,
                 row.size,
@@ -204,5 +232,6 @@ class Catalogue:
                 row.origin,
                 row.state,
                 row.created,
+                row.storage,
             ),
         )

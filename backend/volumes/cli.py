@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -81,6 +82,14 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, help="the catalogue's data directory")
     common.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=Path(os.environ["NBS_CONFIG"]) if os.environ.get("NBS_CONFIG") else None,
+        help="YAML configuration whose `storages:` profiles --storage may name"
+        " (default: $NBS_CONFIG); ignored with a running server (it uses its own)",
+    )
+    common.add_argument(
         "--server",
         metavar="URL",
         help="act through the API of the nbs serve at URL (https://HOST:PORT, unix:PATH);"
@@ -99,6 +108,14 @@ def _common() -> argparse.ArgumentParser:
         help="CA of the server's certificate (default: $NBS_API_CA, else the system's)",
     )
     return common
+
+
+STORAGE_HELP = (
+    "where the data lives: a profile from --config's `storages:` or inline, e.g. file"
+    " (default), dir:path=DIR, s3:bucket=B,endpoint=URL, rados:pool=P, rbd:pool=P,"
+    " rbd:pool=P,image=EXISTING; layers: +cache:size=256MiB, +retry:attempts=5"
+    " (docs/storage.md)"
+)
 
 
 class _Leaves:
@@ -126,6 +143,7 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--description", default="")
     create.add_argument("--label", action="append", metavar="KEY=VALUE")
     create.add_argument("--read-only", action="store_true")
+    create.add_argument("--storage", metavar="SPEC|PROFILE", help=STORAGE_HELP)
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_create)
 
@@ -154,6 +172,7 @@ def add_commands(sub: Any) -> None:
     imp.add_argument("source", metavar="PATH|URI")
     imp.add_argument("--size", help="default: the image's size")
     imp.add_argument("--description", default="")
+    imp.add_argument("--storage", metavar="SPEC|PROFILE", help=STORAGE_HELP)
     imp.set_defaults(func=cmd_import)
 
     exp = vsub.add_parser("export", help="write a volume or snapshot to an image file")
@@ -250,17 +269,19 @@ def cmd_create(args: argparse.Namespace) -> int:
             description=args.description,
             labels=labels,
             read_only=args.read_only,
+            storage=args.storage,
             progress=ProgressBar(f"importing {args.name}"),
         )
     else:
-        if not args.size:
+        if not args.size and not (args.storage and "image=" in args.storage):
             raise InvalidRequestError("--size is required without --from-image")
         info = service.create(
             args.name,
-            args.size,
+            args.size or None,
             description=args.description,
             labels=labels,
             read_only=args.read_only,
+            storage=args.storage,
         )
     if args.json:
         _show_volume(info, True)
@@ -276,6 +297,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         args.source,
         size=args.size,
         description=args.description,
+        storage=args.storage,
         progress=ProgressBar(f"importing {args.name}"),
     )
     print(f"imported {args.source} into volume {info.name} ({human_size(info.size)})")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backend.storage import StorageError
 from backend.volumes import transfer
-from backend.volumes.config import default_data_dir
+from backend.volumes.config import default_data_dir, load_config
 from backend.volumes.model import InvalidRequestError, VolumeInfo
 from backend.volumes.service import Progress, VolumeService
+from backend.volumes.storages import StorageSpec
 
 if TYPE_CHECKING:
     from backend.api.client import RemoteVolumes
@@ -20,8 +22,8 @@ if TYPE_CHECKING:
 class LocalVolumes:
     """The volume operations on a data directory, done in this process."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.service = VolumeService(data_dir)
+    def __init__(self, data_dir: Path, profiles: Mapping[str, StorageSpec] | None = None) -> None:
+        self.service = VolumeService(data_dir, profiles=profiles)
         self.list = self.service.list
         self.info = self.service.info
         self.create = self.service.create
@@ -43,6 +45,7 @@ class LocalVolumes:
         description: str = "",
         labels: dict[str, str] | None = None,
         read_only: bool = False,
+        storage: str | None = None,
         progress: Progress | None = None,
     ) -> VolumeInfo:
         """A new volume holding the image at ``source`` (hidden until the copy is complete)."""
@@ -54,6 +57,7 @@ class LocalVolumes:
             description=description,
             labels=labels,
             read_only=read_only,
+            storage=storage,
         )
         return transfer.finish_import(self.service, name, source, progress)
 
@@ -81,4 +85,7 @@ def open_client(args: argparse.Namespace) -> LocalVolumes | RemoteVolumes:
     from backend.api.client import client_for  # noqa: PLC0415 - httpx only when needed
 
     remote = client_for(args.data_dir, args.server, None, args.token_file, ca_file=args.ca_file)
-    return remote if remote is not None else LocalVolumes(args.data_dir or default_data_dir())
+    if remote is not None:
+        return remote
+    profiles = load_config(args.config).storages if getattr(args, "config", None) else None
+    return LocalVolumes(args.data_dir or default_data_dir(), profiles)

@@ -16,6 +16,14 @@ from typing import Any
 import yaml
 
 from backend.nbd import TLSPolicy
+from backend.volumes.model import InvalidRequestError
+from backend.volumes.storages import (
+    FILE,
+    KINDS,
+    StorageSpec,
+    parse_storage,
+    parse_storage_mapping,
+)
 
 DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -78,6 +86,8 @@ class ServeConfig:
     data_dir: Path | None = None
     io_threads: int = 16
     shutdown_grace: float = 10.0
+    storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
+    default_storage: StorageSpec = FILE
 
 
 def default_data_dir() -> Path:
@@ -225,6 +235,8 @@ def parse_config(data: object, source: str) -> ServeConfig:
         "data_dir",
         "io_threads",
         "shutdown_grace",
+        "storages",
+        "default_storage",
     }
     top = r.mapping(data, "", known)
     fields: dict[str, Any] = {}
@@ -272,6 +284,14 @@ def parse_config(data: object, source: str) -> ServeConfig:
             key=Path(r.string(tls["key"], "tls.key")),
             ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
         )
+    if "storages" in top:
+        fields["storages"] = _storages(r, top["storages"])
+    if "default_storage" in top:
+        text = r.string(top["default_storage"], "default_storage")
+        try:
+            fields["default_storage"] = parse_storage(text, fields.get("storages", {}))
+        except InvalidRequestError as err:
+            raise ConfigError(f"{source}: default_storage: {err}") from None
     if "exports" in top:
         items = top["exports"]
         if not isinstance(items, list):
@@ -319,6 +339,21 @@ def _api(r: _Reader, value: object) -> ApiConfig:
     if "token_file" in api:
         fields["token_file"] = Path(r.string(api["token_file"], "api.token_file"))
     return ApiConfig(**fields)
+
+
+def _storages(r: _Reader, value: object) -> dict[str, StorageSpec]:
+    if not isinstance(value, Mapping):
+        raise r.fail("storages", "a mapping of profile names to storages", value)
+    profiles = {}
+    for name, spec in value.items():
+        key = f"storages.{name}"
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in KINDS:
+            raise r.fail(key, "a profile name (letters, digits, -_.; not a storage kind)", name)
+        try:
+            profiles[name] = parse_storage_mapping(spec, key)
+        except InvalidRequestError as err:
+            raise ConfigError(f"{r.source}: {err}") from None
+    return profiles
 
 
 def _empty_if_none(value: object) -> object:

@@ -124,6 +124,7 @@ class VolumeInfo:
     origin: str | None  # "VOLUME@SNAPSHOT" for clones
     snapshots: tuple[str, ...]
     connections: int = 0  # clients that have it open (when asked of a running server)
+    storage: str = "file"  # where its data lives (backend.volumes.storages, inline form)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,14 +3,18 @@
 Data directory::
 
     catalogue.sqlite3        metadata (backend.volumes.catalogue)
-    layers/ID.data, ID.map   copy-on-write layers (backend.storage.cow)
+    layers/ID.data, ID.map   copy-on-write layers of volumes on ``file`` (backend.storage.cow)
+    objects/                 chunks of volumes on ``dir`` without a path
     mutate.lock              flock held while a process changes the catalogue
     serving.lock             flock held (shared) by a running `nbs serve`
 
-Crash safety: layer files are created atomically before the catalogue row that uses them
-(a crash leaves at most an unreferenced layer, which gc() removes); a volume being created
-from an image is ``creating`` until the copy finished, one being deleted is ``deleting`` until
-its files are gone; gc() (run at every start) finishes or rolls back both.
+Each volume lives on one storage (backend.volumes.storages; ``file`` by default), reached
+through a backend (backend.volumes.backends) and wrapped in the spec's layers (cache, retry).
+
+Crash safety: a new volume (or clone) is recorded ``creating`` before its storage is made,
+and becomes ``ready`` after; one being deleted is ``deleting`` until its data is gone; gc()
+(run at every start) rolls both back or forward, and removes layers no volume or snapshot
+reaches (their data first, then the row), and layer files no row knows.
 
 Snapshots of a volume that a server has open must be taken by that server (it owns the live
 top layer): use the API; this class refuses when another process serves the data directory.
@@ -25,12 +29,12 @@ import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from backend.storage import StorageError
-from backend.storage.cow import CowStorage, allocated_bytes, create_layer, flatten_into
+from backend.storage import Storage, StorageError
+from backend.storage.layers import CachingStorage, RetryingStorage
+from backend.volumes.backends import Backend, Backends
 from backend.volumes.catalogue import Catalogue, VolumeRow
 from backend.volumes.model import (
     AlreadyExistsError,
@@ -46,6 +50,7 @@ from backend.volumes.model import (
     check_name,
     parse_size,
 )
+from backend.volumes.storages import FILE, StorageSpec, parse_storage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ class VolumeService:
         serving: bool = False,
         in_use: Callable[[str], int] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        profiles: Mapping[str, StorageSpec] | None = None,
+        default_storage: StorageSpec = FILE,
     ) -> None:
         self.data_dir = data_dir
         self.layers = data_dir / "layers"
@@ -80,8 +87,11 @@ class VolumeService:
         os.chmod(data_dir, 0o700)
         self.chunk_size = chunk_size
         self.in_use = in_use or (lambda name: 0)
+        self.profiles = dict(profiles or {})
+        self.default_storage = default_storage
+        self.backends = Backends(data_dir, chunk_size)
         self._lock = threading.RLock()
-        self._open: dict[str, CowStorage] = {}
+        self._open: dict[str, _Opened] = {}
         self._serving_fd: int | None = None
         if serving:
             self._serving_fd = self._take_serving_lock()
@@ -136,8 +146,20 @@ class VolumeService:
 
     # ------------------------------------------------------------------ helpers
 
-    def _stem(self, layer: str) -> Path:
-        return self.layers / layer
+    def _backend(self, storage: str) -> Backend:
+        try:
+            return self.backends.get(StorageSpec.from_json(storage))
+        except StorageError as err:
+            raise StorageFailureError(str(err)) from err
+
+    def _layer_backend(self, layer: str) -> Backend:
+        return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+
+    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
+        """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
+        spec = StorageSpec.from_json(storage)
+        base = self._backend(storage).open(self.catalogue.chain(top), read_only)
+        return _Opened(_wrap(base, spec), base)
 
     def _row(self, name: str) -> VolumeRow:
         row = self.catalogue.volume(check_name(name))
@@ -145,13 +167,10 @@ class VolumeService:
             raise NotFoundError(f"no volume {name!r}")
         return row
 
-    def _chain(self, top: str) -> builtins.list[Path]:
-        return [self._stem(layer) for layer in self.catalogue.chain(top)]
-
     def _used(self, layer: str) -> int:
         try:
-            return allocated_bytes(self._stem(layer))
-        except StorageError:
+            return self._layer_backend(layer).used(layer)
+        except (StorageError, VolumeError):
             return 0
 
     def _info(self, row: VolumeRow) -> VolumeInfo:
@@ -166,6 +185,7 @@ class VolumeService:
             origin=row.origin,
             snapshots=tuple(s.name for s in self.catalogue.snapshots(row.name)),
             connections=self.in_use(row.name),
+            storage=str(StorageSpec.from_json(row.storage)),
         )
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
@@ -202,46 +222,68 @@ class VolumeService:
     def generation(self) -> int:
         return self.catalogue.generation()
 
-    def storage(self, name: str) -> CowStorage:
+    def storage(self, name: str) -> Storage:
         """The open storage of a volume (shared by every connection to it)."""
+        return self._opened(name).top
+
+    def _opened(self, name: str) -> _Opened:
         with self._lock:
             row = self._row(name)
-            storage = self._open.get(name)
-            if storage is None:
+            opened = self._open.get(name)
+            if opened is None:
                 try:
-                    storage = CowStorage(self._chain(row.top), read_only=row.read_only)
+                    opened = self._open_chain(row.storage, row.top, row.read_only)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot open volume {name!r}: {err}") from err
-                self._open[name] = storage
+                self._open[name] = opened
+            return opened
+
+    def resolve_storage(self, storage: str | StorageSpec | None) -> StorageSpec:
+        """A spec from ``--storage`` text (a profile name or inline), or the default."""
+        if storage is None:
+            return self.default_storage
+        if isinstance(storage, StorageSpec):
             return storage
+        return parse_storage(storage, self.profiles)
 
     # ------------------------------------------------------------------ lifecycle
 
     def create(
         self,
         name: str,
-        size: int | str,
+        size: int | str | None,
         *,
         description: str = "",
         labels: dict[str, str] | None = None,
         read_only: bool = False,
         ready: bool = True,
+        storage: str | StorageSpec | None = None,
     ) -> VolumeInfo:
-        """A new, empty (sparse) volume.  ``ready=False`` keeps it hidden (``creating``) until
-        :meth:`mark_ready`, for volumes being filled from an image."""
+        """A new, empty (sparse) volume on ``storage`` (see :meth:`resolve_storage`).
+        ``ready=False`` keeps it hidden (``creating``) until :meth:`mark_ready`, for volumes
+        being filled from an image.  ``size`` may be ``None`` only for an adopted RBD image
+        (its size is the image's)."""
         check_name(name)
-        nbytes = parse_size(size)
         labels = check_labels(dict(labels or {}))
         if len(description) > 4096 or "\0" in description:
             raise InvalidRequestError("description must be at most 4096 characters, no NUL")
+        spec = self.resolve_storage(storage)
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
-            layer = uuid.uuid4().hex
-            try:
-                create_layer(self._stem(layer), nbytes, self.chunk_size)
-            except StorageError as err:
-                raise StorageFailureError(f"cannot create volume {name!r}: {err}") from err
+            backend = self._backend(spec.to_json())
+            layer = backend.new_layer()
+            if self.catalogue.layer_storage(layer) is not None:
+                raise AlreadyExistsError(f"storage {spec} is already a volume's")
+            existing = backend.existing_size(layer)
+            if size is None and existing is None:
+                raise InvalidRequestError("a size is needed (e.g. --size 10GiB)")
+            nbytes = existing if size is None else parse_size(size)
+            assert nbytes is not None
+            if existing is not None and nbytes != existing:
+                raise InvalidRequestError(
+                    f"storage {spec} holds {existing} bytes, not {nbytes}: leave the size out"
+                )
             row = VolumeRow(
                 name,
                 nbytes,
@@ -250,21 +292,37 @@ class VolumeService:
                 read_only,
                 layer,
                 None,
-                "ready" if ready else "creating",
+                "creating",
                 time.time(),
+                spec.to_json(),
             )
             with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, layer, None)
+                self.catalogue.add_layer(db, layer, None, row.storage)
                 self.catalogue.add_volume(db, row)
-        log.info("created volume %s (%d bytes)", name, nbytes)
-        return self._info(row)
+            self._make_ready(row, ready, lambda: backend.create(layer, nbytes))
+        log.info("created volume %s (%d bytes on %s)", name, nbytes, spec)
+        return self._info(self.catalogue.volume(name) or row)
+
+    def _make_ready(self, row: VolumeRow, ready: bool, make: Callable[[], None]) -> None:
+        """Make a ``creating`` volume's storage, then mark it ready (if ``ready``); on failure
+        remove it again (mutate lock held)."""
+        try:
+            make()
+        except (StorageError, VolumeError) as err:
+            self._remove_volume(row)
+            if isinstance(err, VolumeError):
+                raise
+            raise StorageFailureError(f"cannot create volume {row.name!r}: {err}") from err
+        if ready:
+            with self.catalogue.transaction() as db:
+                db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (row.name,))
 
     def mark_ready(self, name: str) -> VolumeInfo:
         with self._mutating(), self.catalogue.transaction() as db:
             db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (name,))
         return self.info(name)
 
-    def open_view(self, volume: str, snapshot: str | None = None) -> CowStorage:
+    def open_view(self, volume: str, snapshot: str | None = None) -> Storage:
         """A separate read-only storage of a volume or one of its snapshots (caller closes).
 
         A snapshot's view never changes; a volume's may, if it is written meanwhile.
@@ -277,16 +335,19 @@ class VolumeService:
                 raise NotFoundError(f"no snapshot {volume}@{snapshot}")
             top = snap.layer
         try:
-            return CowStorage(self._chain(top), read_only=True)
+            return self._open_chain(row.storage, top, read_only=True).top
         except StorageError as err:
             raise StorageFailureError(f"cannot open {volume!r}: {err}") from err
 
-    def open_creating(self, name: str) -> CowStorage:
+    def open_creating(self, name: str) -> Storage:
         """The storage of a volume still ``creating`` (to fill it from an image)."""
         row = self.catalogue.volume(name)
         if row is None or row.state != "creating":
             raise NotFoundError(f"no volume {name!r} being created")
-        return CowStorage(self._chain(row.top))
+        try:
+            return self._open_chain(row.storage, row.top, read_only=False).top
+        except StorageError as err:
+            raise StorageFailureError(f"cannot open {name!r}: {err}") from err
 
     def abandon(self, name: str) -> None:
         """Remove a volume that never became ready (a failed import)."""
@@ -306,9 +367,9 @@ class VolumeService:
                 )
             if nbytes != row.size:
                 self._check_local_if_closed(name, "resize")
-                storage = self.storage(name)
+                opened = self._opened(name)
                 try:
-                    storage.resize(nbytes, allow_shrink=allow_shrink)
+                    self._backend(row.storage).resize(opened.top, nbytes, allow_shrink)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
                 with self.catalogue.transaction() as db:
@@ -348,9 +409,9 @@ class VolumeService:
         log.info("deleted volume %s", name)
 
     def _remove_volume(self, row: VolumeRow) -> None:
-        storage = self._open.pop(row.name, None)
-        if storage is not None:
-            storage.close()
+        opened = self._open.pop(row.name, None)
+        if opened is not None:
+            opened.top.close()
         with self.catalogue.transaction() as db:
             db.execute("DELETE FROM volumes WHERE name = ?", (row.name,))
         self._collect_layers()
@@ -365,22 +426,26 @@ class VolumeService:
             if self.catalogue.snapshot(volume, name) is not None:
                 raise AlreadyExistsError(f"snapshot {volume}@{name} already exists")
             self._check_local_if_closed(volume, "snapshot")
-            storage = self.storage(volume)
-            new_top = uuid.uuid4().hex
+            opened = self._opened(volume)
 
-            def commit(frozen: Path) -> None:
+            def commit(frozen: str, new_top: str) -> None:
                 # Runs while the volume's writes are held: the catalogue points at the new top
-                # before any write can land in it.
+                # before any write can land in it.  On RBD the top stays and the snapshot is
+                # a layer of its own above it (``IMAGE@SNAP``).
                 with self.catalogue.transaction() as db:
-                    self.catalogue.add_layer(db, new_top, frozen.name)
-                    db.execute("UPDATE volumes SET top = ? WHERE name = ?", (new_top, volume))
+                    if new_top != row.top:
+                        self.catalogue.add_layer(db, new_top, frozen, row.storage)
+                        db.execute("UPDATE volumes SET top = ? WHERE name = ?", (new_top, volume))
+                    else:
+                        self.catalogue.add_layer(db, frozen, row.top, row.storage)
                     db.execute(
                         "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?)",
-                        (volume, name, frozen.name, row.size, time.time()),
+                        (volume, name, frozen, row.size, time.time()),
                     )
 
             try:
-                storage.snapshot(self._stem(new_top), commit=commit)
+                opened.top.flush()  # a write-back cache hands its dirty blocks down first
+                self._backend(row.storage).snapshot(opened.base, row.top, commit)
             except StorageError as err:
                 raise StorageFailureError(f"snapshot of {volume!r} failed: {err}") from err
         log.info("snapshot %s@%s taken", volume, name)
@@ -403,11 +468,9 @@ class VolumeService:
                 raise NotFoundError(f"no snapshot {volume}@{snapshot}")
             if self.catalogue.volume(new_name) is not None:
                 raise AlreadyExistsError(f"volume {new_name!r} already exists")
-            layer = uuid.uuid4().hex
-            try:
-                create_layer(self._stem(layer), snap.size, self.chunk_size)
-            except StorageError as err:
-                raise StorageFailureError(f"cannot create clone {new_name!r}: {err}") from err
+            storage = self.catalogue.layer_storage(snap.layer) or FILE.to_json()
+            backend = self._backend(storage)
+            layer = backend.new_clone_layer()
             row = VolumeRow(
                 new_name,
                 snap.size,
@@ -416,14 +479,17 @@ class VolumeService:
                 False,
                 layer,
                 f"{volume}@{snapshot}",
-                "ready",
+                "creating",
                 time.time(),
+                storage,
             )
+            parent = self.catalogue.chain(snap.layer)
             with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, layer, snap.layer)
+                self.catalogue.add_layer(db, layer, snap.layer, storage)
                 self.catalogue.add_volume(db, row)
+            self._make_ready(row, True, lambda: backend.clone(layer, parent, snap.size))
         log.info("cloned %s@%s as %s", volume, snapshot, new_name)
-        return self._info(row)
+        return self.info(new_name)
 
     def delete_snapshot(
         self,
@@ -454,12 +520,13 @@ class VolumeService:
         """Copy everything a clone reads from below into its own layer, then cut the chain."""
         row = self._row(name)
         self._check_local_if_closed(name, "flatten")
-        storage = self._open.get(name)
+        opened = self._open.get(name)
         try:
-            if storage is not None:
-                storage.flatten(progress)
-            else:
-                flatten_into(self._chain(row.top), progress)
+            if opened is not None:
+                opened.top.flush()
+            self._backend(row.storage).flatten(
+                opened.base if opened else None, self.catalogue.chain(row.top), progress
+            )
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
         with self.catalogue.transaction() as db:
@@ -496,28 +563,64 @@ class VolumeService:
                 live.add(layer)
                 layer = parents.get(layer)
         dead = [layer for layer in parents if layer not in live]
-        if dead:
-            with self.catalogue.transaction() as db:
-                # Children before parents: a dead layer's parent may be dead too.
-                for layer in sorted(dead, key=lambda x: -len(self.catalogue.chain(x))):
-                    db.execute("DELETE FROM layers WHERE id = ?", (layer,))
         removed = []
-        for path in sorted(self.layers.iterdir()):
-            layer = path.name.split(".", 1)[0]
-            if layer not in live:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                removed.append(path.name)
-        return removed
+        # Children before parents (a dead layer's parent may be dead too, and an RBD image
+        # goes after its snapshots); data first, then the row, so a crash between leaves a
+        # dead row to remove again.
+        for layer in sorted(dead, key=lambda x: -len(self.catalogue.chain(x))):
+            try:
+                self._layer_backend(layer).remove(layer)
+            except (StorageError, VolumeError) as err:
+                log.warning("cannot remove layer %s yet: %s", layer, err)
+                continue
+            with self.catalogue.transaction() as db:
+                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            removed.append(layer)
+        files = self.backends.get(FILE.location)
+        return removed + [f for f in files.orphans(live) if f.split(".", 1)[0] not in dead]
 
     def close(self) -> None:
         with self._lock:
-            for storage in self._open.values():
+            for opened in self._open.values():
                 with contextlib.suppress(StorageError):
-                    storage.flush()
-                storage.close()
+                    opened.top.flush()
+                with contextlib.suppress(StorageError):
+                    opened.top.close()
             self._open.clear()
+            self.backends.close()
             self.catalogue.close()
             if self._serving_fd is not None:
                 os.close(self._serving_fd)
                 self._serving_fd = None
+
+
+class _Opened:
+    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (the
+    backend's own storage) takes snapshots and flattens."""
+
+    __slots__ = ("base", "top")
+
+    def __init__(self, top: Storage, base: Storage) -> None:
+        self.top = top
+        self.base = base
+
+
+def _wrap(base: Storage, spec: StorageSpec) -> Storage:
+    """``base`` wrapped in the spec's layers, the first outermost."""
+    storage = base
+    for layer in reversed(spec.layers):
+        if layer.kind == "cache":
+            storage = CachingStorage(
+                storage,
+                int(layer.get("size", 256 * 1024 * 1024)),
+                block=int(layer.get("block", 64 * 1024)),
+                write_back=layer.get("mode") == "write-back",
+            )
+        elif layer.kind == "retry":
+            storage = RetryingStorage(
+                storage,
+                attempts=int(layer.get("attempts", 5)),
+                deadline=float(layer.get("deadline", 30.0)),
+                backoff=float(layer.get("backoff", 0.05)),
+            )
+    return storage

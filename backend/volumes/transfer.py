@@ -179,6 +179,7 @@ def begin_import(
     description: str = "",
     labels: dict[str, str] | None = None,
     read_only: bool = False,
+    storage: str | None = None,
 ) -> None:
     """Create the hidden (``creating``) volume an image will be copied into.
 
@@ -188,7 +189,13 @@ def begin_import(
     total = parse_size(size) if size is not None else image_size(source)
     total += -total % SECTOR
     service.create(
-        name, total, description=description, labels=labels, read_only=read_only, ready=False
+        name,
+        total,
+        description=description,
+        labels=labels,
+        read_only=read_only,
+        ready=False,
+        storage=storage,
     )
 
 

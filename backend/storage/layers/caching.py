@@ -182,6 +182,20 @@ class CachingStorage(Storage):
             self._write_dirty(0, self._size)
         self._inner.flush()
 
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Resize the inner storage (if it can be): dirty blocks go first, the cache is emptied."""
+        resize = getattr(self._inner, "resize", None)
+        if resize is None:
+            raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
+        self._check_open()
+        with self._lock:
+            self._write_dirty(0, self._size)
+            self._blocks.clear()
+            self._dirty.clear()
+            self._mutations += 1
+            resize(new_size, allow_shrink=allow_shrink)
+            self._size = self._inner.size
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         """The inner storage's extents, after handing it the dirty blocks in the range."""
         self._check_open()

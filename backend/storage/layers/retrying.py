@@ -115,6 +115,14 @@ class RetryingStorage(Storage):
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self._retry("extents", lambda: self._inner.extents(offset, length))
 
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Resize the inner storage (if it can be); not retried: a resize is not idempotent
+        when it half failed."""
+        resize = getattr(self._inner, "resize", None)
+        if resize is None:
+            raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
+        resize(new_size, allow_shrink=allow_shrink)
+
     def close(self) -> None:
         # Not retried: close must release what it can and be idempotent.
         self._inner.close()

@@ -276,7 +276,8 @@ class LayeredChunks(RuleBasedStateMachine):
         assert self.volume.read(0, len(self.model)) == self.model
         for extent in self.volume.extents(0, len(self.model)) if self.model else []:
             if extent.zero:
-                assert self.model[extent.offset : extent.offset + extent.length] == bytes(extent.length)
+                end = extent.offset + extent.length
+                assert self.model[extent.offset : end] == bytes(extent.length)
 
     @invariant()
     def snapshots_never_change(self) -> None:

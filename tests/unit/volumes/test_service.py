@@ -1,4 +1,5 @@
-"""The volume service on a real data directory (SQLite + copy-on-write layer files)."""
+"""The volume service on a real data directory: SQLite, and volumes on copy-on-write layer
+files, on chunks in a directory store, and on chunks under cache and retry layers."""
 
 from __future__ import annotations
 
@@ -17,15 +18,28 @@ from backend.volumes.model import (
     parse_size,
 )
 from backend.volumes.service import ServedElsewhereError, VolumeService
+from backend.volumes.storages import parse_storage
 
 MiB = 1 << 20
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> VolumeService:
-    svc = VolumeService(tmp_path / "data")
+STORAGES = ["file", "dir:chunk_size=64KiB", "dir:chunk_size=64KiB+cache:size=1MiB+retry"]
+
+
+@pytest.fixture(params=STORAGES)
+def service(tmp_path: Path, request: pytest.FixtureRequest) -> VolumeService:
+    svc = VolumeService(tmp_path / "data", default_storage=parse_storage(request.param))
     yield svc  # type: ignore[misc]
     svc.close()
+
+
+def leftovers(svc: VolumeService) -> list[str]:
+    """Layer files and objects in the data directory."""
+    found = [p.name for p in svc.layers.iterdir()]
+    objects = svc.data_dir / "objects"
+    if objects.exists():
+        found += [str(p.relative_to(objects)) for p in objects.rglob("*") if p.is_file()]
+    return found
 
 
 def test_create_list_info(service: VolumeService) -> None:
@@ -54,7 +68,7 @@ def test_bad_sizes_are_refused(service: VolumeService, size: str | int) -> None:
     with pytest.raises(InvalidRequestError):
         service.create("v", size)
     assert service.list() == []
-    assert list(service.layers.iterdir()) == []
+    assert leftovers(service) == []
 
 
 def test_size_units() -> None:
@@ -101,7 +115,7 @@ def test_delete_refused_while_in_use_unless_forced(tmp_path: Path) -> None:
     svc.delete("v", force=True)
     with pytest.raises(NotFoundError):
         svc.info("v")
-    assert list(svc.layers.iterdir()) == []
+    assert leftovers(svc) == []
     svc.close()
 
 

@@ -1,0 +1,401 @@
+"""Volume backends: how the catalogue's layers map onto one kind of storage.
+
+The catalogue (backend.volumes.catalogue) knows volumes as chains of *layers*: a volume's
+writable top, the frozen layers under it, snapshots naming frozen layers and clones whose top
+sits on a snapshot's layer.  A :class:`Backend` turns layer ids into storage:
+
+* :class:`FileBackend`: each layer is a pair of local files (backend.storage.cow).
+* :class:`ChunkedBackend`: each layer is a key prefix in an object store (a directory, S3,
+  RADOS), with copy-on-write between layers (backend.storage.chunked).
+* :class:`RbdBackend`: a top layer is an RBD image, a snapshot layer ``IMAGE@SNAP`` an RBD
+  snapshot, a clone an RBD clone: snapshots and clones are Ceph's own.
+
+Snapshots differ in shape: on files and objects the frozen layer is the old top and the volume
+continues in a new top; on RBD the top stays and the snapshot is a new layer under it in name
+only.  :meth:`Backend.snapshot` reports both through ``commit(frozen, new_top)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import contextlib
+import errno
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from backend.storage.base import Storage, StorageError
+from backend.storage.chunked import (
+    ChunkedStorage,
+    layer_keys,
+    open_chain,
+    read_layer,
+    remove_layer,
+)
+from backend.storage.chunked import (
+    create_layer as create_chunked_layer,
+)
+from backend.storage.cow import (
+    CowStorage,
+    allocated_bytes,
+    flatten_into,
+    layer_files,
+)
+from backend.storage.cow import (
+    create_layer as create_cow_layer,
+)
+from backend.storage.objects.base import ObjectStore
+from backend.volumes.storages import StorageSpec
+
+Progress = Callable[[int, int], None]
+Commit = Callable[[str, str], None]
+
+DEFAULT_OBJECT_CHUNK = 4 * 1024 * 1024
+
+
+class Backend(abc.ABC):
+    """One storage location; shared by every volume on it.  Thread safe."""
+
+    def new_layer(self) -> str:
+        """An id for a new volume's top layer."""
+        return uuid.uuid4().hex
+
+    def new_clone_layer(self) -> str:
+        """An id for a clone's top layer."""
+        return uuid.uuid4().hex
+
+    def existing_size(self, layer: str) -> int | None:
+        """The size of data already at ``layer`` (an adopted image), else ``None``."""
+        return None
+
+    @abc.abstractmethod
+    def create(self, layer: str, size: int) -> None:
+        """A new empty top layer."""
+
+    def clone(self, layer: str, parent: builtins.list[str], size: int) -> None:
+        """A new top layer over the chain ``parent`` (bottom first; its last is a snapshot's)."""
+        self.create(layer, size)
+
+    @abc.abstractmethod
+    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+        """The storage of the chain ``chain`` (bottom first, top last)."""
+
+    @abc.abstractmethod
+    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+        """Freeze what ``storage`` (open on ``top``) holds; ``commit(frozen, new_top)`` records
+        it while no write can land in between."""
+
+    def resize(self, storage: Storage, size: int, allow_shrink: bool) -> None:
+        resize = getattr(storage, "resize", None)
+        if resize is None:
+            raise StorageError(errno.ENOTSUP, f"{storage!r} cannot be resized")
+        resize(size, allow_shrink=allow_shrink)
+
+    @abc.abstractmethod
+    def flatten(
+        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        """Make the top of ``chain`` hold everything (the open ``storage``, if any)."""
+
+    @abc.abstractmethod
+    def used(self, layer: str) -> int:
+        """Bytes the layer holds (allocation, not size)."""
+
+    @abc.abstractmethod
+    def remove(self, layer: str) -> None:
+        """Delete a layer's data; nothing happens if it is gone."""
+
+    def orphans(self, live: set[str]) -> builtins.list[str]:
+        """Remove data of layers no catalogue row knows (left by a crash); returns names."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing
+        """Release connections."""
+
+
+class FileBackend(Backend):
+    """Layers as copy-on-write files in ``directory``."""
+
+    def __init__(self, directory: Path, chunk_size: int) -> None:
+        self.directory = directory
+        self.chunk_size = chunk_size
+
+    def _stem(self, layer: str) -> Path:
+        return self.directory / layer
+
+    def create(self, layer: str, size: int) -> None:
+        create_cow_layer(self._stem(layer), size, self.chunk_size)
+
+    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+        return CowStorage([self._stem(layer) for layer in chain], read_only=read_only)
+
+    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+        assert isinstance(storage, CowStorage)
+        new_top = uuid.uuid4().hex
+        storage.snapshot(self._stem(new_top), commit=lambda frozen: commit(frozen.name, new_top))
+
+    def flatten(
+        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        if storage is not None:
+            assert isinstance(storage, CowStorage)
+            storage.flatten(progress)
+        else:
+            flatten_into([self._stem(layer) for layer in chain], progress)
+
+    def used(self, layer: str) -> int:
+        try:
+            return allocated_bytes(self._stem(layer))
+        except StorageError:
+            return 0
+
+    def remove(self, layer: str) -> None:
+        for path in layer_files(self._stem(layer)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def orphans(self, live: set[str]) -> builtins.list[str]:
+        removed = []
+        for path in sorted(self.directory.iterdir()):
+            if path.name.split(".", 1)[0] not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed.append(path.name)
+        return removed
+
+
+class ChunkedBackend(Backend):
+    """Layers as key prefixes ``LAYER/`` in one object store (shared by its volumes)."""
+
+    def __init__(self, store: ObjectStore, chunk_size: int, workers: int = 8) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+        self.workers = workers
+
+    def create(self, layer: str, size: int) -> None:
+        create_chunked_layer(self.store, f"{layer}/", size, self.chunk_size)
+
+    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+        return open_chain(
+            self.store, [f"{layer}/" for layer in chain], read_only=read_only, workers=self.workers
+        )
+
+    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+        assert isinstance(storage, ChunkedStorage)
+        new_top = uuid.uuid4().hex
+        storage.snapshot(f"{new_top}/", commit=lambda: commit(top, new_top))
+
+    def flatten(
+        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        if storage is not None:
+            assert isinstance(storage, ChunkedStorage)
+            storage.flatten(progress)
+            return
+        opened = self.open(chain, read_only=False)
+        try:
+            assert isinstance(opened, ChunkedStorage)
+            opened.flatten(progress)
+        finally:
+            opened.close()
+
+    def used(self, layer: str) -> int:
+        """Chunks held times the chunk size (an upper bound: the last chunk may be short)."""
+        try:
+            _, chunk_size, _ = read_layer(self.store, f"{layer}/")
+            return (len(layer_keys(self.store, f"{layer}/")) - 1) * chunk_size
+        except StorageError:
+            return 0
+
+    def remove(self, layer: str) -> None:
+        remove_layer(self.store, f"{layer}/")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class RbdBackend(Backend):
+    """Volumes as RBD images in ``pool``: top layer ``IMAGE``, snapshot layer ``IMAGE@SNAP``.
+
+    With ``image`` set, the one volume on this backend is that existing image (adopted: its
+    size is the image's, and deleting the volume never removes the image).
+    """
+
+    def __init__(self, cluster: Any, pool: str, namespace: str = "", image: str = "") -> None:
+        from backend.storage import rbd  # noqa: PLC0415 - needs python3-rbd: only when used
+
+        self._rbd = rbd
+        self.cluster = cluster
+        self.pool = pool
+        self.namespace = namespace
+        self.image = image
+
+    def _where(self) -> dict[str, Any]:
+        return {"namespace": self.namespace}
+
+    def new_layer(self) -> str:
+        return self.image or self.new_clone_layer()
+
+    def new_clone_layer(self) -> str:
+        return f"nbs-{uuid.uuid4().hex}"
+
+    def existing_size(self, layer: str) -> int | None:
+        if layer != self.image:
+            return None
+        images = self._rbd.list_images(self.cluster, self.pool, **self._where())
+        if layer not in images:
+            return None
+        view = self._rbd.RbdStorage(self.cluster, self.pool, layer, read_only=True, **self._where())
+        try:
+            return int(view.size)
+        finally:
+            view.close()
+
+    def create(self, layer: str, size: int) -> None:
+        if layer == self.image and self.existing_size(layer) is not None:
+            return
+        self._rbd.create_image(self.cluster, self.pool, layer, size, **self._where())
+
+    def clone(self, layer: str, parent: builtins.list[str], size: int) -> None:
+        image, _, snap = parent[-1].partition("@")
+        self._rbd.clone(self.cluster, self.pool, image, snap, layer, **self._where())
+
+    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+        image, _, snap = chain[-1].partition("@")
+        storage: Storage = self._rbd.RbdStorage(
+            self.cluster,
+            self.pool,
+            image,
+            read_only=read_only or bool(snap),
+            snapshot=snap or None,
+            **self._where(),
+        )
+        return storage
+
+    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+        snap = uuid.uuid4().hex
+        storage.snapshot(snap)  # type: ignore[attr-defined]
+        try:
+            commit(f"{top}@{snap}", top)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._rbd.remove_snapshot(self.cluster, self.pool, top, snap, **self._where())
+            raise
+
+    def flatten(
+        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        self._rbd.flatten(self.cluster, self.pool, chain[-1], progress, **self._where())
+
+    def used(self, layer: str) -> int:
+        image, _, snap = layer.partition("@")
+        try:
+            return int(
+                self._rbd.used_bytes(
+                    self.cluster, self.pool, image, snapshot=snap or None, **self._where()
+                )
+            )
+        except StorageError:
+            return 0
+
+    def remove(self, layer: str) -> None:
+        image, _, snap = layer.partition("@")
+        if snap:
+            self._rbd.remove_snapshot(self.cluster, self.pool, image, snap, **self._where())
+        elif image != self.image:
+            self._rbd.remove_image(self.cluster, self.pool, image, **self._where())
+
+
+class Backends:
+    """The backends of one volume service, made on first use and shared: one per storage
+    location (so one S3 client or one Ceph connection serves every volume there)."""
+
+    def __init__(self, data_dir: Path, chunk_size: int) -> None:
+        self.data_dir = data_dir
+        self.chunk_size = chunk_size
+        self._lock = threading.Lock()
+        self._backends: dict[StorageSpec, Backend] = {}
+        self._clusters: dict[tuple[str, float], Any] = {}
+
+    def get(self, spec: StorageSpec) -> Backend:
+        location = spec.location  # an adopted RBD image gets a backend of its own
+        with self._lock:
+            backend = self._backends.get(location)
+            if backend is None:
+                try:
+                    backend = self._make(location)
+                except (ImportError, OSError) as err:
+                    raise StorageError(errno.EIO, f"cannot open storage {location}: {err}") from err
+                self._backends[location] = backend
+            return backend
+
+    def _make(self, spec: StorageSpec) -> Backend:
+        if spec.kind == "file":
+            return FileBackend(
+                self.data_dir / "layers", int(spec.get("chunk_size", self.chunk_size))
+            )
+        if spec.kind == "rbd":
+            return RbdBackend(
+                self._cluster(spec),
+                spec.get("pool"),
+                spec.get("namespace", ""),
+                spec.get("image", ""),
+            )
+        chunk = int(spec.get("chunk_size", DEFAULT_OBJECT_CHUNK))
+        return ChunkedBackend(self._store(spec), chunk)
+
+    def _store(self, spec: StorageSpec) -> ObjectStore:
+        if spec.kind == "dir":
+            from backend.storage.objects.directory import DirectoryObjectStore  # noqa: PLC0415
+
+            path = Path(spec.get("path", str(self.data_dir / "objects")))
+            return DirectoryObjectStore(path)
+        if spec.kind == "s3":
+            from backend.storage.objects.s3 import S3ObjectStore  # noqa: PLC0415
+
+            options: dict[str, Any] = {
+                "bucket": spec.get("bucket"),
+                "prefix": spec.get("prefix", ""),
+                "endpoint": spec.get("endpoint"),
+                "region": spec.get("region"),
+            }
+            if spec.get("attempts") is not None:
+                options["attempts"] = spec.get("attempts")
+            if spec.get("timeout") is not None:
+                options["read_timeout"] = spec.get("timeout")
+            return S3ObjectStore(**options)
+        if spec.kind == "rados":
+            from backend.storage.objects.rados import RadosObjectStore  # noqa: PLC0415
+
+            return RadosObjectStore(
+                self._cluster(spec), spec.get("pool"), spec.get("namespace", "")
+            )
+        raise StorageError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
+
+    def _cluster(self, spec: StorageSpec) -> Any:
+        from backend.storage.ceph import RadosCluster  # noqa: PLC0415
+
+        key = (spec.get("conf", "/etc/ceph/ceph.conf"), float(spec.get("timeout", 30.0)))
+        cluster = self._clusters.get(key)
+        if cluster is None:
+            cluster = RadosCluster(key[0], timeout=key[1])
+            self._clusters[key] = cluster
+        return cluster
+
+    def __iter__(self) -> Iterator[Backend]:
+        with self._lock:
+            return iter(list(self._backends.values()))
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._backends.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            self._backends.clear()
+            for cluster in self._clusters.values():
+                with contextlib.suppress(Exception):
+                    cluster.close()
+            self._clusters.clear()
