@@ -1,7 +1,7 @@
 """Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
 
 from backend.nbd.connection import DF_MAX, ExportDirectory, ServerConnection, State
-from backend.nbd.errors import LocalProtocolError, NBDError, ProtocolError
+from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, NBDError, ProtocolError
 from backend.nbd.events import (
     NEED_DATA,
     Aborted,
@@ -26,6 +26,7 @@ __all__ = [
     "ExportDescription",
     "ExportDirectory",
     "ExportSelected",
+    "ExportUnavailableError",
     "LocalProtocolError",
     "NBDError",
     "ProtocolError",

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from backend.nbd import constants as c
 from backend.nbd import wire
-from backend.nbd.errors import LocalProtocolError, ProtocolError
+from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, ProtocolError
 from backend.nbd.events import (
     NEED_DATA,
     Aborted,
@@ -100,7 +100,8 @@ class ExportDirectory(Protocol):
     """Where the handshake looks exports up; the server implements it over its volumes."""
 
     def lookup(self, name: str) -> ExportDescription | None:
-        """The export called ``name`` (``""`` means the default export), or None."""
+        """The export called ``name`` (``""`` means the default export), or None.  May raise
+        :class:`ExportUnavailableError` for an export that exists but cannot be served now."""
 
     def exports(self) -> Sequence[ExportDescription]:
         """Every export, for NBD_OPT_LIST."""
@@ -357,7 +358,11 @@ class ServerConnection:
 
     def _find(self, option: int, name: str) -> ExportDescription | None:
         """Look an export up for INFO/GO/meta contexts, replying with the error if unusable."""
-        export = self._directory.lookup(name)
+        try:
+            export = self._directory.lookup(name)
+        except ExportUnavailableError as err:
+            self._error(option, c.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {err}")
+            return None
         if export is None:
             self._error(option, c.Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return None
@@ -399,7 +404,10 @@ class ServerConnection:
 
     def _opt_export_name(self, name_bytes: bytes) -> Event:
         name = _decode(name_bytes)
-        export = self._directory.lookup(name) if name is not None else None
+        try:
+            export = self._directory.lookup(name) if name is not None else None
+        except ExportUnavailableError as err:
+            raise ProtocolError(f"EXPORT_NAME for {name!r}, not available: {err}") from err
         # EXPORT_NAME has no error reply: the spec says to close the connection.
         if export is None:
             raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")

@@ -2,6 +2,7 @@
 
     NBDError
      ├── ProtocolError       the peer broke the protocol; the connection must close
+     ├── ExportUnavailableError   an export exists but cannot be served now (raised by lookups)
      └── LocalProtocolError  our caller misused the core (a bug in the server)
 
 A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
@@ -20,6 +21,16 @@ class ProtocolError(NBDError):
 
     ``reason`` is a short human-readable description for the log.
     """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ExportUnavailableError(NBDError):
+    """Raised by an ExportDirectory lookup for an export that exists but cannot be served now
+    (its storage is unreachable, or another server holds it writable).  The client gets
+    NBD_REP_ERR_UNKNOWN ("the requested export is not available") with ``reason``."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -27,6 +27,7 @@ from backend.nbd import (
     ConnectionClosed,
     Disconnect,
     ExportSelected,
+    ExportUnavailableError,
     ProtocolError,
     Rejected,
     Request,
@@ -137,7 +138,10 @@ class Session:
             if isinstance(event, ExportSelected):
                 # Counted before the client sees the GO reply, so a connection is never in
                 # use without being counted.
-                export = self._table.get(event.export.name)
+                try:
+                    export = self._table.get(event.export.name)
+                except ExportUnavailableError:  # lost between lookup and now
+                    export = None
                 self.export = export
                 if export is not None and self._on_export is not None:
                     self._on_export(self, export)

@@ -6,14 +6,16 @@ runs appear, change or disappear for new connections without a restart.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
-from backend.nbd import ExportDescription, TLSPolicy
+from backend.nbd import ExportDescription, ExportUnavailableError, TLSPolicy
 from backend.server.exports import Export, transmission_flags
 from backend.storage import Capabilities
-from backend.volumes.model import VolumeError
+from backend.volumes.model import StorageFailureError, VolumeError
 from backend.volumes.service import VolumeService
 
+log = logging.getLogger(__name__)
 _LISTED = Capabilities(can_fast_zero=True)
 
 
@@ -31,6 +33,9 @@ class VolumeExports:
         self.default = default
 
     def get(self, name: str) -> Export | None:
+        """The export of volume ``name``, opening its storage; ``None`` if there is no such
+        volume, :class:`ExportUnavailableError` if its storage cannot be opened now (unreachable,
+        or an RBD image another server holds writable)."""
         if name == "":
             names = [v.name for v in self.service.catalogue.volumes()]
             name = self.default if self.default in names else (names[0] if names else "")
@@ -39,6 +44,9 @@ class VolumeExports:
             if row is None or row.state != "ready":
                 return None
             storage = self.service.storage(name)
+        except StorageFailureError as err:
+            log.warning("volume %s cannot be served: %s", name, err)
+            raise ExportUnavailableError(str(err)) from err
         except VolumeError:
             return None
         return Export(

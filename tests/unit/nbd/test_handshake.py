@@ -9,7 +9,9 @@ import pytest
 from backend.nbd import (
     Aborted,
     ConnectionClosed,
+    ExportDescription,
     ExportSelected,
+    ExportUnavailableError,
     ProtocolError,
     ServerConnection,
     StartTLS,
@@ -89,6 +91,32 @@ def test_go_for_unknown_export_is_err_unknown_and_negotiation_continues() -> Non
     assert parse_option_replies(conn.data_to_send())[0][1] == c.Rep.ERR_UNKNOWN
     got = events(conn, option(c.Opt.GO, info_payload("disk")))
     assert isinstance(got[0], ExportSelected)
+
+
+class _Unavailable(Directory):
+    def lookup(self, name: str) -> ExportDescription | None:
+        if name == "held":
+            raise ExportUnavailableError("held writable by client.4242 at 127.0.0.1")
+        return super().lookup(name)
+
+
+def test_an_unavailable_export_is_err_unknown_with_the_reason() -> None:
+    conn = ServerConnection(_Unavailable(export()))
+    conn.data_to_send()
+    assert events(conn, FIXED + option(c.Opt.GO, info_payload("held"))) == []
+    reply = parse_option_replies(conn.data_to_send())[0]
+    assert reply[1] == c.Rep.ERR_UNKNOWN
+    assert b"held writable by client.4242" in reply[2]
+    got = events(conn, option(c.Opt.GO, info_payload("disk")))  # negotiation goes on
+    assert isinstance(got[0], ExportSelected)
+
+
+def test_export_name_for_an_unavailable_export_closes() -> None:
+    conn = ServerConnection(_Unavailable(export()))
+    conn.data_to_send()
+    conn.receive_data(FIXED + option(c.Opt.EXPORT_NAME, b"held"))
+    with pytest.raises(ProtocolError, match="held writable"):
+        conn.next_event()
 
 
 def test_malformed_go_is_err_invalid() -> None:
