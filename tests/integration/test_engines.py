@@ -9,7 +9,6 @@ one Ceph cluster share an RBD image read-only but only one holds it writable."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import threading
@@ -54,22 +53,22 @@ def image_1g(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [require_tool("qemu-img"), *args], capture_output=True, text=True, timeout=600
+        [require_tool("qemu-img"), *args], check=False, capture_output=True, text=True, timeout=600
     )
     if check:
         assert result.returncode == 0, result.stderr + result.stdout
     return result
 
 
-def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
-    argv = [require_tool("qemu-io"), "-f", "raw"]
+def qemu_io(uri: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = [require_tool("qemu-io"), "-f", "raw", *(["-r"] if read_only else [])]
     for command in commands:
         argv += ["-c", command]
-    return subprocess.run([*argv, uri], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*argv, uri], check=False, capture_output=True, text=True, timeout=300)
 
 
-def io_ok(uri: str, *commands: str) -> None:
-    result = qemu_io(uri, *commands)
+def io_ok(uri: str, *commands: str, read_only: bool = False) -> None:
+    result = qemu_io(uri, *commands, read_only=read_only)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failed" not in result.stdout, result.stdout
 
@@ -186,3 +185,158 @@ def test_1g_image_round_trip_snapshot_clone_and_cleanup(
     nbs("volume", "delete", "v", "--force", *d)
     assert server.alive()
     assert engine.held() == []
+
+
+# --- Faults through NBD -------------------------------------------------------------------------
+
+
+def _failed(result: subprocess.CompletedProcess[str]) -> str:
+    """The error qemu-io reported for a failed request ("" when none failed)."""
+    out = result.stdout + result.stderr
+    return out if "failed" in out or result.returncode != 0 else ""
+
+
+@pytest.fixture
+def s3_down_then_up(s3_server: SeaweedS3) -> Iterator[SeaweedS3]:
+    """The S3 server, restarted after the test if the test left it down."""
+    yield s3_server
+    if not s3_server.alive():
+        s3_server.start()
+
+
+def test_s3_outage_is_eio_for_its_volume_only_and_flushed_data_survives(
+    s3_down_then_up: SeaweedS3,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nbs_server: Callable[..., NbsServer],
+) -> None:
+    s3 = s3_down_then_up
+    engine = _s3_engine(s3, monkeypatch)
+    data = tmp_path / "data"
+    d = ["--data-dir", str(data)]
+    spec = f"{engine.spec},attempts=2,timeout=3+retry:attempts=3,deadline=6"
+    nbs("volume", "create", "cold", "--size", "64MiB", "--storage", spec, *d)
+    nbs("volume", "create", "local", "--size", "64MiB", *d)
+    server = _serve(nbs_server, data)
+    io_ok(server.uri("cold"), "write -P 0xaa 0 4M", "flush")
+
+    s3.stop()
+    started = time.monotonic()
+    error = _failed(qemu_io(server.uri("cold"), "read 0 1M"))
+    assert "Input/output error" in error, error
+    assert time.monotonic() - started < 60
+    error = _failed(qemu_io(server.uri("cold"), "write -P 0xbb 8M 1M"))
+    assert "Input/output error" in error, error
+    # The server and its other volumes carry on.
+    io_ok(server.uri("local"), "write -P 0x11 0 1M", "flush", "read -P 0x11 0 1M")
+    assert server.alive()
+
+    s3.start()
+    io_ok(server.uri("cold"), "read -P 0xaa 0 4M")
+
+
+def test_short_s3_outage_is_retried_away(
+    s3_down_then_up: SeaweedS3,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nbs_server: Callable[..., NbsServer],
+) -> None:
+    s3 = s3_down_then_up
+    engine = _s3_engine(s3, monkeypatch)
+    data = tmp_path / "data"
+    spec = f"{engine.spec},attempts=2,timeout=3+retry:attempts=100,deadline=120"
+    nbs("volume", "create", "v", "--size", "64MiB", "--storage", spec, "--data-dir", str(data))
+    server = _serve(nbs_server, data)
+    io_ok(server.uri("v"), "write -P 0xaa 0 4M", "flush")
+
+    s3.stop()
+    restart = threading.Timer(2.0, s3.start)
+    restart.start()
+    try:
+        io_ok(server.uri("v"), "write -P 0xcc 1M 2M", "flush", "read -P 0xcc 1M 2M")
+    finally:
+        restart.join()
+    io_ok(server.uri("v"), "read -P 0xaa 0 1M", "read -P 0xaa 3M 1M")
+    assert "retry" in server.log().lower()
+
+
+@pytest.fixture
+def osd_down_then_up(ceph_cluster: CephCluster) -> Iterator[CephCluster]:
+    """The Ceph cluster, its OSD restarted after the test if the test left it down."""
+    yield ceph_cluster
+    if ceph_cluster.pid("osd") is None:
+        ceph_cluster.start_osd()
+
+
+@pytest.mark.parametrize("kind", ["rados", "rbd"])
+def test_osd_outage_is_eio_and_flushed_data_survives(
+    kind: str,
+    osd_down_then_up: CephCluster,
+    tmp_path: Path,
+    nbs_server: Callable[..., NbsServer],
+) -> None:
+    ceph = osd_down_then_up
+    engine = _rados_engine(ceph) if kind == "rados" else _rbd_engine(ceph)
+    data = tmp_path / "data"
+    d = ["--data-dir", str(data)]
+    spec = engine.spec.replace("timeout=10", "timeout=5")
+    nbs("volume", "create", "v", "--size", "1GiB", "--storage", spec, *d)
+    nbs("volume", "create", "local", "--size", "64MiB", *d)
+    server = _serve(nbs_server, data)
+    io_ok(server.uri("v"), "write -P 0xaa 0 4M", "flush")
+
+    ceph.kill_osd()
+    # A write that must reach the OSD (a flush too: librbd may cache the write itself).
+    error = _failed(qemu_io(server.uri("v"), "write -P 0xbb 256M 64k", "flush"))
+    assert "Input/output error" in error, error
+    io_ok(server.uri("local"), "write -P 0x11 0 1M", "flush", "read -P 0x11 0 1M")
+    assert server.alive()
+
+    ceph.start_osd()
+    io_ok(server.uri("v"), "read -P 0xaa 0 4M", "read -P 0 512M 64k")
+    nbs("volume", "delete", "v", "--force", *d)
+
+
+def test_two_servers_share_an_rbd_image_read_only_but_one_writer(
+    ceph_cluster: CephCluster, tmp_path: Path, nbs_server: Callable[..., NbsServer]
+) -> None:
+    ceph = ceph_cluster
+    image = f"shared-{uuid.uuid4().hex[:8]}"
+    ceph.rbd("create", "--size", "64M", f"rbd/{image}")
+    spec = f"rbd:pool=rbd,image={image},conf={ceph.conf_path}"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    nbs("volume", "create", "shared", "--storage", spec, "--data-dir", str(a))
+    nbs("volume", "create", "shared", "--storage", spec, "--data-dir", str(b))
+    nbs("volume", "create", "view", "--read-only", "--storage", spec, "--data-dir", str(c))
+    info = json.loads(nbs("volume", "info", "shared", "--json", "--data-dir", str(b)).stdout)
+    assert info["size"] == 64 * MiB
+    first, second, viewer = (_serve(nbs_server, d) for d in (a, b, c))
+
+    io_ok(first.uri("shared"), "write -P 0x77 0 1M", "flush")
+    # The second server cannot take it writable while the first holds it: a clear error
+    # (libnbd 1.14 shows only the code; QEMU prints the server's message).
+    refused = subprocess.run(
+        [require_tool("nbdinfo"), second.uri("shared")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    refused = qemu_io(second.uri("shared"), "read 0 4k")
+    assert refused.returncode != 0
+    assert "held writable by" in refused.stderr, refused.stderr
+    # Read-only, any number of servers can serve it.
+    io_ok(viewer.uri("view"), "read -P 0x77 0 1M", read_only=True)
+    io_ok(first.uri("shared"), "read -P 0x77 0 1M")
+
+    assert first.stop() == 0  # releases the image
+    io_ok(second.uri("shared"), "write -P 0x78 0 1M", "flush", "read -P 0x78 0 1M")
+    second.stop()
+    # Adopted images are the operator's: deleting the volumes keeps the image.
+    nbs("volume", "delete", "shared", "--data-dir", str(a))
+    nbs("volume", "delete", "shared", "--data-dir", str(b))
+    viewer.stop()
+    nbs("volume", "delete", "view", "--data-dir", str(c))
+    assert image in ceph.rbd("ls", "rbd").split()
+    ceph.rbd("rm", f"rbd/{image}")

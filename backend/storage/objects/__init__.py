@@ -3,5 +3,6 @@
 from backend.storage.objects.base import ObjectStore
 from backend.storage.objects.directory import DirectoryObjectStore
 from backend.storage.objects.faulty import FaultyObjectStore
+from backend.storage.objects.s3 import S3ObjectStore
 
-__all__ = ["DirectoryObjectStore", "FaultyObjectStore", "ObjectStore"]
+__all__ = ["DirectoryObjectStore", "FaultyObjectStore", "ObjectStore", "S3ObjectStore"]
