@@ -2,8 +2,13 @@
 
 ``put`` writes a temporary file next to the object, fsyncs it, renames it over the object and
 fsyncs the directory, so an object is always whole (the rename is atomic) and durable once
-``put`` returns.  ``delete`` fsyncs the directory too.  Every change being durable on its own,
-``sync()`` has nothing left to do.
+``put`` returns.  ``delete`` fsyncs the directory too.
+
+``put_range`` (offset writes, on by default) writes in place with ``pwrite``, creating the
+file if needed: a chunked volume's partial writes cost their size, not a read-modify-write of
+the chunk.  Not atomic (the contract allows it) and durable only after ``sync()``, which
+fsyncs every file ``put_range`` wrote since the last sync, and the directories of the files it
+created.
 
 Temporary files are named ``.<name>~<random>.tmp``: ``~`` cannot appear in a key, so a
 temporary file left behind by a crash is never mistaken for an object, and ``list`` skips it.
@@ -35,14 +40,16 @@ def check_key(key: str) -> None:
 class DirectoryObjectStore(ObjectStore):
     """Objects under the directory ``root`` (created if missing).
 
-    No offset writes: a partial update must be a whole new object, as on S3.  Empty
-    directories left by ``delete`` stay (removing them would race with a concurrent ``put``
-    into them).  A key that names a directory of other keys reads as missing.
+    ``offset_writes=False`` turns ``put_range`` off (a partial update is then a whole new
+    object, as on S3).  Empty directories left by ``delete`` stay (removing them would race
+    with a concurrent ``put`` into them).  A key that names a directory of other keys reads as
+    missing.
     """
 
-    supports_offset_writes = False
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, offset_writes: bool = True) -> None:
+        self.supports_offset_writes = offset_writes
+        self._dirty: set[Path] = set()
+        self._dirty_directories: set[Path] = set()
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +119,33 @@ class DirectoryObjectStore(ObjectStore):
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
 
+    def put_range(self, key: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.supports_offset_writes:
+            raise NotImplementedError(f"{self!r} has no offset writes")
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            created = False
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                created = True
+            except FileExistsError:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                view = memoryview(data).cast("B")
+                at = offset
+                while view:
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise StorageError.from_os_error(err, f"put {key} at {offset}") from err
+        with self._lock:
+            self._dirty.add(path)
+            if created:
+                self._dirty_directories.add(path.parent)
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
@@ -145,8 +179,29 @@ class DirectoryObjectStore(ObjectStore):
         return iter(sorted(keys))
 
     def sync(self) -> None:
-        # Every put and delete synced itself before returning.
+        """fsync what ``put_range`` wrote (``put`` and ``delete`` synced themselves)."""
         self._check_open()
+        with self._lock:
+            files, self._dirty = self._dirty, set()
+            directories, self._dirty_directories = self._dirty_directories, set()
+        try:
+            for path in sorted(files):
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # deleted since, or replaced by a synced put
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for directory in sorted(directories):
+                with contextlib.suppress(FileNotFoundError):
+                    _sync_directory(directory)
+        except OSError as err:
+            with self._lock:  # still not durable: the next sync tries again
+                self._dirty |= files
+                self._dirty_directories |= directories
+            raise StorageError.from_os_error(err, "sync") from err
 
     def close(self) -> None:
         with self._lock:

@@ -78,8 +78,10 @@ class MemoryObjectStore(ObjectStore):
 class _DisposableDirectoryStore(DirectoryObjectStore):
     """Removes its directory on close (the model test has no tmp_path)."""
 
-    def __init__(self) -> None:
-        super().__init__(tempfile.mkdtemp(prefix="nbs-chunked-", dir=SCRATCH))
+    def __init__(self, offset_writes: bool = True) -> None:
+        super().__init__(
+            tempfile.mkdtemp(prefix="nbs-chunked-", dir=SCRATCH), offset_writes=offset_writes
+        )
 
     def close(self) -> None:
         super().close()
@@ -87,6 +89,12 @@ class _DisposableDirectoryStore(DirectoryObjectStore):
 
 
 def _directory_chunked(size: int) -> ChunkedStorage:
+    """Without offset writes: the read-modify-write path."""
+    store = _DisposableDirectoryStore(offset_writes=False)
+    return ChunkedStorage(store, size, chunk_size=CHUNK, workers=4)
+
+
+def _directory_offset_chunked(size: int) -> ChunkedStorage:
     return ChunkedStorage(_DisposableDirectoryStore(), size, chunk_size=CHUNK, workers=4)
 
 
@@ -94,9 +102,13 @@ def _memory_chunked(size: int) -> ChunkedStorage:
     return ChunkedStorage(MemoryObjectStore(), size, chunk_size=CHUNK, prefix="vol/", workers=4)
 
 
-@pytest.fixture(params=["directory", "memory"])
+@pytest.fixture(params=["directory", "directory-offset-writes", "memory"])
 def storage_factory(request: pytest.FixtureRequest) -> StorageFactory:
-    return _directory_chunked if request.param == "directory" else _memory_chunked
+    return {
+        "directory": _directory_chunked,
+        "directory-offset-writes": _directory_offset_chunked,
+        "memory": _memory_chunked,
+    }[request.param]
 
 
 @pytest.fixture
@@ -105,6 +117,7 @@ def read_only_storage_factory() -> StorageFactory:
 
 
 TestChunkedDirectoryModel = make_model_test(_directory_chunked, max_examples=30)
+TestChunkedDirectoryOffsetModel = make_model_test(_directory_offset_chunked, max_examples=30)
 TestChunkedMemoryModel = make_model_test(_memory_chunked, max_examples=30)
 
 
@@ -127,7 +140,9 @@ def test_bad_chunk_size(chunk_size: int) -> None:
 
 
 def test_capabilities(directory: DirectoryObjectStore) -> None:
-    rmw = ChunkedStorage(directory, CHUNK, chunk_size=CHUNK)
+    rmw = ChunkedStorage(
+        DirectoryObjectStore(directory.root, offset_writes=False), CHUNK, chunk_size=CHUNK
+    )
     ranged = ChunkedStorage(MemoryObjectStore(), CHUNK, chunk_size=CHUNK)
     assert rmw.capabilities.preferred_block == CHUNK
     assert ranged.capabilities.preferred_block == 4096
@@ -314,15 +329,43 @@ def test_directory_store_basics(directory: DirectoryObjectStore) -> None:
     assert directory.get("a/d") == b"new"
     directory.delete("a/d")
     assert directory.get("a/d") is None
-    assert not directory.supports_offset_writes
-    with pytest.raises(NotImplementedError):
-        directory.put_range("e", 0, b"z")
+    assert directory.supports_offset_writes
+    directory.put_range("e", 1, b"zz")  # in place, growing
+    directory.put_range("f/g", 3, b"new")  # creates; the gap reads as zeroes
+    assert directory.get("e") == b"yzz"
+    assert directory.get("f/g") == b"\0\0\0new"
     directory.sync()
+    no_offsets = DirectoryObjectStore(directory.root, offset_writes=False)
+    assert not no_offsets.supports_offset_writes
+    with pytest.raises(NotImplementedError):
+        no_offsets.put_range("e", 0, b"z")
     directory.close()
     directory.close()
     with pytest.raises(StorageError) as excinfo:
         directory.get("e")
     assert excinfo.value.errno == errno.EBADF
+
+
+def test_directory_sync_makes_offset_writes_durable(
+    directory: DirectoryObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    directory.put_range("v/0001", 0, b"x")
+    directory.put_range("v/0001", 10, b"y")
+    directory.put_range("v/0002", 0, b"z")
+    monkeypatch.setattr(os, "fsync", fsync)
+    directory.sync()
+    root = str(directory.root)
+    assert sorted(synced) == [f"{root}/v", f"{root}/v/0001", f"{root}/v/0002"]
+    synced.clear()
+    directory.sync()  # nothing new
+    assert synced == []
 
 
 @pytest.mark.parametrize("key", ["", "../x", "a/../b", "a//b", "/abs", "a/", "sp ace", "a~b", "."])
