@@ -292,7 +292,7 @@ class Session:
                 length >= SPARSE_READ_MIN
                 and conn.structured_replies
                 and not flags & CmdFlag.DF
-                and storage.capabilities.can_extents
+                and storage.capabilities.cheap_extents
             ):
                 return conn.reply_read_parts(cookie, _read_parts(storage, offset, length))
             return conn.reply_read(cookie, offset, storage.read(offset, length))

@@ -46,6 +46,10 @@ class Capabilities:
     can_zero: bool = True
     can_fast_zero: bool = False
     can_extents: bool = True
+    # extents() answers from local metadata (a bitmap, SEEK_DATA): the server may ask before
+    # every large read to send holes as holes.  False where it costs a round trip or a listing
+    # of the backing store (object stores, RBD): large reads then just read.
+    cheap_extents: bool = True
     can_cache: bool = True
     # True when every connection sees every other connection's completed writes and a FLUSH
     # on one connection covers writes completed on all of them (NBD_FLAG_CAN_MULTI_CONN).

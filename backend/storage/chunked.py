@@ -204,11 +204,12 @@ class ChunkedStorage(Storage):
                 can_trim=False,
                 can_zero=False,
                 inline=False,
+                cheap_extents=False,
                 preferred_block=preferred,
             )
         else:
             self._capabilities = Capabilities(
-                can_fast_zero=True, inline=False, preferred_block=preferred
+                can_fast_zero=True, inline=False, cheap_extents=False, preferred_block=preferred
             )
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunked")
         self._locks = RangeLock()
