@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.storage import Extent, StorageError
+from backend.storage import Extent, Storage, StorageError
 from backend.storage.ceph import RadosCluster
-from backend.storage.chunked import ChunkedStorage
+from backend.storage.chunked import ChunkedStorage, create_layer, open_chain
+from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.storage.objects.rados import RadosObjectStore
 from backend.storage.rbd import (
     RbdStorage,
@@ -103,9 +104,35 @@ def _rbd(size: int, read_only: bool = False) -> RbdStorage:
     return _DisposableRbd(_connection[0], size, read_only)
 
 
-@pytest.fixture(params=["rados-chunked", "rbd"])
+def _rbd_layered(size: int) -> Storage:
+    """RBD under a write-back cache and a retry layer (what a volume spec with
+    ``+cache:mode=write-back+retry`` builds)."""
+    return CachingStorage(RetryingStorage(_rbd(size)), 1024 * KIB, block=16 * KIB, write_back=True)
+
+
+def _rados_layers(size: int) -> Storage:
+    """A top layer over a frozen one on RADOS (copy-on-write in the store), under a cache."""
+    store = _DisposableRadosStore(_connection[0])
+    create_layer(store, "base/", size, CHUNK)
+    base = open_chain(store, ["base/"])
+    base.write(0, bytes(min(size, CHUNK)))  # a chunk below to copy up from (zeroes)
+    base.snapshot("top/")
+    base.close()
+    chain = open_chain(store, ["base/", "top/"], workers=4, owns_store=True)
+    return CachingStorage(chain, 512 * KIB, block=16 * KIB)
+
+
+FACTORIES: dict[str, StorageFactory] = {
+    "rados-chunked": _rados_chunked,
+    "rbd": _rbd,
+    "rbd+cache+retry": _rbd_layered,
+    "rados-layers+cache": _rados_layers,
+}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
 def storage_factory(request: pytest.FixtureRequest) -> StorageFactory:
-    return _rados_chunked if request.param == "rados-chunked" else _rbd
+    return FACTORIES[request.param]
 
 
 @pytest.fixture(params=["rados-chunked", "rbd"])
@@ -116,6 +143,8 @@ def read_only_storage_factory(request: pytest.FixtureRequest) -> StorageFactory:
 
 TestRadosChunkedModel = make_model_test(_rados_chunked, max_examples=15, step_count=20)
 TestRbdModel = make_model_test(_rbd, max_examples=15, step_count=20)
+TestRbdLayeredModel = make_model_test(_rbd_layered, max_examples=10, step_count=20)
+TestRadosLayersModel = make_model_test(_rados_layers, max_examples=10, step_count=20)
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from backend.storage import StorageError
+from backend.storage import Storage, StorageError
 from backend.storage.chunked import ChunkedStorage, create_layer, open_chain, remove_layer
+from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.storage.objects import S3ObjectStore
 from tests.integration.s3rig import SeaweedS3
 from tests.unit.storage.conformance import *  # noqa: F403
@@ -84,9 +85,23 @@ def _chunked(server: SeaweedS3, size: int) -> ChunkedStorage:
     return ChunkedStorage(store, size, chunk_size=CHUNK, workers=8)
 
 
-@pytest.fixture
-def storage_factory(s3: SeaweedS3) -> StorageFactory:
-    return lambda size: _chunked(s3, size)
+def _layered(server: SeaweedS3, size: int) -> Storage:
+    """What ``s3:...+cache:mode=write-back+retry`` builds, over a two-layer chain."""
+    store = server.store(BUCKET, prefix=_prefix("layered"), max_connections=16)
+    create_layer(store, "base/", size, CHUNK)
+    base = open_chain(store, ["base/"])
+    base.write(0, bytes(min(size, CHUNK)))  # a chunk below to copy up from (zeroes)
+    base.snapshot("top/")
+    base.close()
+    chain = open_chain(store, ["base/", "top/"], workers=8, owns_store=True)
+    return CachingStorage(RetryingStorage(chain), 512 * 1024, block=16 * 1024, write_back=True)
+
+
+@pytest.fixture(params=["chunked", "layers+cache+retry"])
+def storage_factory(s3: SeaweedS3, request: pytest.FixtureRequest) -> StorageFactory:
+    if request.param == "chunked":
+        return lambda size: _chunked(s3, size)
+    return lambda size: _layered(s3, size)
 
 
 # The model test is a unittest class, built before any fixture runs: its factory finds the
@@ -103,6 +118,9 @@ def model_server(s3: SeaweedS3) -> Iterator[None]:
 
 TestS3ChunkedModel = pytest.mark.usefixtures("model_server")(
     make_model_test(lambda size: _chunked(_model_server[0], size), max_examples=15)
+)
+TestS3LayeredModel = pytest.mark.usefixtures("model_server")(
+    make_model_test(lambda size: _layered(_model_server[0], size), max_examples=10)
 )
 
 
