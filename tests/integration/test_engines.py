@@ -340,3 +340,36 @@ def test_two_servers_share_an_rbd_image_read_only_but_one_writer(
     nbs("volume", "delete", "view", "--data-dir", str(c))
     assert image in ceph.rbd("ls", "rbd").split()
     ceph.rbd("rm", f"rbd/{image}")
+
+
+def test_full_rados_pool_is_enospc_through_nbd(
+    ceph_cluster: CephCluster, tmp_path: Path, nbs_server: Callable[..., NbsServer]
+) -> None:
+    """A pool over its quota: writes fail with ENOSPC (not EIO, not a hang), other volumes
+    carry on, and what was written before reads back."""
+    ceph = ceph_cluster
+    pool = f"full-{uuid.uuid4().hex[:8]}"
+    ceph.ceph("osd", "pool", "create", pool, "8", "8")
+    ceph.ceph("osd", "pool", "application", "enable", pool, "nbs")
+    ceph.ceph("osd", "pool", "set-quota", pool, "max_bytes", str(2 * MiB))
+    try:
+        data = tmp_path / "data"
+        d = ["--data-dir", str(data)]
+        spec = f"rados:pool={pool},conf={ceph.conf_path},chunk_size=256KiB"
+        nbs("volume", "create", "v", "--size", "64MiB", "--storage", spec, *d)
+        nbs("volume", "create", "local", "--size", "64MiB", *d)
+        server = _serve(nbs_server, data)
+        io_ok(server.uri("v"), "write -P 0xaa 0 256k", "flush")
+        deadline = time.monotonic() + 90
+        offset, error = 256 * 1024, ""
+        while not error and time.monotonic() < deadline:
+            result = qemu_io(server.uri("v"), f"write -P 0xbb {offset} 256k", "flush")
+            error = _failed(result)
+            offset += 256 * 1024
+            time.sleep(0.2)
+        assert "No space left on device" in error, error or "the quota never applied"
+        io_ok(server.uri("local"), "write -P 0x11 0 1M", "flush", "read -P 0x11 0 1M")
+        io_ok(server.uri("v"), "read -P 0xaa 0 256k")
+        assert server.alive()
+    finally:
+        ceph.ceph("osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it")
