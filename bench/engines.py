@@ -123,14 +123,37 @@ def measure(target: Target, workload: Workload, runtime: int, size: int) -> dict
     job = fio(target, workload.rw, workload.bs, depth=workload.iodepth, runtime=runtime, size=size)
     side = job[workload.direction]
     cpu = cpu_seconds(target.pid) - before
+    ios = side["total_ios"]
+    client_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
     return {
         "workload": workload.key,
         "target": target.name,
         "iops": side["iops"],
         "mb_s": side["bw_bytes"] / 1e6,
         "p50_lat_us": side["lat_ns"]["percentile"]["50.000000"] / 1000,
-        "server_cpu_us_per_io": 1e6 * cpu / side["total_ios"] if side["total_ios"] else None,
+        "server_cpu_us_per_io": 1e6 * cpu / ios if ios else None,
+        # fio's own CPU: the nbd client, or (native-rbd) librbd itself.
+        "client_cpu_us_per_io": 1e6 * client_cpu / ios if ios else None,
     }
+
+
+def cpu_table(results: list[dict[str, Any]], names: list[str], markdown: bool) -> str:
+    """CPU per I/O (µs): nbs server + fio, or fio alone (native librbd in fio)."""
+    by = {(r["workload"], r["target"]): r for r in results}
+    header = ["workload", *[f"{n} CPU µs/IO" for n in names]]
+    rows = []
+    for workload in WORKLOADS:
+        row = [workload.label]
+        for name in names:
+            r = by.get((workload.key, name))
+            total = (r["server_cpu_us_per_io"] or 0) + (r["client_cpu_us_per_io"] or 0) if r else 0
+            row.append(f"{total:.0f}" if r else "-")
+        rows.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    return "\n".join("  ".join(f"{c:>16}" for c in row) for row in [header, *rows])
 
 
 def table(results: list[dict[str, Any]], names: list[str], markdown: bool) -> str:
@@ -224,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(result)
         names = [t.name for t in targets]
         print(table(results, names, args.markdown))
+        print()
+        print(cpu_table(results, names, args.markdown))
         if args.json:
             args.json.write_text(json.dumps({"results": results, "size": size}, indent=2))
     finally:

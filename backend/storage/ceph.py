@@ -180,6 +180,10 @@ class RadosCluster:
             "rados_osd_op_timeout": seconds,
             "rados_mon_op_timeout": seconds,
             "client_mount_timeout": seconds,
+            # NBD clients say when data must be durable (FLUSH, FUA), and RbdStorage flushes
+            # librbd's cache for them: the cache may write back from the first write instead
+            # of waiting for a first flush (librbd's guard for guests that never flush).
+            "rbd_cache_writethrough_until_flush": "false",
             **conf,
         }
         self._conffile = conffile
