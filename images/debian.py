@@ -64,6 +64,9 @@ PACKAGES: tuple[str, ...] = (
     "libvirt-daemon-system",
     "libvirt-clients",
     "python3-libvirt",
+    # nbs_storage_ceph_packages (the test provisions with nbs_storage_ceph: true)
+    "python3-rados",
+    "python3-rbd",
 )
 """Packages installed on top of debootstrap's ``minbase`` variant (with their dependencies)."""
 
