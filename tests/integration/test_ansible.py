@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +30,8 @@ import yaml
 
 from images import debian
 from tests.integration.conftest import require, require_tool
-from tests.integration.vm import QmpError, qemu_accel, qmp_execute
+from tests.integration.helpers import free_port
+from tests.integration.vm import qemu_accel, stop_qemu
 
 # The module fixture boots and provisions the VM inside the first test's time limit.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -46,12 +45,6 @@ _RECAP = re.compile(
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
     re.MULTILINE,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tool(name: str) -> str:
@@ -84,9 +77,9 @@ class DebianVM:
         self.image = image
         self.workdir = workdir
         self.qemu = qemu
-        self.ssh_port = _free_port()
-        self.nbd_port = _free_port()
-        self.api_port = _free_port()
+        self.ssh_port = free_port()
+        self.nbd_port = free_port()
+        self.api_port = free_port()
         self.overlay = workdir / "debian.qcow2"
         self.console = workdir / "debian-console.log"
         self.qmp_path = workdir / "debian-qmp.sock"
@@ -155,8 +148,9 @@ class DebianVM:
                 self.boot_seconds = time.monotonic() - started
                 return self.boot_seconds
 
-    def ssh(self, command: str, timeout: float = 120) -> tuple[int, str]:
-        """Run ``command`` as root in the guest; returns its exit status and stdout+stderr."""
+    @contextlib.contextmanager
+    def _client(self, timeout: float) -> Iterator[paramiko.SSHClient]:
+        """An SSH connection to the guest as root (closed on exit)."""
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         try:
@@ -165,27 +159,22 @@ class DebianVM:
                 key_filename=str(self.image.ssh_key), timeout=timeout, banner_timeout=timeout,
                 auth_timeout=timeout, look_for_keys=False, allow_agent=False,
             )  # fmt: skip
-            _stdin, stdout, _stderr = client.exec_command(command, timeout=timeout, get_pty=True)
-            output = stdout.read().decode(errors="replace").replace("\r\n", "\n")
-            return stdout.channel.recv_exit_status(), output
+            yield client
         finally:
             client.close()
 
+    def ssh(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """Run ``command`` as root in the guest; returns its exit status and stdout+stderr."""
+        with self._client(timeout) as client:
+            _stdin, stdout, _stderr = client.exec_command(command, timeout=timeout, get_pty=True)
+            output = stdout.read().decode(errors="replace").replace("\r\n", "\n")
+            return stdout.channel.recv_exit_status(), output
+
     def put(self, files: dict[Path, str]) -> None:
         """Copy local files to guest paths over SFTP (their directories must exist)."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        try:
-            client.connect(
-                "127.0.0.1", port=self.ssh_port, username="root",
-                key_filename=str(self.image.ssh_key), timeout=60, look_for_keys=False,
-                allow_agent=False,
-            )  # fmt: skip
-            with client.open_sftp() as sftp:
-                for local, remote in files.items():
-                    sftp.put(str(local), remote)
-        finally:
-            client.close()
+        with self._client(60) as client, client.open_sftp() as sftp:
+            for local, remote in files.items():
+                sftp.put(str(local), remote)
 
     def check(self, command: str, timeout: float = 120) -> str:
         rc, output = self.ssh(command, timeout)
@@ -198,17 +187,8 @@ class DebianVM:
         return ""
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(OSError, QmpError, ValueError):
-            qmp_execute(self.qmp_path, "quit", None, 5)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                self.process.wait(10)
-                return
-            except subprocess.TimeoutExpired:
-                self.process.send_signal(sig)
-        self.process.wait()
+        if self.process is not None:
+            stop_qemu(self.process, self.qmp_path)
 
 
 @dataclasses.dataclass

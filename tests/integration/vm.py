@@ -249,6 +249,23 @@ def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
         return None
 
 
+def stop_qemu(process: subprocess.Popen[bytes], qmp_path: Path, timeout: float = 10) -> int:
+    """End ``process`` (a QEMU) by PID: QMP ``quit`` on ``qmp_path``, then SIGTERM, SIGKILL.
+
+    Waits ``timeout`` s after ``quit`` and 5 s after SIGTERM; returns QEMU's exit status.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(OSError, QmpError, ValueError):
+            qmp_execute(qmp_path, "quit", None, 3)
+        rc = _wait_exit(process, timeout)
+        if rc is None:
+            process.send_signal(signal.SIGTERM)
+            rc = _wait_exit(process, 5)
+        if rc is None:
+            process.kill()
+    return process.wait()
+
+
 class QmpError(RuntimeError):
     """QMP answered with an error."""
 
@@ -475,17 +492,7 @@ class TinyVM(AgentGuest):
         try:
             if self.process is None:
                 return None
-            if self.process.poll() is None:
-                with contextlib.suppress(OSError, QmpError, ValueError):
-                    self.qmp("quit", timeout=3)
-                rc = _wait_exit(self.process, timeout)
-                if rc is None:
-                    self.process.send_signal(signal.SIGTERM)
-                    rc = _wait_exit(self.process, 5)
-                if rc is None:
-                    self.process.kill()
-                    rc = self.process.wait()
-            return self.process.wait()
+            return stop_qemu(self.process, self._control_path, timeout)
         finally:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 
