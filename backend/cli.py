@@ -38,7 +38,7 @@ from backend.volumes.config import (
     parse_export_spec,
     parse_host_port,
 )
-from backend.volumes.model import VolumeError
+from backend.volumes.model import Holder, VolumeError
 from backend.volumes.service import VolumeService
 from hypervisor import cli as hypervisor_cli
 
@@ -221,14 +221,16 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     """Serve every catalogued volume; an empty catalogue gets the embedded default volume."""
     data_dir = config.data_dir or default_data_dir()
 
-    def in_use(name: str) -> int:
-        return server_ref[0].connections_by_export.get(name, 0) if server_ref else 0
+    def holders(name: str) -> list[Holder]:
+        if not server_ref:
+            return []
+        return [Holder(h.peer, h.writable, h.since) for h in server_ref[0].holders.of(name)]
 
     try:
         service = VolumeService(
             data_dir,
             serving=True,
-            in_use=in_use,
+            holders=holders,
             profiles=config.storages,
             default_storage=config.default_storage,
         )

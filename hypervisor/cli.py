@@ -79,6 +79,12 @@ def add_commands(sub: Any) -> None:
     )
     attach.add_argument("--persistent", action="store_true", help="libvirt: also in the config")
     attach.add_argument(
+        "--read-only",
+        action="store_true",
+        help="attach it read-only (needed for read-only volumes and to share a volume that"
+        " another client holds writable)",
+    )
+    attach.add_argument(
         "--connections", type=int, metavar="N", help="kernel: sockets (multi-conn exports only)"
     )
     attach.set_defaults(func=cmd_attach)
@@ -123,7 +129,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     target = _target(args)
     if args.qmp:
-        done = qmp.attach(args.qmp, target, reconnect_delay=args.reconnect_delay)
+        done = qmp.attach(
+            args.qmp, target, reconnect_delay=args.reconnect_delay, read_only=args.read_only
+        )
         print(f"attached {target.uri()} as {done.device} (serial {done.serial})")
     elif args.domain:
         disk = domain.attach(
@@ -132,6 +140,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             connect=args.connect,
             persistent=args.persistent,
             reconnect_delay=args.reconnect_delay or None,
+            read_only=args.read_only,
         )
         print(f"attached {target.uri()} to {args.domain} as {disk.target_dev} ({disk.alias})")
     else:

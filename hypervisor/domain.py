@@ -192,8 +192,10 @@ def attach(
     live: bool = True,
     persistent: bool = False,
     reconnect_delay: int | None = None,
+    read_only: bool = False,
 ) -> DomainDisk:
-    """Attach ``target`` to ``domain`` (see module doc).  Idempotent."""
+    """Attach ``target`` to ``domain`` (see module doc).  Idempotent.  Without
+    ``read_only``, an export the server offers read-only is refused."""
     alias = alias_for(target.volume)
     with _domain(connect, domain) as (_, dom):
         xml = dom.XMLDesc(0)
@@ -206,10 +208,12 @@ def attach(
                     )
                 return existing
         try:
-            info = probe(target)
+            info = probe(target, read_only=read_only)
         except NbdClientError as err:
             raise ExportUnavailableError(str(err)) from err
-        element = disk_xml(target, dev=_free_dev(xml), read_only=info.read_only, alias=alias)
+        element = disk_xml(
+            target, dev=_free_dev(xml), read_only=read_only or info.read_only, alias=alias
+        )
         flags = _flags(dom, live, persistent)
         try:
             dom.attachDeviceFlags(element, flags)

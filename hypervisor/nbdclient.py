@@ -32,6 +32,10 @@ class ExportMissingError(NbdClientError):
     """The server answered but has no such export (or refuses it to us)."""
 
 
+class ExportReadOnlyError(NbdClientError):
+    """A writable attach of an export the server offers us read-only."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportInfo:
     size: int
@@ -150,18 +154,30 @@ class _Handshake:
         return ExportInfo(size, flags, *sizes)
 
 
-def probe(target: NbdTarget, timeout: float = CONNECT_TIMEOUT) -> ExportInfo:
-    """Check that the export exists and is usable; returns what the server says of it."""
+def probe(
+    target: NbdTarget, timeout: float = CONNECT_TIMEOUT, *, read_only: bool = True
+) -> ExportInfo:
+    """Check that the export exists and is usable; returns what the server says of it.
+
+    ``read_only=False``: the caller will write, so an export the server offers read-only is
+    refused (ExportReadOnlyError) instead of being attached read-only without a word.
+    """
     hs = _Handshake(dial(target, timeout), target)
     try:
         hs.start()
         info = hs.go(c.Opt.INFO)
         hs.option(c.Opt.ABORT)
-        return info
     except (OSError, struct.error) as err:
         raise NbdClientError(f"{target.uri()}: handshake failed: {err}") from err
     finally:
         hs.sock.close()
+    if info.read_only and not read_only:
+        raise ExportReadOnlyError(
+            f"volume {target.volume!r} is read-only to this client: a read-only volume, or"
+            f" another client holds it writable (`nbs volume info {target.volume}` shows who);"
+            " attach it with --read-only to share it read-only"
+        )
+    return info
 
 
 def connect_transmission(

@@ -169,6 +169,7 @@ async def _attach(
     reconnect_delay: int,
     open_timeout: int,
     bus: str | None,
+    read_only: bool,
 ) -> Attachment:
     session = await _connect(qmp_path)
     try:
@@ -191,7 +192,7 @@ async def _attach(
         if name in devices:
             raise AttachConflictError(f"a device with id {name!r} exists and is not ours")
         try:
-            info = await asyncio.to_thread(probe, target)
+            info = await asyncio.to_thread(probe, target, read_only=read_only)
         except NbdClientError as err:
             raise ExportUnavailableError(str(err)) from err
         if name in nodes:  # a node left behind by an interrupted attach
@@ -203,7 +204,7 @@ async def _attach(
             "export": target.export,
             "reconnect-delay": reconnect_delay,
             "open-timeout": open_timeout,
-            "read-only": info.read_only,
+            "read-only": read_only or info.read_only,
         }
         if target.tls:
             if target.tls_dir is None:
@@ -259,7 +260,7 @@ async def _attach(
             raise QmpError(f"device_add failed: {text}") from err
         uri = str((await session.nodes())[name].get("file", target.uri()))
         log.info("attached %s as %s (serial %s)", target.uri(), name, serial)
-        return Attachment(target.volume, name, name, uri, info.read_only, serial)
+        return Attachment(target.volume, name, name, uri, read_only or info.read_only, serial)
     finally:
         await session.qmp.disconnect()
 
@@ -335,11 +336,18 @@ def attach(
     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
     open_timeout: int = DEFAULT_OPEN_TIMEOUT,
     bus: str | None = None,
+    read_only: bool = False,
 ) -> Attachment:
-    """Hot-plug ``target`` into the VM whose QMP socket is ``qmp_path`` (see module doc)."""
+    """Hot-plug ``target`` into the VM whose QMP socket is ``qmp_path`` (see module doc).
+    Without ``read_only``, an export the server offers read-only is refused."""
     return asyncio.run(
         _attach(
-            qmp_path, target, reconnect_delay=reconnect_delay, open_timeout=open_timeout, bus=bus
+            qmp_path,
+            target,
+            reconnect_delay=reconnect_delay,
+            open_timeout=open_timeout,
+            bus=bus,
+            read_only=read_only,
         )
     )
 

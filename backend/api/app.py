@@ -88,6 +88,7 @@ class VolumeCreate(_Request):
     labels: Labels
     read_only: bool = False
     storage: StorageField = None
+    shared: bool = Field(False, description="let several clients hold it writable at once")
 
 
 class VolumeResize(_Request):
@@ -106,6 +107,7 @@ class VolumeImport(_Request):
     labels: Labels
     read_only: bool = False
     storage: StorageField = None
+    shared: bool = Field(False, description="let several clients hold it writable at once")
 
 
 class SnapshotCreate(_Request):
@@ -116,6 +118,14 @@ class CloneCreate(_Request):
     name: Name = Field(description="the new volume's name; " + NAME_RULE)
     description: str = ""
     labels: Labels
+
+
+class HolderOut(BaseModel):
+    """Mirrors backend.volumes.model.Holder."""
+
+    peer: str = Field(description='"HOST:PORT", or "unix pid N"')
+    writable: bool = Field(description="false: served read-only, another client holds it")
+    since: float = Field(description="Unix time it opened the volume")
 
 
 class VolumeOut(BaseModel):
@@ -132,6 +142,8 @@ class VolumeOut(BaseModel):
     snapshots: list[str]
     connections: int = Field(description="NBD clients that have the volume open")
     storage: str = Field(description="where the data lives (inline storage spec)")
+    shared: bool = Field(description="several clients may hold it writable at once")
+    holders: list[HolderOut] = Field(description="the NBD clients that have it open now")
 
     @classmethod
     def of(cls, info: VolumeInfo) -> VolumeOut:
@@ -353,7 +365,7 @@ def create_app(
     ``connections`` (open NBD connections), ``listeners`` (NBD listener URIs) and ``api`` (the
     API's URLs); missing keys report 0 or nothing.  Called on the thread pool, so it must be
     thread safe.
-    ``connections``: how many NBD clients have a volume open (default ``service.in_use``).
+    ``connections``: how many NBD clients have a volume open (default: its holders).
 
     ``app.state.imports`` (backend.api.imports.Imports) tracks running imports, so that
     whoever stops the server can wait for them (ApiServer.stop does).
@@ -361,7 +373,7 @@ def create_app(
     if not token:
         raise ValueError("the API token must not be empty")
     started = time.monotonic()
-    in_use = connections or service.in_use
+    in_use = connections or (lambda name: len(service.holders(name)))
     imports = Imports()
     app = FastAPI(
         title="NBS management API",
@@ -397,6 +409,7 @@ def create_app(
             labels=body.labels,
             read_only=body.read_only,
             storage=body.storage,
+            shared=body.shared,
         )
         response.headers["Location"] = f"{PREFIX}/volumes/{quote(info.name)}"
         return VolumeOut.of(info)
@@ -452,6 +465,7 @@ def create_app(
             labels=body.labels,
             read_only=body.read_only,
             storage=body.storage,
+            shared=body.shared,
         )
         return NDJSONResponse(_ndjson(job))
 

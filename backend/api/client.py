@@ -25,6 +25,7 @@ from backend.api.errors import UnauthorizedError, UnreachableError, UnsupportedE
 from backend.api.local import accepts_connections, is_loopback, socket_path, token_path
 from backend.volumes.config import default_data_dir
 from backend.volumes.model import (
+    Holder,
     InvalidRequestError,
     SnapshotInfo,
     VolumeError,
@@ -44,7 +45,8 @@ _UNIX_HOST = "http://nbs"  # the host part of URLs sent over a Unix socket; neve
 
 
 def _volume(data: dict[str, Any]) -> VolumeInfo:
-    return VolumeInfo(**{**data, "snapshots": tuple(data["snapshots"])})
+    holders = tuple(Holder(**h) for h in data.get("holders", ()))
+    return VolumeInfo(**{**data, "snapshots": tuple(data["snapshots"]), "holders": holders})
 
 
 def _snapshot(data: dict[str, Any]) -> SnapshotInfo:
@@ -171,6 +173,7 @@ class RemoteVolumes:
         labels: dict[str, str] | None = None,
         read_only: bool = False,
         storage: str | None = None,
+        shared: bool = False,
     ) -> VolumeInfo:
         body = {
             "name": name,
@@ -179,6 +182,7 @@ class RemoteVolumes:
             "labels": labels or {},
             "read_only": read_only,
             "storage": storage,
+            "shared": shared,
         }
         return _volume(self._call("POST", "/volumes", body=body))
 
@@ -237,6 +241,7 @@ class RemoteVolumes:
         labels: dict[str, str] | None = None,
         read_only: bool = False,
         storage: str | None = None,
+        shared: bool = False,
         progress: Progress | None = None,
     ) -> VolumeInfo:
         """A new volume holding the image at ``source``, read by the server: a path on the
@@ -251,6 +256,7 @@ class RemoteVolumes:
             "labels": labels or {},
             "read_only": read_only,
             "storage": storage,
+            "shared": shared,
         }
         path = f"{_volume_path(name)}/import"
         still_running = (

@@ -79,6 +79,7 @@ class Import:
         labels: dict[str, str] | None = None,
         read_only: bool = False,
         storage: str | None = None,
+        shared: bool = False,
     ) -> None:
         self.service = service
         self.name = check_name(name)
@@ -92,6 +93,7 @@ class Import:
             labels=labels,
             read_only=read_only,
             storage=storage,
+            shared=shared,
         )
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._copy, name=f"nbs-import-{name}", daemon=True)

@@ -106,6 +106,11 @@ class ExportDirectory(Protocol):
     def exports(self) -> Sequence[ExportDescription]:
         """Every export, for NBD_OPT_LIST."""
 
+    def select(self, export: ExportDescription) -> ExportDescription:
+        """The client chose ``export`` for transmission (GO or EXPORT_NAME), before it is told
+        so: returns what to serve it (e.g. the export made read-only because another client
+        holds it writable), or raises :class:`ExportUnavailableError` to refuse it."""
+
 
 class ServerConnection:
     """One connection, from greeting to disconnect.
@@ -383,6 +388,12 @@ class ServerConnection:
         export = self._find(option, name)
         if export is None:
             return None
+        if option == c.Opt.GO:
+            try:
+                export = self._directory.select(export)
+            except ExportUnavailableError as err:
+                self._error(option, c.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {err}")
+                return None
         flags = self._flags_for(export)
         self._reply(option, c.Rep.INFO, wire.info_export(export.size, flags))
         if c.Info.NAME in requests:
@@ -413,6 +424,10 @@ class ServerConnection:
             raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")
         if (export.tls is TLSPolicy.REQUIRED and not self.tls_active) or not self._visible(export):
             raise ProtocolError(f"EXPORT_NAME for {name!r} refused by its TLS policy")
+        try:
+            export = self._directory.select(export)
+        except ExportUnavailableError as err:
+            raise ProtocolError(f"EXPORT_NAME for {name!r}, not available: {err}") from err
         reply = wire.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
         self._out += reply if self.no_zeroes else reply + bytes(c.EXPORT_NAME_ZEROES)
         return self._enter_transmission(export)

@@ -26,13 +26,16 @@ class Export:
     read_only: bool = False
     # Alignment requested by the operator on top of what the storage needs.
     min_block: int = 1
+    # At most one connection may hold it writable (backend/server/holders.py); such an
+    # export never advertises CAN_MULTI_CONN, as a client's second connection would read only.
+    exclusive: bool = False
 
     def describe(self) -> ExportDescription:
         caps = self.storage.capabilities
         return ExportDescription(
             name=self.name,
             size=self.storage.size,
-            flags=transmission_flags(caps, read_only=self.read_only),
+            flags=transmission_flags(caps, read_only=self.read_only, exclusive=self.exclusive),
             description=self.description,
             min_block=max(self.min_block, caps.min_block),
             preferred_block=max(caps.preferred_block, self.min_block, caps.min_block),
@@ -41,7 +44,9 @@ class Export:
         )
 
 
-def transmission_flags(caps: Capabilities, *, read_only: bool) -> TransmissionFlag:
+def transmission_flags(
+    caps: Capabilities, *, read_only: bool, exclusive: bool = False
+) -> TransmissionFlag:
     """The flags an export advertises, derived from what its storage declares."""
     flags = TransmissionFlag.HAS_FLAGS
     if read_only or caps.read_only:
@@ -59,7 +64,7 @@ def transmission_flags(caps: Capabilities, *, read_only: bool) -> TransmissionFl
         flags |= TransmissionFlag.SEND_FUA
     if caps.can_cache:
         flags |= TransmissionFlag.SEND_CACHE
-    if caps.can_multi_conn:
+    if caps.can_multi_conn and not exclusive:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     if caps.rotational:
         flags |= TransmissionFlag.ROTATIONAL

@@ -21,12 +21,14 @@ import selectors
 import socket
 import ssl
 import stat
+import struct
 import threading
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backend.server.exports import Export, Exports, close_storages
+from backend.server.holders import Holders
 from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
 
@@ -87,7 +89,7 @@ class Server:
         self._acceptor: threading.Thread | None = None
         self._stopping = False
         self._shut_down = False
-        self.connections_by_export: dict[str, int] = {}
+        self.holders = Holders()  # who uses each export (the one-writer rule lives there)
         self.stats = ServerStats()
         # Exports removed by a reload, with the generation that removed them; a session
         # remembers the generation it was accepted in.
@@ -219,11 +221,12 @@ class Server:
         client.setblocking(True)
         if client.family in (socket.AF_INET, socket.AF_INET6):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(client)
             peer = "{}:{}".format(*addr) if isinstance(addr, tuple) else str(addr)
         else:
-            peer = "unix"
+            peer = _unix_peer(client)
         session = Session(
-            client, peer, self.table, tls=self._tls, pool=self._pool, on_export=self._track
+            client, peer, self.table, tls=self._tls, pool=self._pool, holders=self.holders
         )
         thread = threading.Thread(target=self._run_session, args=(session,), daemon=True)
         with self._lock:
@@ -247,15 +250,6 @@ class Server:
                     self.stats.retire(session.export.name, session.stats)
                 unused = self._unused_retired() if self._retired else []
             close_storages(unused)
-
-    def _track(self, session: Session, export: Export | None) -> None:
-        with self._lock:
-            if export is not None:
-                self.connections_by_export[export.name] = (
-                    self.connections_by_export.get(export.name, 0) + 1
-                )
-            elif session.export is not None:
-                self.connections_by_export[session.export.name] -= 1
 
     def metrics_snapshot(self) -> Snapshot:
         """Request and connection counts per export, for the metrics endpoint."""
@@ -448,3 +442,27 @@ def inherited_sockets(environ: MutableMapping[str, str] | None = None) -> list[s
             f" ({names.replace(':', ', ')})" if names else "",
         )
     return sockets
+
+
+# A client that vanished without a FIN (power loss, a cut link) would hold its volume, and a
+# writer slot, forever; keepalive probes find it dead within about two minutes.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 6
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def _unix_peer(sock: socket.socket) -> str:
+    """``unix pid N``: which process holds a volume is what an operator needs to know."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unix"
+    pid = struct.unpack("3i", creds)[0]
+    return f"unix pid {pid}" if pid > 0 else "unix"

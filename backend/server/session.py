@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter_ns
 
@@ -26,6 +26,7 @@ from backend.nbd import (
     Aborted,
     ConnectionClosed,
     Disconnect,
+    ExportDescription,
     ExportSelected,
     ExportUnavailableError,
     ProtocolError,
@@ -36,6 +37,7 @@ from backend.nbd import (
 )
 from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
 from backend.server.exports import Export, Exports
+from backend.server.holders import Holder, Holders
 from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
 from backend.storage import Storage, StorageError
 
@@ -74,15 +76,15 @@ class Session:
         *,
         tls: ssl.SSLContext | None,
         pool: ThreadPoolExecutor,
-        on_export: Callable[[Session, Export | None], None] | None = None,
+        holders: Holders | None = None,
     ) -> None:
         self.sock: socket.socket = sock
         self.peer = peer
         self._table = table
         self._tls = tls
         self._pool = pool
-        self._on_export = on_export
-        self.conn = ServerConnection(table, tls_available=tls is not None)
+        self._choice = _Choice(peer, table, holders or Holders())
+        self.conn = ServerConnection(self._choice, tls_available=tls is not None)
         self._send_lock = threading.Lock()
         self._idle = threading.Condition()
         self._inflight = 0
@@ -108,8 +110,7 @@ class Session:
             log.info("%s: connection ended: %s", self.peer, err)
         finally:
             self._wait_idle()
-            if self._on_export is not None:
-                self._on_export(self, None)
+            self._choice.release()
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -134,17 +135,6 @@ class Session:
         self._sendall(self.conn.data_to_send())
         while True:
             event = self.conn.next_event()
-            export = None
-            if isinstance(event, ExportSelected):
-                # Counted before the client sees the GO reply, so a connection is never in
-                # use without being counted.
-                try:
-                    export = self._table.get(event.export.name)
-                except ExportUnavailableError:  # lost between lookup and now
-                    export = None
-                self.export = export
-                if export is not None and self._on_export is not None:
-                    self._on_export(self, export)
             self._sendall(self.conn.data_to_send())
             if event is NEED_DATA:
                 self.conn.receive_data(self.sock.recv(RECV_SIZE))
@@ -154,8 +144,9 @@ class Session:
                 self.sock = self._tls.wrap_socket(self.sock, server_side=True)
                 self.conn.tls_established()
             elif isinstance(event, ExportSelected):
-                if export is None:  # removed between lookup and now
-                    return
+                export = self._choice.export
+                assert export is not None  # the core selected it through _Choice.select
+                self.export = export
                 if not export.storage.capabilities.thread_safe:
                     self._storage_lock = threading.Lock()
                 log.info("%s: serving export %r", self.peer, export.name)
@@ -333,6 +324,42 @@ class Session:
             total = sum(map(len, buffers))
             if sent < total:
                 self.sock.sendall(b"".join(buffers)[sent:])
+
+
+class _Choice:
+    """The protocol core's view of the exports for one session (its ExportDirectory).
+
+    Lookups go to the server's table.  The export the client selects is opened here and
+    admitted by the server's holders (which serve it read-only to a second would-be writer of
+    an exclusive volume) before the core answers, so a connection is never in use without
+    being counted, and the session serves exactly what the client was told about.
+    """
+
+    def __init__(self, peer: str, table: Exports, holders: Holders) -> None:
+        self._peer = peer
+        self._table = table
+        self._holders = holders
+        self.export: Export | None = None
+        self._holder: Holder | None = None
+
+    def lookup(self, name: str) -> ExportDescription | None:
+        export = self._table.get(name)
+        return None if export is None else self._holders.preview(export).describe()
+
+    def exports(self) -> Sequence[ExportDescription]:
+        return self._table.exports()
+
+    def select(self, export: ExportDescription) -> ExportDescription:
+        chosen = self._table.get(export.name)
+        if chosen is None:
+            raise ExportUnavailableError("it was removed")
+        self._holder, self.export = self._holders.admit(self._peer, chosen)
+        return self.export.describe()
+
+    def release(self) -> None:
+        if self._holder is not None:
+            self._holders.release(self._holder)
+            self._holder = None
 
 
 def _read_parts(storage: Storage, offset: int, length: int) -> list[tuple[int, int, bytes | None]]:

@@ -55,6 +55,7 @@ class VolumeExports:
             description=row.description,
             tls=self.tls,
             read_only=row.read_only,
+            exclusive=not row.shared,
         )
 
     def lookup(self, name: str) -> ExportDescription | None:
@@ -72,7 +73,9 @@ class VolumeExports:
             ExportDescription(
                 name=row.name,
                 size=row.size,
-                flags=transmission_flags(_LISTED, read_only=row.read_only),
+                flags=transmission_flags(
+                    _LISTED, read_only=row.read_only, exclusive=not row.shared
+                ),
                 description=row.description,
                 tls=self.tls,
             )

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     origin TEXT,
     state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
     created REAL NOT NULL,
-    storage TEXT NOT NULL DEFAULT '{"kind": "file", "layers": [], "params": {}}'
+    storage TEXT NOT NULL DEFAULT '{"kind": "file", "layers": [], "params": {}}',
+    shared INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     volume TEXT NOT NULL,
@@ -69,6 +70,7 @@ class VolumeRow:
     state: str
     created: float
     storage: str = FILE_STORAGE
+    shared: bool = False  # several clients may hold it writable at once (multi-attach)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         state=row["state"],
         created=row["created"],
         storage=row["storage"],
+        shared=bool(row["shared"]),
     )
 
 
@@ -126,6 +129,9 @@ class Catalogue:
                         f"ALTER TABLE {table} ADD COLUMN storage TEXT NOT NULL DEFAULT"
                         f" '{FILE_STORAGE}'"
                     )
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(volumes)")}
+            if "shared" not in columns:  # schema 2 → 3
+                db.execute("ALTER TABLE volumes ADD COLUMN shared INTEGER NOT NULL DEFAULT 0")
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -221,7 +227,7 @@ class Catalogue:
     def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
         db.execute(
             "INSERT INTO volumes (name, size, description, labels, read_only, top, origin,"
-            " state, created, storage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " state, created, storage, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.name,
                 row.size,
@@ -233,5 +239,6 @@ class Catalogue:
                 row.state,
                 row.created,
                 row.storage,
+                int(row.shared),
             ),
         )

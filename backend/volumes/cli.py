@@ -143,6 +143,12 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--description", default="")
     create.add_argument("--label", action="append", metavar="KEY=VALUE")
     create.add_argument("--read-only", action="store_true")
+    create.add_argument(
+        "--shared",
+        action="store_true",
+        help="let several clients hold it writable at once (a cluster filesystem's disk);"
+        " by default a second client gets it read-only",
+    )
     create.add_argument("--storage", metavar="SPEC|PROFILE", help=STORAGE_HELP)
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_create)
@@ -240,7 +246,16 @@ def _show_volume(info: VolumeInfo, as_json: bool) -> None:
         ("read-only", "yes" if info.read_only else "no"),
         ("origin", info.origin or "-"),
         ("snapshots", ", ".join(info.snapshots) or "-"),
+        ("shared", "yes" if info.shared else "no"),
         ("connections", str(info.connections)),
+        *(
+            (
+                "held by",
+                f"{h.peer} {'writable' if h.writable else 'read-only'} since "
+                + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.since)),
+            )
+            for h in info.holders
+        ),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"),
         ("description", info.description or "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
@@ -270,6 +285,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             labels=labels,
             read_only=args.read_only,
             storage=args.storage,
+            shared=args.shared,
             progress=ProgressBar(f"importing {args.name}"),
         )
     else:
@@ -282,6 +298,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             labels=labels,
             read_only=args.read_only,
             storage=args.storage,
+            shared=args.shared,
         )
     if args.json:
         _show_volume(info, True)

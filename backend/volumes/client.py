@@ -46,6 +46,7 @@ class LocalVolumes:
         labels: dict[str, str] | None = None,
         read_only: bool = False,
         storage: str | None = None,
+        shared: bool = False,
         progress: Progress | None = None,
     ) -> VolumeInfo:
         """A new volume holding the image at ``source`` (hidden until the copy is complete)."""
@@ -58,6 +59,7 @@ class LocalVolumes:
             labels=labels,
             read_only=read_only,
             storage=storage,
+            shared=shared,
         )
         return transfer.finish_import(self.service, name, source, progress)
 

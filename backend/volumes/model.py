@@ -113,6 +113,15 @@ class SnapshotInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Holder:
+    """A client that has a volume open on the serving ``nbs serve``."""
+
+    peer: str  # "HOST:PORT" (TCP) or "unix pid N"
+    writable: bool  # False: served read-only (the volume is held writable by another client)
+    since: float  # when it opened the volume (time.time())
+
+
+@dataclasses.dataclass(frozen=True)
 class VolumeInfo:
     name: str
     size: int
@@ -125,6 +134,8 @@ class VolumeInfo:
     snapshots: tuple[str, ...]
     connections: int = 0  # clients that have it open (when asked of a running server)
     storage: str = "file"  # where its data lives (backend.volumes.storages, inline form)
+    shared: bool = False  # several clients may hold it writable at once
+    holders: tuple[Holder, ...] = ()  # who has it open (when asked of a running server)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

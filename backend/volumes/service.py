@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from backend.storage import Storage, StorageError
@@ -39,6 +39,7 @@ from backend.volumes.catalogue import Catalogue, VolumeRow
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
+    Holder,
     InUseError,
     InvalidRequestError,
     NotFoundError,
@@ -68,7 +69,8 @@ class VolumeService:
 
     ``serving``: this process serves the directory (``nbs serve``); it takes the serving lock,
     and volumes it opens stay open until deleted or close() is called.
-    ``in_use``: how many clients have a volume open (from the server), for delete checks.
+    ``holders``: the clients that have a volume open (from the server), for delete checks
+    and ``info``.
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class VolumeService:
         data_dir: Path,
         *,
         serving: bool = False,
-        in_use: Callable[[str], int] | None = None,
+        holders: Callable[[str], Sequence[Holder]] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         profiles: Mapping[str, StorageSpec] | None = None,
         default_storage: StorageSpec = FILE,
@@ -86,7 +88,7 @@ class VolumeService:
         self.layers.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
         self.chunk_size = chunk_size
-        self.in_use = in_use or (lambda name: 0)
+        self.holders: Callable[[str], Sequence[Holder]] = holders or (lambda name: ())
         self.profiles = dict(profiles or {})
         self.default_storage = default_storage
         self.backends = Backends(data_dir, chunk_size)
@@ -184,8 +186,10 @@ class VolumeService:
             used_bytes=self._used(row.top),
             origin=row.origin,
             snapshots=tuple(s.name for s in self.catalogue.snapshots(row.name)),
-            connections=self.in_use(row.name),
+            connections=len(holders := tuple(self.holders(row.name))),
             storage=str(StorageSpec.from_json(row.storage)),
+            shared=row.shared,
+            holders=holders,
         )
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
@@ -258,6 +262,7 @@ class VolumeService:
         read_only: bool = False,
         ready: bool = True,
         storage: str | StorageSpec | None = None,
+        shared: bool = False,
     ) -> VolumeInfo:
         """A new, empty (sparse) volume on ``storage`` (see :meth:`resolve_storage`).
         ``ready=False`` keeps it hidden (``creating``) until :meth:`mark_ready`, for volumes
@@ -295,6 +300,7 @@ class VolumeService:
                 "creating",
                 time.time(),
                 spec.to_json(),
+                shared,
             )
             with self.catalogue.transaction() as db:
                 self.catalogue.add_layer(db, layer, None, row.storage)
@@ -384,7 +390,7 @@ class VolumeService:
         with self._mutating():
             row = self._row(name)
             self._check_local_if_closed(name, "delete")
-            clients = self.in_use(name)
+            clients = len(self.holders(name))
             if clients and not force:
                 raise InUseError(
                     f"volume {name!r} is open by {clients} client(s); detach it first or use"

@@ -180,6 +180,7 @@ def begin_import(
     labels: dict[str, str] | None = None,
     read_only: bool = False,
     storage: str | None = None,
+    shared: bool = False,
 ) -> None:
     """Create the hidden (``creating``) volume an image will be copied into.
 
@@ -196,6 +197,7 @@ def begin_import(
         read_only=read_only,
         ready=False,
         storage=storage,
+        shared=shared,
     )
 
 

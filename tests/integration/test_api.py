@@ -410,7 +410,7 @@ def nbd_server(tmp_path: Path) -> Iterator[tuple[VolumeService, Server]]:
     ref: list[Server] = []
 
     def in_use(name: str) -> int:
-        return ref[0].connections_by_export.get(name, 0)
+        return len(ref[0].holders.of(name))
 
     service = VolumeService(tmp_path / "nbd-data", serving=True, in_use=in_use)
     server = Server(VolumeExports(service, tls=TLSPolicy.OFF), tcp=[TCPAddress("127.0.0.1", 0)])

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from backend.api.app import SnapshotOut, VolumeOut, create_app, export_uris
-from backend.volumes.model import SnapshotInfo, VolumeInfo
+from backend.volumes.model import Holder, SnapshotInfo, VolumeInfo
 from backend.volumes.service import VolumeService
 from tests.unit.api.conftest import AUTH, TOKEN, MiB
 
@@ -49,7 +49,8 @@ def test_create_list_info(api: TestClient) -> None:
 def test_results_mirror_the_service(api: TestClient, service: VolumeService) -> None:
     api.post("/v1/volumes", json={"name": "a", "size": MiB})
     api.post("/v1/volumes/a/snapshots", json={"name": "s"})
-    assert api.get("/v1/volumes/a").json() == service.info("a").to_json() | {"snapshots": ["s"]}
+    expected = service.info("a").to_json() | {"snapshots": ["s"], "holders": []}
+    assert api.get("/v1/volumes/a").json() == expected
     assert api.get("/v1/snapshots").json() == [
         s.to_json() | {"clones": list(s.clones)} for s in service.snapshots()
     ]
@@ -84,7 +85,7 @@ def test_delete(api: TestClient) -> None:
 
 def test_delete_refuses_a_volume_in_use(service: VolumeService) -> None:
     app = create_app(service, token=TOKEN)
-    service.in_use = lambda name: 2
+    service.holders = lambda name: [Holder("unix pid 7", True, 0.0), Holder("unix", False, 1.0)]
     with TestClient(app, headers=AUTH) as api:
         api.post("/v1/volumes", json={"name": "a", "size": MiB})
         assert error(api.delete("/v1/volumes/a")) == (409, "in-use")

@@ -32,12 +32,17 @@ SIZE = 1 << 20
 class Directory:
     def __init__(self, *exports: ExportDescription) -> None:
         self._exports = {e.name: e for e in exports}
+        self.selected: list[str] = []
 
     def lookup(self, name: str) -> ExportDescription | None:
         return self._exports.get(name or next(iter(self._exports)))
 
     def exports(self) -> Sequence[ExportDescription]:
         return list(self._exports.values())
+
+    def select(self, export: ExportDescription) -> ExportDescription:
+        self.selected.append(export.name)
+        return export
 
 
 def export(name: str = "disk", **kwargs: object) -> ExportDescription:

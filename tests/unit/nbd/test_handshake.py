@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -13,6 +14,7 @@ from backend.nbd import (
     ExportSelected,
     ExportUnavailableError,
     ProtocolError,
+    Rejected,
     ServerConnection,
     StartTLS,
     State,
@@ -28,6 +30,7 @@ from tests.unit.nbd.helpers import (
     meta_payload,
     option,
     parse_option_replies,
+    request,
 )
 
 FIXED = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
@@ -109,6 +112,51 @@ def test_an_unavailable_export_is_err_unknown_with_the_reason() -> None:
     assert b"held writable by client.4242" in reply[2]
     got = events(conn, option(c.Opt.GO, info_payload("disk")))  # negotiation goes on
     assert isinstance(got[0], ExportSelected)
+
+
+class _Busy(Directory):
+    def select(self, export: ExportDescription) -> ExportDescription:
+        if export.name == "held":
+            raise ExportUnavailableError("in use by 10.0.0.7:41000 (writable)")
+        if export.name == "shared":
+            return dataclasses.replace(export, flags=export.flags | c.TransmissionFlag.READ_ONLY)
+        return super().select(export)
+
+
+def test_go_asks_the_directory_to_select_and_a_refusal_is_err_unknown() -> None:
+    directory = _Busy(export("held"), export("disk"))
+    conn = ServerConnection(directory)
+    conn.data_to_send()
+    # INFO only looks: it never selects, so a held export can still be inspected.
+    assert events(conn, FIXED + option(c.Opt.INFO, info_payload("held"))) == []
+    assert parse_option_replies(conn.data_to_send())[-1][1] == c.Rep.ACK
+    assert events(conn, option(c.Opt.GO, info_payload("held"))) == []
+    reply = parse_option_replies(conn.data_to_send())
+    assert [r[1] for r in reply] == [c.Rep.ERR_UNKNOWN]  # no INFO before the refusal
+    assert b"in use by 10.0.0.7:41000" in reply[0][2]
+    got = events(conn, option(c.Opt.GO, info_payload("disk")))
+    assert isinstance(got[0], ExportSelected)
+    assert directory.selected == ["disk"]
+
+
+def test_the_export_select_returns_is_the_one_served() -> None:
+    conn = ServerConnection(_Busy(export("shared")))
+    conn.data_to_send()
+    got = events(conn, FIXED + option(c.Opt.GO, info_payload("shared")))
+    assert isinstance(got[0], ExportSelected)
+    assert got[0].export.flags & c.TransmissionFlag.READ_ONLY
+    info = next(r for r in parse_option_replies(conn.data_to_send()) if r[1] == c.Rep.INFO)
+    assert struct.unpack(">HQH", info[2][:12])[2] & c.TransmissionFlag.READ_ONLY
+    rejected = events(conn, request(c.Cmd.WRITE, length=512) + bytes(512))
+    assert isinstance(rejected[0], Rejected)
+    assert rejected[0].error == c.Error.EPERM
+
+
+def test_export_name_for_a_refused_export_closes() -> None:
+    conn = ServerConnection(_Busy(export("held")))
+    conn.data_to_send()
+    with pytest.raises(ProtocolError, match="in use by"):
+        events(conn, FIXED + option(c.Opt.EXPORT_NAME, b"held"))
 
 
 def test_export_name_for_an_unavailable_export_closes() -> None:

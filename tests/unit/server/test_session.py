@@ -176,7 +176,7 @@ def test_connections_are_counted_per_export(serve) -> None:  # type: ignore[no-u
     server = serve(Export("a", MemoryStorage(SIZE)), Export("b", MemoryStorage(SIZE)))
     clients = [Client(port_of(server), "a"), Client(port_of(server), "a")]
     clients.append(Client(port_of(server), "b"))
-    assert server.connections_by_export == {"a": 2, "b": 1}
+    assert server.holders.counts() == {"a": 2, "b": 1}
     for client in clients:
         client.send(request(Cmd.DISC))
         client.close()

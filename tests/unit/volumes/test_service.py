@@ -12,6 +12,7 @@ import pytest
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
+    Holder,
     InUseError,
     InvalidRequestError,
     NotFoundError,
@@ -106,8 +107,8 @@ def test_resize_grows_and_refuses_to_shrink_without_permission(service: VolumeSe
 
 
 def test_delete_refused_while_in_use_unless_forced(tmp_path: Path) -> None:
-    users = {"v": 1}
-    svc = VolumeService(tmp_path / "d", in_use=lambda n: users.get(n, 0))
+    holder = Holder("127.0.0.1:40000", writable=True, since=0.0)
+    svc = VolumeService(tmp_path / "d", holders=lambda n: [holder] if n == "v" else [])
     svc.create("v", MiB)
     with pytest.raises(InUseError):
         svc.delete("v")
