@@ -36,6 +36,7 @@ from backend.volumes import transfer
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
+    Holder,
     InUseError,
     InvalidRequestError,
     NotFoundError,
@@ -409,10 +410,10 @@ def nbd_server(tmp_path: Path) -> Iterator[tuple[VolumeService, Server]]:
     """A real NBD server over its own catalogue, as ``nbs serve`` runs one."""
     ref: list[Server] = []
 
-    def in_use(name: str) -> int:
-        return len(ref[0].holders.of(name))
+    def holders(name: str) -> list[Holder]:
+        return [Holder(h.peer, h.writable, h.since) for h in ref[0].holders.of(name)]
 
-    service = VolumeService(tmp_path / "nbd-data", serving=True, in_use=in_use)
+    service = VolumeService(tmp_path / "nbd-data", serving=True, holders=holders)
     server = Server(VolumeExports(service, tls=TLSPolicy.OFF), tcp=[TCPAddress("127.0.0.1", 0)])
     ref.append(server)
     server.bind()
