@@ -81,7 +81,7 @@ def add_commands(sub: Any) -> None:
     attach.add_argument(
         "--read-only",
         action="store_true",
-        help="attach it read-only (needed for read-only volumes and to share a volume that"
+        help="attach it read-only (needed for read-only volumes, and to share a volume that"
         " another client holds writable)",
     )
     attach.add_argument(

@@ -676,6 +676,7 @@ def attach(
     dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT,
     interface: Interface | None = None,
     state: Path | None = None,
+    read_only: bool = False,
 ) -> KernelDevice:
     """Connect the volume to a free /dev/nbdN (or return the device that already has it).
 
@@ -684,6 +685,8 @@ def attach(
     connection dead (the supervisor then reconnects). ``dead_conn_timeout``: seconds the
     kernel holds I/O while no connection is alive, and how long the supervisor keeps trying.
     ``interface``: force "netlink" or "ioctl" (default: netlink where the kernel has it).
+    ``read_only``: a read-only device; without it, an export the server offers read-only
+    (a read-only volume, or one another client holds writable) is refused.
     """
     target = as_target(target)
     refuse_tls(target)
@@ -697,7 +700,14 @@ def attach(
             return _ensure_supervised(existing, target, directory, connections)
         nl = _open_netlink(interface)
         if nl is None:
-            return _attach_ioctl(target, backend_id, connections, timeout, directory)
+            return _attach_ioctl(
+                target,
+                backend_id,
+                connections=connections,
+                timeout=timeout,
+                directory=directory,
+                read_only=read_only,
+            )
         with nl:
             return _attach_netlink(
                 nl,
@@ -707,6 +717,7 @@ def attach(
                 timeout=timeout,
                 dead_conn_timeout=dead_conn_timeout,
                 directory=directory,
+                read_only=read_only,
             )
 
 
@@ -788,8 +799,16 @@ def _attach_netlink(
     timeout: int,
     dead_conn_timeout: int,
     directory: Path,
+    read_only: bool,
 ) -> KernelDevice:
     socks, info = dial_many(target, connections)
+    try:
+        with _export_errors():
+            nbdclient.require_access(target, info, read_only=read_only)
+    except ExportError:
+        for sock in socks:
+            sock.close()
+        raise
     # Subscribed before CONNECT and handed to the supervisor: no LINK_DEAD goes unheard.
     watch = NbdNetlink.open()
     try:
@@ -837,9 +856,11 @@ def _attach_netlink(
 def _attach_ioctl(
     target: NbdTarget,
     backend_id: str,
+    *,
     connections: int | None,
     timeout: int,
     directory: Path,
+    read_only: bool,
 ) -> KernelDevice:
     if connections not in (None, 1):
         raise KernelError("the ioctl interface takes one connection")
@@ -848,6 +869,8 @@ def _attach_ioctl(
         raise DeviceError("no free /dev/nbdN (load the module with more: nbds_max=N)")
     sock, info = dial(target)
     try:
+        with _export_errors():
+            nbdclient.require_access(target, info, read_only=read_only)
         record = Record(
             index=index,
             target=target.uri(),
@@ -1265,6 +1288,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dead-conn-timeout", type=int, default=DEFAULT_DEAD_CONN_TIMEOUT, metavar="SECONDS"
     )
     attach_p.add_argument("--interface", choices=["netlink", "ioctl"])
+    attach_p.add_argument("--read-only", action="store_true")
     attach_p.add_argument("--json", action="store_true")
 
     detach_p = sub.add_parser("detach", help="disconnect a device or volume")
@@ -1316,6 +1340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dead_conn_timeout=args.dead_conn_timeout,
                 interface=args.interface,
                 state=directory,
+                read_only=args.read_only,
             )
             text = f"{result.path} {result.target}"
         elif args.command == "detach":

@@ -22,10 +22,14 @@ def _ssh(args: argparse.Namespace) -> remote.SshOptions:
 def attach(args: argparse.Namespace, target: NbdTarget) -> int:
     if args.host:
         device = remote.remote_attach(
-            args.host, target, connections=args.connections, ssh=_ssh(args)
+            args.host,
+            target,
+            connections=args.connections,
+            read_only=args.read_only,
+            ssh=_ssh(args),
         )
     else:
-        device = kernel.attach(target, connections=args.connections)
+        device = kernel.attach(target, connections=args.connections, read_only=args.read_only)
     where = f" on {args.host}" if args.host else ""
     print(f"attached {target.uri()} as {device.path}{where}")
     return 0

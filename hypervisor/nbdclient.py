@@ -171,13 +171,19 @@ def probe(
         raise NbdClientError(f"{target.uri()}: handshake failed: {err}") from err
     finally:
         hs.sock.close()
+    require_access(target, info, read_only=read_only)
+    return info
+
+
+def require_access(target: NbdTarget, info: ExportInfo, *, read_only: bool) -> None:
+    """ExportReadOnlyError if the caller means to write (``read_only=False``) and the server
+    offers the export read-only: attaching it read-only without a word would surprise."""
     if info.read_only and not read_only:
         raise ExportReadOnlyError(
             f"volume {target.volume!r} is read-only to this client: a read-only volume, or"
             f" another client holds it writable (`nbs volume info {target.volume}` shows who);"
             " attach it with --read-only to share it read-only"
         )
-    return info
 
 
 def connect_transmission(

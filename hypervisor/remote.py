@@ -209,10 +209,13 @@ def remote_attach(
     timeout: int | None = None,
     dead_conn_timeout: int | None = None,
     interface: kernel.Interface | None = None,
+    read_only: bool = False,
     ssh: SshOptions = SshOptions(),
 ) -> KernelDevice:
     """``kernel.attach`` on the host; the target is resolved to a URI here first."""
     args = ["attach", kernel.as_target(target).uri()]
+    if read_only:
+        args.append("--read-only")
     if connections is not None:
         args += ["--connections", str(connections)]
     if timeout is not None:

@@ -59,7 +59,14 @@ class Guest:
     def start_server(self) -> None:
         self.restarts += 1
         self.server = start_server(
-            ["--listen", f"127.0.0.1:{self.port}", "--export", f"vol={self.disk}"],
+            [
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--export",
+                f"vol={self.disk}",
+                "--export",
+                f"ro={self.disk},ro",
+            ],
             self.workdir / f"nbs-{self.restarts}.log",
         )
 
@@ -205,6 +212,21 @@ def test_attach_write_read_detach(clean: Guest) -> None:
     assert again["detached"] is False
     assert again["message"] == f"{URI} is not attached"
     print(f"attach took {attach_seconds:.1f} s in the TCG guest")
+
+
+def test_a_read_only_export_needs_read_only(clean: Guest) -> None:
+    """The kernel would quietly make a read-only device of it (as of a volume another client
+    holds writable): without --read-only the attach is refused, in one line."""
+    guest = clean
+    uri = URI.rsplit("/", 1)[0] + "/ro"
+    refused = guest.kernel("attach", uri)
+    assert refused.rc != 0
+    assert "read-only to this client" in refused.output
+    assert guest.connected() == []
+    device = guest.kernel_json("attach", uri, "--read-only")
+    assert guest.sysfs(0, "ro") == "1"
+    assert guest.run(f"dd if=/dev/zero of={device['path']} bs=4k count=1 oflag=direct").rc != 0
+    guest.kernel_json("detach", uri)
 
 
 def test_attach_twice_returns_the_same_device(clean: Guest) -> None:
