@@ -9,15 +9,22 @@ import queue
 import signal
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from backend import logs
 from backend.nbd import TLSPolicy
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
+from backend.server.limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    connection_count,
+    handshake_seconds,
+)
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.server.volume_exports import VolumeExports
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbs")
 EXIT_USAGE = 2
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -67,6 +75,16 @@ def _listen_arg(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _limit_arg(parse: Callable[[object], _T]) -> Callable[[str], _T]:
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=_limit_arg(connection_count),
+        metavar="N",
+        help=f"connections open at once (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    serve.add_argument(
+        "--max-connections-per-client",
+        type=_limit_arg(connection_count),
+        metavar="N",
+        help=(
+            "connections open at once from one client IP address"
+            f" (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})"
+        ),
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=_limit_arg(handshake_seconds),
+        metavar="SECONDS",
+        help=f"time a client has to pick an export (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
     serve.set_defaults(func=cmd_serve)
     config = sub.add_parser("config", help="check a configuration file")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
@@ -165,6 +204,13 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
         changes["log_format"] = args.log_format
     if args.metrics_listen:
         changes["metrics"] = MetricsConfig(args.metrics_listen)
+    limits = {
+        key: getattr(args, key)
+        for key in ("max_connections", "max_connections_per_client", "handshake_timeout")
+        if getattr(args, key) is not None
+    }
+    if limits:
+        changes["limits"] = dataclasses.replace(config.limits, **limits)
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
@@ -317,7 +363,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     inherited = inherited_sockets()
     tcp, unix = _listeners(config, bool(inherited))
     server = Server(
-        table, tcp=tcp, unix=unix, inherited=inherited, tls=tls, io_threads=config.io_threads
+        table,
+        tcp=tcp,
+        unix=unix,
+        inherited=inherited,
+        tls=tls,
+        io_threads=config.io_threads,
+        limits=config.limits,
     )
     server_ref.append(server)
     metrics = None
@@ -434,6 +486,7 @@ class _Serving:
             raise
         # Nothing fails from here on.
         logs.configure(config.log_level, config.log_format)
+        self.server.set_limits(config.limits)
         self.server.set_tls(tls)
         policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
         if isinstance(self.server.table, VolumeExports):

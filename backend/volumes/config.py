@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from backend.nbd import TLSPolicy
+from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
 from backend.volumes.model import InvalidRequestError
 from backend.volumes.storages import (
     FILE,
@@ -31,6 +32,12 @@ DEFAULT_VOLUME_SIZE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
+# Top-level keys that make up ServeConfig.limits, with their parsers.
+_LIMITS = {
+    "max_connections": connection_count,
+    "max_connections_per_client": connection_count,
+    "handshake_timeout": handshake_seconds,
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
@@ -86,6 +93,8 @@ class ServeConfig:
     data_dir: Path | None = None
     io_threads: int = 16
     shutdown_grace: float = 10.0
+    # From top-level keys (see _LIMITS).
+    limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
     default_storage: StorageSpec = FILE
 
@@ -237,6 +246,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
         "shutdown_grace",
         "storages",
         "default_storage",
+        *_LIMITS,
     }
     top = r.mapping(data, "", known)
     fields: dict[str, Any] = {}
@@ -274,6 +284,9 @@ def parse_config(data: object, source: str) -> ServeConfig:
         if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
             raise r.fail("shutdown_grace", "a number of seconds >= 0", grace)
         fields["shutdown_grace"] = float(grace)
+    limits = {key: r.convert(top[key], key, parse) for key, parse in _LIMITS.items() if key in top}
+    if limits:
+        fields["limits"] = ConnectionLimits(**limits)
     if "tls" in top:
         tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca"})
         if "cert" not in tls or "key" not in tls:
