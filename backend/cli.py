@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="CA that client certificates must chain to"
     )
+    serve.add_argument(
+        "--tls-required",
+        action="store_true",
+        help="serve no client that does not negotiate TLS (default: TLS allowed, not required)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     serve.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="where the default volume lives"
@@ -195,7 +200,13 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
-        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_required)
+    elif args.tls_required:
+        if config.tls is None:
+            raise UsageError(
+                "--tls-required needs --tls-cert and --tls-key (or tls: in the config)"
+            )
+        changes["tls"] = dataclasses.replace(config.tls, required=True)
     if args.data_dir:
         changes["data_dir"] = args.data_dir
     if args.log_level:
@@ -236,7 +247,7 @@ def _open_exports(
             seen.add(spec.name)
             if spec.tls is TLSPolicy.REQUIRED and config.tls is None:
                 raise UsageError(f"export {spec.name!r} requires TLS but no certificate is set")
-            policy = spec.tls or (TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF)
+            policy = spec.tls or config.tls_policy
             kept = keep.get(spec)
             if kept is not None and kept.tls is policy:
                 exports.append(kept)
@@ -285,8 +296,7 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     if not service.catalogue.volumes():
         service.create("default", DEFAULT_VOLUME_SIZE, description="NBS default volume")
         log.info("created volume 'default' (%d bytes, sparse) in %s", DEFAULT_VOLUME_SIZE, data_dir)
-    policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
-    return VolumeExports(service, tls=policy)
+    return VolumeExports(service, tls=config.tls_policy)
 
 
 def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -488,9 +498,8 @@ class _Serving:
         logs.configure(config.log_level, config.log_format)
         self.server.set_limits(config.limits)
         self.server.set_tls(tls)
-        policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
         if isinstance(self.server.table, VolumeExports):
-            self.server.table.tls = policy
+            self.server.table.tls = config.tls_policy
         else:
             kept = {id(e) for e in exports}
             retired = [e for e in self.exports.values() if id(e) not in kept]

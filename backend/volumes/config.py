@@ -60,6 +60,7 @@ class TLSConfig:
     cert: Path
     key: Path
     ca: Path | None = None
+    required: bool = False  # True: plaintext clients are refused (exports without their own tls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,13 @@ class ServeConfig:
     limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
     default_storage: StorageSpec = FILE
+
+    @property
+    def tls_policy(self) -> TLSPolicy:
+        """The TLS policy of the catalogue's volumes and of exports that set none."""
+        if self.tls is None:
+            return TLSPolicy.OFF
+        return TLSPolicy.REQUIRED if self.tls.required else TLSPolicy.ALLOWED
 
 
 def default_data_dir() -> Path:
@@ -288,14 +296,18 @@ def parse_config(data: object, source: str) -> ServeConfig:
     if limits:
         fields["limits"] = ConnectionLimits(**limits)
     if "tls" in top:
-        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca"})
+        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca", "required"})
         if "cert" not in tls or "key" not in tls:
             raise ConfigError(f"{source}: tls: expected both 'cert' and 'key'")
         ca = tls.get("ca")
+        required = tls.get("required", False)
+        if not isinstance(required, bool):
+            raise r.fail("tls.required", "true or false", required)
         fields["tls"] = TLSConfig(
             cert=Path(r.string(tls["cert"], "tls.cert")),
             key=Path(r.string(tls["key"], "tls.key")),
             ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
+            required=required,
         )
     if "storages" in top:
         fields["storages"] = _storages(r, top["storages"])

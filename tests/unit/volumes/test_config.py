@@ -63,6 +63,7 @@ exports:
         ({"exports": [{"name": "a", "path": "/x", "min_block": 3}]}, "a power of two"),
         ({"exports": [{"name": "a", "path": "/x", "colour": 1}]}, "exports[0].colour: unknown"),
         ({"tls": {"cert": "/c"}}, "tls: expected both"),
+        ({"tls": {"cert": "/c", "key": "/k", "required": "yes"}}, "tls.required: expected true"),
         ({"max_connections": 0}, "f.yaml: max_connections: expected an integer from 1 to"),
         ({"max_connections_per_client": "x"}, "max_connections_per_client: expected an integer"),
         ({"handshake_timeout": float("nan")}, "f.yaml: handshake_timeout: expected a number"),
@@ -72,6 +73,14 @@ exports:
 def test_bad_config_names_file_key_and_expectation(data: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(data, "f.yaml")
+
+
+def test_tls_policy_of_exports_without_their_own() -> None:
+    assert parse_config({}, "f.yaml").tls_policy is TLSPolicy.OFF
+    tls = {"cert": "/c", "key": "/k"}
+    assert parse_config({"tls": tls}, "f.yaml").tls_policy is TLSPolicy.ALLOWED
+    required = parse_config({"tls": {**tls, "required": True}}, "f.yaml")
+    assert required.tls_policy is TLSPolicy.REQUIRED
 
 
 def test_limits_default_when_not_configured() -> None:
