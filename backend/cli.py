@@ -9,15 +9,22 @@ import queue
 import signal
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from backend import logs
 from backend.nbd import TLSPolicy
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
+from backend.server.limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    connection_count,
+    handshake_seconds,
+)
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.server.volume_exports import VolumeExports
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbs")
 EXIT_USAGE = 2
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -67,6 +75,16 @@ def _listen_arg(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _limit_arg(parse: Callable[[object], _T]) -> Callable[[str], _T]:
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="CA that client certificates must chain to"
     )
+    serve.add_argument(
+        "--tls-required",
+        action="store_true",
+        help="serve no client that does not negotiate TLS (default: TLS allowed, not required)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     serve.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="where the default volume lives"
@@ -127,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=_listen_arg,
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_limit_arg(connection_count),
+        metavar="N",
+        help=f"connections open at once (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    serve.add_argument(
+        "--max-connections-per-client",
+        type=_limit_arg(connection_count),
+        metavar="N",
+        help=(
+            "connections open at once from one client IP address"
+            f" (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})"
+        ),
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=_limit_arg(handshake_seconds),
+        metavar="SECONDS",
+        help=f"time a client has to pick an export (default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
     serve.set_defaults(func=cmd_serve)
     config = sub.add_parser("config", help="check a configuration file")
@@ -156,7 +200,13 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
-        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, args.tls_required)
+    elif args.tls_required:
+        if config.tls is None:
+            raise UsageError(
+                "--tls-required needs --tls-cert and --tls-key (or tls: in the config)"
+            )
+        changes["tls"] = dataclasses.replace(config.tls, required=True)
     if args.data_dir:
         changes["data_dir"] = args.data_dir
     if args.log_level:
@@ -165,6 +215,13 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
         changes["log_format"] = args.log_format
     if args.metrics_listen:
         changes["metrics"] = MetricsConfig(args.metrics_listen)
+    limits = {
+        key: getattr(args, key)
+        for key in ("max_connections", "max_connections_per_client", "handshake_timeout")
+        if getattr(args, key) is not None
+    }
+    if limits:
+        changes["limits"] = dataclasses.replace(config.limits, **limits)
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
@@ -190,7 +247,7 @@ def _open_exports(
             seen.add(spec.name)
             if spec.tls is TLSPolicy.REQUIRED and config.tls is None:
                 raise UsageError(f"export {spec.name!r} requires TLS but no certificate is set")
-            policy = spec.tls or (TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF)
+            policy = spec.tls or config.tls_policy
             kept = keep.get(spec)
             if kept is not None and kept.tls is policy:
                 exports.append(kept)
@@ -241,8 +298,7 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     if not service.catalogue.volumes():
         service.create("default", DEFAULT_VOLUME_SIZE, description="NBS default volume")
         log.info("created volume 'default' (%d bytes, sparse) in %s", DEFAULT_VOLUME_SIZE, data_dir)
-    policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
-    return VolumeExports(service, tls=policy)
+    return VolumeExports(service, tls=config.tls_policy)
 
 
 def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -319,7 +375,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     inherited = inherited_sockets()
     tcp, unix = _listeners(config, bool(inherited))
     server = Server(
-        table, tcp=tcp, unix=unix, inherited=inherited, tls=tls, io_threads=config.io_threads
+        table,
+        tcp=tcp,
+        unix=unix,
+        inherited=inherited,
+        tls=tls,
+        io_threads=config.io_threads,
+        limits=config.limits,
     )
     server_ref.append(server)
     metrics = None
@@ -436,10 +498,10 @@ class _Serving:
             raise
         # Nothing fails from here on.
         logs.configure(config.log_level, config.log_format)
+        self.server.set_limits(config.limits)
         self.server.set_tls(tls)
-        policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
         if isinstance(self.server.table, VolumeExports):
-            self.server.table.tls = policy
+            self.server.table.tls = config.tls_policy
         else:
             kept = {id(e) for e in exports}
             retired = [e for e in self.exports.values() if id(e) not in kept]

@@ -125,6 +125,7 @@ class Snapshot:
     connections_total: int
     connections_open: int
     exports: dict[str, ExportTotals]
+    connections_refused: int = 0  # closed at once: over a connection limit
 
 
 class ServerStats:
@@ -132,6 +133,7 @@ class ServerStats:
 
     def __init__(self) -> None:
         self.accepted = 0
+        self.refused = 0  # over max_connections or max_connections_per_client
         self._retired: dict[str, ExportTotals] = {}
 
     def retire(self, export: str, stats: SessionStats) -> None:
@@ -155,4 +157,4 @@ class ServerStats:
             totals.stats.add(stats)
             totals.connections += 1
             totals.open += 1
-        return Snapshot(self.accepted, live, exports)
+        return Snapshot(self.accepted, live, exports, self.refused)

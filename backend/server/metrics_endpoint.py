@@ -43,6 +43,11 @@ class NbsCollector:
         yield CounterMetricFamily(
             "nbs_connections_total", "Connections accepted", value=snap.connections_total
         )
+        yield CounterMetricFamily(
+            "nbs_connections_refused_total",
+            "Connections closed at once because a connection limit was reached",
+            value=snap.connections_refused,
+        )
         yield GaugeMetricFamily(
             "nbs_connections_open",
             "Connections open, negotiating or in transmission",

@@ -26,13 +26,20 @@ import threading
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from time import monotonic
 
 from backend.server.exports import Export, Exports, close_storages
 from backend.server.holders import Holders
+from backend.server.limits import Admission, ConnectionLimits
 from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
+from backend.server.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
+
+# Pauses of the accept loop after a failed accept (out of fds): doubled per failure in a row.
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 class ServeError(Exception):
@@ -72,6 +79,7 @@ class Server:
         inherited: list[socket.socket] | None = None,
         tls: ssl.SSLContext | None = None,
         io_threads: int = 16,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.table = table
         self._tcp = tcp or []
@@ -96,6 +104,9 @@ class Server:
         self._generation = 0
         self._born: dict[Session, int] = {}
         self._retired: list[tuple[Export, int]] = []
+        self._admission = Admission(limits or ConnectionLimits())
+        self._accept_failed = ThrottledLog(log, logging.ERROR)
+        self._refused = ThrottledLog(log, logging.WARNING)
 
     # ------------------------------------------------------------------ binding
 
@@ -178,30 +189,51 @@ class Server:
         self._acceptor.start()
 
     def _accept_loop(self) -> None:
+        backoff = ACCEPT_BACKOFF_MIN
+        paused_until: float | None = None  # out of fds: listeners unwatched until then
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ)
             self._sync_listeners(sel)
             while not self._stopping:
-                for key, _ in sel.select():
+                timeout = None if paused_until is None else max(paused_until - monotonic(), 0)
+                events = sel.select(timeout)
+                if paused_until is not None and monotonic() >= paused_until:
+                    paused_until = None
+                    self._sync_listeners(sel)
+                for key, _ in events:
                     if key.fileobj is self._wake_r:
                         # Stopping, or set_listeners changed the listeners.
                         self._wake_r.recv(4096)
-                        self._sync_listeners(sel)
+                        self._sync_listeners(sel, watch=paused_until is None)
                         break
                     listener = key.fileobj
                     assert isinstance(listener, socket.socket)
                     try:
                         client, addr = listener.accept()
-                    except (BlockingIOError, InterruptedError):
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                         continue
                     except OSError as err:
-                        # EMFILE and friends: log, keep serving the clients we have.
-                        log.error("accept failed: %s", err)
-                        continue
+                        # EMFILE and friends: the connection stays queued and the listener
+                        # readable, so retrying at once spins.  Stop watching the listeners
+                        # for a growing pause; the clients we have keep being served.
+                        self._accept_failed(
+                            "accept failed: %s; pausing accepts for %.2f s", err, backoff
+                        )
+                        paused_until = monotonic() + backoff
+                        backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                        self._unwatch_listeners(sel)
+                        break
+                    backoff = ACCEPT_BACKOFF_MIN
                     self._spawn(client, addr)
 
-    def _sync_listeners(self, sel: selectors.BaseSelector) -> None:
-        """(Acceptor thread) Watch exactly the current listeners; close the removed ones."""
+    def _unwatch_listeners(self, sel: selectors.BaseSelector) -> None:
+        for key in list(sel.get_map().values()):
+            if key.fileobj is not self._wake_r:
+                sel.unregister(key.fileobj)
+
+    def _sync_listeners(self, sel: selectors.BaseSelector, *, watch: bool = True) -> None:
+        """(Acceptor thread) Watch exactly the current listeners (none unless ``watch``: accepts
+        are paused); close the removed ones."""
         with self._lock:
             wanted = self._inherited + [sock for sock, _ in self._bound.values()]
             closing, self._closing = self._closing, []
@@ -211,39 +243,60 @@ class Server:
         for sock, path in closing:
             _close_listener(sock, path)
         watched = sel.get_map()
-        for sock in wanted:
+        for sock in wanted if watch else []:
             if sock not in watched:
                 sock.setblocking(False)
                 sel.register(sock, selectors.EVENT_READ)
         self._synced.set()
 
     def _spawn(self, client: socket.socket, addr: object) -> None:
-        client.setblocking(True)
+        host: str | None = None  # the per-client limit's key; Unix clients count in total only
         if client.family in (socket.AF_INET, socket.AF_INET6):
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(client)
-            peer = "{}:{}".format(*addr) if isinstance(addr, tuple) else str(addr)
+            assert isinstance(addr, tuple)
+            host = str(addr[0])
+            peer = f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
         else:
             peer = _unix_peer(client)
+        client.setblocking(True)
+        if host is not None:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(client)
         session = Session(
-            client, peer, self.table, tls=self._tls, pool=self._pool, holders=self.holders
+            client,
+            peer,
+            self.table,
+            tls=self._tls,
+            pool=self._pool,
+            holders=self.holders,
+            handshake_timeout=self._admission.limits.handshake_timeout,
         )
-        thread = threading.Thread(target=self._run_session, args=(session,), daemon=True)
+        thread = threading.Thread(target=self._run_session, args=(session, host), daemon=True)
         with self._lock:
             if self._stopping:
                 client.close()
                 return
-            self._sessions[session] = thread
-            self._born[session] = self._generation
-            self.stats.accepted += 1
+            refused = self._admission.admit(host)
+            if refused is None:
+                self._sessions[session] = thread
+                self._born[session] = self._generation
+                self.stats.accepted += 1
+            else:
+                self.stats.refused += 1
+        if refused is not None:
+            # Before the greeting the protocol has no way to say why: like nbd-server at its
+            # max_connections, close (docs/decisions/0030-connection-limits.md).
+            self._refused("%s: connection refused: %s", peer, refused)
+            client.close()
+            return
         log.debug("%s: connected", peer)
         thread.start()
 
-    def _run_session(self, session: Session) -> None:
+    def _run_session(self, session: Session, host: str | None) -> None:
         try:
             session.run()
         finally:
             with self._lock:
+                self._admission.release(host)
                 self._sessions.pop(session, None)
                 self._born.pop(session, None)
                 if session.export is not None:
@@ -262,6 +315,11 @@ class Server:
     def set_tls(self, tls: ssl.SSLContext | None) -> None:
         """Connections accepted from now on negotiate TLS with ``tls``."""
         self._tls = tls
+
+    def set_limits(self, limits: ConnectionLimits) -> None:
+        """Apply ``limits`` to connections accepted from now on (open ones stay)."""
+        with self._lock:
+            self._admission.limits = limits
 
     def set_listeners(self, tcp: list[TCPAddress], unix: list[UnixAddress]) -> list[str]:
         """Listen on exactly these addresses (plus inherited sockets) from now on.

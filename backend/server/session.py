@@ -19,7 +19,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from time import perf_counter_ns
+from time import monotonic, perf_counter_ns
 
 from backend.nbd import (
     NEED_DATA,
@@ -38,12 +38,12 @@ from backend.nbd import (
 from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
 from backend.server.exports import Export, Exports
 from backend.server.holders import Holder, Holders
+from backend.server.limits import DEFAULT_HANDSHAKE_TIMEOUT
 from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
 from backend.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 60.0  # seconds a client may take to pick an export
 RECV_SIZE = 128 * 1024
 SEND_BATCH = 4 * 1024 * 1024  # flush queued replies once this many bytes wait
 SPARSE_READ_MIN = 256 * 1024  # structured reads this long send holes as OFFSET_HOLE
@@ -77,8 +77,10 @@ class Session:
         tls: ssl.SSLContext | None,
         pool: ThreadPoolExecutor,
         holders: Holders | None = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.sock: socket.socket = sock
+        self.handshake_timeout = handshake_timeout  # seconds from accept to picking an export
         self.peer = peer
         self._table = table
         self._tls = tls
@@ -101,9 +103,13 @@ class Session:
     def run(self) -> None:
         try:
             self._run()
+        except TimeoutError:  # only the handshake has a timeout
+            log.info(
+                "%s: closing: handshake not finished within %g s", self.peer, self.handshake_timeout
+            )
         except ProtocolError as err:
             log.warning("%s: closing: %s", self.peer, err.reason)
-        except (ConnectionError, TimeoutError, ssl.SSLError) as err:
+        except (ConnectionError, ssl.SSLError) as err:
             log.info("%s: connection lost: %s", self.peer, err)
         except OSError as err:
             # The server shut the socket down underneath us while stopping.
@@ -131,16 +137,22 @@ class Session:
     # ------------------------------------------------------------------ handshake
 
     def _run(self) -> None:
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        # One deadline for the whole handshake: a timeout per recv would let a client that
+        # trickles a byte now and then hold its thread for ever.
+        deadline = monotonic() + self.handshake_timeout
+        self._time_left(deadline)
         self._sendall(self.conn.data_to_send())
         while True:
             event = self.conn.next_event()
+            self._time_left(deadline)
             self._sendall(self.conn.data_to_send())
             if event is NEED_DATA:
+                self._time_left(deadline)
                 self.conn.receive_data(self.sock.recv(RECV_SIZE))
                 continue
             if isinstance(event, StartTLS):
                 assert self._tls is not None
+                self._time_left(deadline)  # the TLS handshake keeps one deadline itself
                 self.sock = self._tls.wrap_socket(self.sock, server_side=True)
                 self.conn.tls_established()
             elif isinstance(event, ExportSelected):
@@ -155,6 +167,13 @@ class Session:
                 return
             elif isinstance(event, Aborted | ConnectionClosed):
                 return
+
+    def _time_left(self, deadline: float) -> None:
+        """Let the next blocking call wait until ``deadline`` at most (TimeoutError after)."""
+        left = deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
 
     # ------------------------------------------------------------------ transmission
 

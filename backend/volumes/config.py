@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from backend.nbd import TLSPolicy
+from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
 from backend.volumes.model import InvalidRequestError
 from backend.volumes.storages import (
     FILE,
@@ -31,6 +32,12 @@ DEFAULT_VOLUME_SIZE = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
+# Top-level keys that make up ServeConfig.limits, with their parsers.
+_LIMITS = {
+    "max_connections": connection_count,
+    "max_connections_per_client": connection_count,
+    "handshake_timeout": handshake_seconds,
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
@@ -53,6 +60,7 @@ class TLSConfig:
     cert: Path
     key: Path
     ca: Path | None = None
+    required: bool = False  # True: plaintext clients are refused (exports without their own tls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +94,17 @@ class ServeConfig:
     data_dir: Path | None = None
     io_threads: int = 16
     shutdown_grace: float = 10.0
+    # From top-level keys (see _LIMITS).
+    limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
     default_storage: StorageSpec = FILE
+
+    @property
+    def tls_policy(self) -> TLSPolicy:
+        """The TLS policy of the catalogue's volumes and of exports that set none."""
+        if self.tls is None:
+            return TLSPolicy.OFF
+        return TLSPolicy.REQUIRED if self.tls.required else TLSPolicy.ALLOWED
 
 
 def default_data_dir() -> Path:
@@ -237,6 +254,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
         "shutdown_grace",
         "storages",
         "default_storage",
+        *_LIMITS,
     }
     top = r.mapping(data, "", known)
     fields: dict[str, Any] = {}
@@ -274,15 +292,22 @@ def parse_config(data: object, source: str) -> ServeConfig:
         if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
             raise r.fail("shutdown_grace", "a number of seconds >= 0", grace)
         fields["shutdown_grace"] = float(grace)
+    limits = {key: r.convert(top[key], key, parse) for key, parse in _LIMITS.items() if key in top}
+    if limits:
+        fields["limits"] = ConnectionLimits(**limits)
     if "tls" in top:
-        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca"})
+        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca", "required"})
         if "cert" not in tls or "key" not in tls:
             raise ConfigError(f"{source}: tls: expected both 'cert' and 'key'")
         ca = tls.get("ca")
+        required = tls.get("required", False)
+        if not isinstance(required, bool):
+            raise r.fail("tls.required", "true or false", required)
         fields["tls"] = TLSConfig(
             cert=Path(r.string(tls["cert"], "tls.cert")),
             key=Path(r.string(tls["key"], "tls.key")),
             ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
+            required=required,
         )
     if "storages" in top:
         fields["storages"] = _storages(r, top["storages"])

@@ -314,6 +314,9 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisione
                             "nbs_storage_wheelhouse": str(wheelhouse),
                             "nbs_storage_ceph": True,
                             "nbs_storage_api_listen": [f"0.0.0.0:{API_PORT}"],
+                            # hostfwd reaches the guest's external address, not its loopback.
+                            "nbs_storage_nbd_listen": [str(NBD_PORT)],
+                            "nbs_storage_nbd_plaintext": True,
                             "nbs_storage_api_token_fetch_dest": str(workdir / "api-token"),
                             "nbs_hypervisor_wheelhouse": str(wheelhouse),
                             "nbs_hypervisor_kernel_nbd": True,

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from backend.server.systemd import notify
 from tests.integration.conftest import NBS, require_tool
@@ -225,6 +226,18 @@ def test_notify_without_a_service_manager_is_a_no_op(tmp_path: Path) -> None:
     assert not notify("READY=1", {})
     assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")})
     assert not notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"})
+
+
+def test_socket_unit_and_ansible_role_listen_on_loopback_only() -> None:
+    """Plain NBD has no authentication: nothing but this host may reach the shipped port."""
+    streams = [
+        line.removeprefix("ListenStream=")
+        for line in (UNITS / "nbs.socket").read_text().splitlines()
+        if line.startswith("ListenStream=")
+    ]
+    assert streams == ["127.0.0.1:10809"]
+    defaults = ROOT / "ansible" / "roles" / "nbs_storage" / "defaults" / "main.yml"
+    assert yaml.safe_load(defaults.read_text())["nbs_storage_nbd_listen"] == streams
 
 
 def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -210,14 +210,39 @@ def test_qemu_img_convert_over_tls_in_and_out(
 def test_tls_required_export_refuses_plaintext_and_serves_tls(
     tls_server: NbsServer, pki: Path
 ) -> None:
+    assert_tls_required(tls_server, "secure", pki, SIZE)
+    assert tls_server.alive()
+
+
+def assert_tls_required(server: NbsServer, export: str, pki: Path, size: int) -> None:
+    """A plaintext client is told TLS is required; a client with a certificate is served."""
     nbdinfo = require_tool("nbdinfo")
-    plain = run(nbdinfo, "--size", f"{tls_server.tcp}/secure")
+    plain = run(nbdinfo, "--size", f"{server.tcp}/{export}")
     assert plain.returncode != 0
     assert "TLS" in plain.stderr
-    secure = run(nbdinfo, "--size", nbds(tls_server, "secure", pki))
+    secure = run(nbdinfo, "--size", nbds(server, export, pki))
     assert secure.returncode == 0, secure.stderr
-    assert int(secure.stdout) == SIZE
-    assert tls_server.alive()
+    assert int(secure.stdout) == size
+
+
+def test_tls_required_refuses_plaintext_clients_of_the_volume_catalogue(
+    nbs_server: Callable[..., NbsServer], pki: Path, tmp_path: Path
+) -> None:
+    """tls.required (--tls-required): what an exposed server needs (docs/deployment.md)."""
+    server = nbs_server(
+        "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+        "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+        "--tls-ca", str(pki / "ca-cert.pem"), "--tls-required",
+    )  # fmt: skip
+    assert_tls_required(server, "default", pki, 1 << 30)
+
+
+def test_tls_required_without_a_certificate_exits_2(tmp_path: Path) -> None:
+    result = serve_once("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--tls-required")
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        "nbs: error: --tls-required needs --tls-cert and --tls-key (or tls: in the config)"
+    ]
 
 
 def test_tls_off_export_is_not_served_over_tls(tls_server: NbsServer, pki: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from backend.nbd import TLSPolicy
+from backend.server.limits import ConnectionLimits
 from backend.volumes.config import (
     ConfigError,
     ExportConfig,
@@ -26,6 +27,9 @@ sockets: [/run/nbs.sock]
 log_level: debug
 io_threads: 4
 shutdown_grace: 2.5
+max_connections: 100
+max_connections_per_client: 10
+handshake_timeout: 5.5
 tls: {cert: /c.pem, key: /k.pem, ca: /ca.pem}
 exports:
   - {name: disk, path: /d.img, read_only: true, tls: required, description: hi, min_block: 512}
@@ -36,6 +40,7 @@ exports:
     assert config.sockets == (Path("/run/nbs.sock"),)
     assert config.io_threads == 4
     assert config.shutdown_grace == 2.5
+    assert config.limits == ConnectionLimits(100, 10, 5.5)
     assert config.tls is not None
     assert config.tls.ca == Path("/ca.pem")
     assert config.exports == (
@@ -58,12 +63,28 @@ exports:
         ({"exports": [{"name": "a", "path": "/x", "min_block": 3}]}, "a power of two"),
         ({"exports": [{"name": "a", "path": "/x", "colour": 1}]}, "exports[0].colour: unknown"),
         ({"tls": {"cert": "/c"}}, "tls: expected both"),
+        ({"tls": {"cert": "/c", "key": "/k", "required": "yes"}}, "tls.required: expected true"),
+        ({"max_connections": 0}, "f.yaml: max_connections: expected an integer from 1 to"),
+        ({"max_connections_per_client": "x"}, "max_connections_per_client: expected an integer"),
+        ({"handshake_timeout": float("nan")}, "f.yaml: handshake_timeout: expected a number"),
         ([1, 2], "f.yaml: top level: expected a mapping"),
     ],
 )
 def test_bad_config_names_file_key_and_expectation(data: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(data, "f.yaml")
+
+
+def test_tls_policy_of_exports_without_their_own() -> None:
+    assert parse_config({}, "f.yaml").tls_policy is TLSPolicy.OFF
+    tls = {"cert": "/c", "key": "/k"}
+    assert parse_config({"tls": tls}, "f.yaml").tls_policy is TLSPolicy.ALLOWED
+    required = parse_config({"tls": {**tls, "required": True}}, "f.yaml")
+    assert required.tls_policy is TLSPolicy.REQUIRED
+
+
+def test_limits_default_when_not_configured() -> None:
+    assert parse_config({}, "f.yaml").limits == ConnectionLimits(1024, 512, 60.0)
 
 
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
