@@ -246,6 +246,33 @@ def test_meta_context_for_another_export_is_not_active() -> None:
     assert not got[0].block_status
 
 
+@pytest.mark.parametrize(("meta_name", "go_name"), [("", ""), ("", "b"), ("b", "")])
+def test_meta_context_for_the_default_export_is_active(meta_name: str, go_name: str) -> None:
+    # The empty name is the default export ("b" here): a context set under either spelling
+    # is the one GO selects, as qemu-img, nbdinfo and nbdcopy expect with a URI naming no export.
+    conn = fresh(export("b"), export("a"))
+    conn.data_to_send()
+    data = FIXED + option(c.Opt.STRUCTURED_REPLY)
+    data += option(c.Opt.SET_META_CONTEXT, meta_payload(meta_name, "base:allocation"))
+    data += option(c.Opt.GO, info_payload(go_name))
+    got = events(conn, data)
+    assert got == [ExportSelected(export("b"), structured_replies=True, block_status=True)]
+
+
+def test_no_default_export_is_err_unknown_saying_so() -> None:
+    conn = ServerConnection(_NoDefault(export("a")))
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.GO, info_payload("")))
+    [(_, kind, message)] = parse_option_replies(conn.data_to_send())
+    assert kind == c.Rep.ERR_UNKNOWN
+    assert b"no default export" in message
+
+
+class _NoDefault(Directory):
+    def lookup(self, name: str) -> ExportDescription | None:
+        return super().lookup(name) if name else None
+
+
 def test_list_meta_context_without_queries_lists_all() -> None:
     conn = fresh()
     conn.data_to_send()
