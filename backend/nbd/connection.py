@@ -332,12 +332,19 @@ class ServerConnection:
     def _visible(self, export: ExportDescription) -> bool:
         return not (self.tls_active and export.tls is TLSPolicy.OFF)
 
+    def _listed(self, export: ExportDescription) -> bool:
+        # Spec (NBD_OPT_LIST): in selective TLS mode a TLS-only export may be left out before
+        # TLS.  We leave it out, so a plaintext client does not learn the names TLS protects.
+        if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
+            return False
+        return self._visible(export)
+
     def _opt_list(self, data: bytes) -> None:
         if data:
             self._error(c.Opt.LIST, c.Rep.ERR_INVALID, "LIST takes no data")
             return
         for export in self._directory.exports():
-            if self._visible(export):
+            if self._listed(export):
                 self._reply(
                     c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name, export.description)
                 )

@@ -324,6 +324,29 @@ def test_forced_tls_refuses_every_option_but_starttls() -> None:
     assert [k for _, k, _ in replies] == [c.Rep.ERR_TLS_REQD, c.Rep.ACK]
 
 
+def test_plaintext_list_leaves_out_tls_required_exports() -> None:
+    conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [(k, d) for _, k, d in replies] == [
+        (c.Rep.SERVER, struct.pack(">I", 4) + b"open"),
+        (c.Rep.ACK, b""),
+    ]
+    assert b"secure" not in b"".join(d for _, _, d in replies)
+
+
+def test_list_over_tls_names_tls_required_exports() -> None:
+    conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.STARTTLS))
+    conn.tls_established()
+    conn.data_to_send()
+    events(conn, option(c.Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [d[4:] for _, k, d in replies if k == c.Rep.SERVER] == [b"secure", b"open"]
+
+
 def test_tls_off_export_is_refused_over_tls() -> None:
     conn = fresh(export("plain", tls=TLSPolicy.OFF), tls_available=True)
     conn.data_to_send()
