@@ -357,6 +357,11 @@ class ServerConnection:
             self._error(c.Opt.STARTTLS, c.Rep.ERR_INVALID, "TLS is already active")
         elif not self._tls_available:
             self._error(c.Opt.STARTTLS, c.Rep.ERR_UNSUP, "TLS is not configured")
+        elif len(self._buf) > self._pos:
+            # Bytes pipelined behind STARTTLS were sent in plaintext, maybe injected by a man
+            # in the middle; run after the TLS handshake they would pass for protected
+            # options (the attack of CVE-2021-3716 on nbdkit).  A client must wait for our ACK.
+            raise ProtocolError("data sent after STARTTLS before the TLS handshake")
         else:
             self._reply(c.Opt.STARTTLS, c.Rep.ACK)
             self._transition(Trigger.STARTTLS)

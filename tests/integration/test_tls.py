@@ -287,9 +287,26 @@ def test_tls_only_server_tells_a_plaintext_client_only_that_tls_is_required(
     assert names == {"secure", "hidden"}
 
 
+def test_plaintext_pipelined_behind_starttls_is_refused(tls_server: NbsServer) -> None:
+    # A man in the middle appending STRUCTURED_REPLY to the client's STARTTLS must not get it
+    # executed as if the client had sent it over TLS: no ACK, the server hangs up.
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as sock:
+        greeting = sock.recv(18, socket.MSG_WAITALL)
+        assert greeting[:8] == b"NBDMAGIC"
+        sock.sendall(
+            struct.pack(">I", 3)
+            + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0)
+            + struct.pack(">QII", IHAVEOPT, OPT_STRUCTURED_REPLY, 0)
+        )
+        assert _until_closed(sock) == b""
+    assert tls_server.alive()
+
+
 IHAVEOPT = 0x49484156454F5054
 OPT_ABORT = 2
 OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_STRUCTURED_REPLY = 8
 REP_ACK = 1
 ERR_TLS_REQD = (1 << 31) | 5
 

@@ -308,6 +308,16 @@ def test_plaintext_after_starttls_before_tls_is_a_protocol_error() -> None:
         conn.next_event()
 
 
+def test_plaintext_pipelined_behind_starttls_closes_without_ack() -> None:
+    # In one read: nothing after STARTTLS may be taken for an option sent over TLS.
+    conn = fresh(tls_available=True)
+    conn.data_to_send()
+    with pytest.raises(ProtocolError):
+        events(conn, FIXED + option(c.Opt.STARTTLS) + option(c.Opt.STRUCTURED_REPLY))
+    assert conn.data_to_send() == b""
+    assert not conn.structured_replies
+
+
 def test_tls_required_export_refused_in_plaintext() -> None:
     conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
     conn.data_to_send()
