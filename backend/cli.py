@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="CA that client certificates must chain to"
     )
+    serve.add_argument(
+        "--tls-policy",
+        choices=("allowed", "required"),
+        help="for the catalogue's volumes and exports without tls=: required serves nothing"
+        " in plaintext (default: allowed)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     serve.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="where the default volume lives"
@@ -156,7 +162,13 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
     if args.tls_cert or args.tls_key or args.tls_ca:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
-        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        policy = config.tls.policy if config.tls is not None else TLSPolicy.ALLOWED
+        changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, policy)
+    if args.tls_policy:
+        tls = changes.get("tls", config.tls)
+        if not isinstance(tls, TLSConfig):
+            raise UsageError("--tls-policy needs a certificate (--tls-cert and --tls-key)")
+        changes["tls"] = dataclasses.replace(tls, policy=TLSPolicy(args.tls_policy))
     if args.data_dir:
         changes["data_dir"] = args.data_dir
     if args.log_level:
@@ -190,7 +202,7 @@ def _open_exports(
             seen.add(spec.name)
             if spec.tls is TLSPolicy.REQUIRED and config.tls is None:
                 raise UsageError(f"export {spec.name!r} requires TLS but no certificate is set")
-            policy = spec.tls or (TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF)
+            policy = spec.tls or _default_tls_policy(config)
             kept = keep.get(spec)
             if kept is not None and kept.tls is policy:
                 exports.append(kept)
@@ -244,8 +256,12 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
             DEFAULT_VOLUME_SIZE,
             data_dir,
         )
-    policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
-    return VolumeExports(service, tls=policy)
+    return VolumeExports(service, tls=_default_tls_policy(config))
+
+
+def _default_tls_policy(config: ServeConfig) -> TLSPolicy:
+    """The policy of catalogue volumes and of exports that set none."""
+    return config.tls.policy if config.tls is not None else TLSPolicy.OFF
 
 
 def _tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -440,9 +456,8 @@ class _Serving:
         # Nothing fails from here on.
         logs.configure(config.log_level, config.log_format)
         self.server.set_tls(tls)
-        policy = TLSPolicy.ALLOWED if config.tls else TLSPolicy.OFF
         if isinstance(self.server.table, VolumeExports):
-            self.server.table.tls = policy
+            self.server.table.tls = _default_tls_policy(config)
         else:
             kept = {id(e) for e in exports}
             retired = [e for e in self.exports.values() if id(e) not in kept]

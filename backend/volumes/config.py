@@ -53,6 +53,9 @@ class TLSConfig:
     cert: Path
     key: Path
     ca: Path | None = None
+    # The policy of every catalogue volume and of exports that set none; ``required``
+    # serves nothing in plaintext (the spec's forced-TLS mode, docs/decisions/0011).
+    policy: TLSPolicy = TLSPolicy.ALLOWED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +147,13 @@ def parse_export_spec(spec: str) -> ExportConfig:
         else:
             raise ValueError(f"unknown export option {option!r} in {spec!r}")
     return ExportConfig(**fields)
+
+
+def server_tls_policy(value: str) -> TLSPolicy:
+    """``tls.policy`` / ``--tls-policy``: ``off`` makes no sense with a certificate."""
+    if value not in (TLSPolicy.ALLOWED.value, TLSPolicy.REQUIRED.value):
+        raise ValueError(f"expected allowed or required, got {value!r}")
+    return TLSPolicy(value)
 
 
 def _tls_policy(value: str) -> TLSPolicy:
@@ -275,14 +285,16 @@ def parse_config(data: object, source: str) -> ServeConfig:
             raise r.fail("shutdown_grace", "a number of seconds >= 0", grace)
         fields["shutdown_grace"] = float(grace)
     if "tls" in top:
-        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca"})
+        tls = r.mapping(top["tls"], "tls", {"cert", "key", "ca", "policy"})
         if "cert" not in tls or "key" not in tls:
             raise ConfigError(f"{source}: tls: expected both 'cert' and 'key'")
         ca = tls.get("ca")
+        policy = tls.get("policy", TLSPolicy.ALLOWED.value)
         fields["tls"] = TLSConfig(
             cert=Path(r.string(tls["cert"], "tls.cert")),
             key=Path(r.string(tls["key"], "tls.key")),
             ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
+            policy=r.convert(r.string(policy, "tls.policy"), "tls.policy", server_tls_policy),
         )
     if "storages" in top:
         fields["storages"] = _storages(r, top["storages"])

@@ -287,6 +287,36 @@ def test_tls_only_server_tells_a_plaintext_client_only_that_tls_is_required(
     assert names == {"secure", "hidden"}
 
 
+def test_catalogue_with_tls_policy_required_serves_nothing_in_plaintext(
+    nbs_server: Callable[..., NbsServer], pki: Path, tmp_path: Path
+) -> None:
+    server = nbs_server(
+        "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+        "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+        "--tls-policy", "required",
+    )  # fmt: skip
+    nbdinfo = require_tool("nbdinfo")
+    listed = run(nbdinfo, "--list", server.tcp)
+    assert listed.returncode != 0
+    assert "default" not in listed.stdout
+    wrote = run(require_tool("qemu-io"), "-f", "raw", "-c", "write 0 4k", server.uri("default"))
+    assert wrote.returncode != 0
+    assert "TLS" in wrote.stderr
+    over_tls = run(nbdinfo, "--list", "--json", nbds(server, "", pki))
+    assert over_tls.returncode == 0, over_tls.stderr
+    assert [e["export-name"] for e in json.loads(over_tls.stdout)["exports"]] == ["default"]
+
+
+def test_tls_policy_without_a_certificate_exits_2(tmp_path: Path) -> None:
+    result = serve_once(
+        "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path), "--tls-policy", "required"
+    )
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert "--tls-policy" in lines[0]
+
+
 def test_plaintext_pipelined_behind_starttls_is_refused(tls_server: NbsServer) -> None:
     # A man in the middle appending STRUCTURED_REPLY to the client's STARTTLS must not get it
     # executed as if the client had sent it over TLS: no ACK, the server hangs up.
