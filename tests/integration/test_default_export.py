@@ -122,22 +122,17 @@ def test_qemu_img_map_of_the_default_export(default_server: NbsServer) -> None:
     assert data_extents(json.loads(result.stdout)) == [(DATA_AT, MiB)]
 
 
-def test_qemu_img_convert_from_the_default_export(
-    default_server: NbsServer, source: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    "command",
+    [["qemu-img", "convert", "-f", "raw", "URI", "-O", "raw", "OUT"], ["nbdcopy", "URI", "OUT"]],
+    ids=["qemu-img-convert", "nbdcopy"],
+)
+def test_copy_from_the_default_export(
+    default_server: NbsServer, source: Path, tmp_path: Path, command: list[str]
 ) -> None:
     out = tmp_path / "out.img"
-    result = run(
-        require_tool("qemu-img"), "convert", "-f", "raw", default_server.tcp, "-O", "raw", str(out)
-    )
-    assert result.returncode == 0, result.stderr
-    assert filecmp.cmp(source, out, shallow=False)
-
-
-def test_nbdcopy_from_the_default_export(
-    default_server: NbsServer, source: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "out.img"
-    result = run(require_tool("nbdcopy"), default_server.tcp, str(out))
+    values = {"URI": default_server.tcp, "OUT": str(out)}
+    result = run(require_tool(command[0]), *(values.get(arg, arg) for arg in command[1:]))
     assert result.returncode == 0, result.stderr
     assert filecmp.cmp(source, out, shallow=False)
 

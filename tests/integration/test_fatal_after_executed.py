@@ -41,6 +41,12 @@ def request(command: int, cookie: int, offset: int = 0, payload: bytes = b"") ->
     return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, cookie, offset, len(payload)) + payload
 
 
+def on_disk(target: Target, offset: int, length: int) -> bytes:
+    with target.disk.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
 def test_list_reply_is_sent_before_closing_on_bad_option_magic(target: Target) -> None:
     with target.raw() as c:
         c.greeting()
@@ -75,9 +81,7 @@ def test_write_and_flush_replies_are_sent_before_closing_on_bad_request_magic(
         c.sock.sendall(request(CMD_WRITE, 1, offset, data) + request(CMD_FLUSH, 2) + BAD_REQUEST)
         assert {c.simple_reply(), c.simple_reply()} == {(0, 1), (0, 2)}
         assert c.drain_until_closed() == b""
-    with target.disk.open("rb") as f:
-        f.seek(offset)
-        assert f.read(len(data)) == data
+    assert on_disk(target, offset, len(data)) == data
     target.assert_healthy()
 
 
@@ -90,9 +94,7 @@ def test_large_write_reply_is_sent_before_closing_on_bad_request_magic(target: T
         c.sock.sendall(request(CMD_WRITE, 3, offset, data) + BAD_REQUEST)
         assert c.simple_reply() == (0, 3)
         assert c.drain_until_closed() == b""
-    with target.disk.open("rb") as f:
-        f.seek(offset)
-        assert f.read(len(data)) == data
+    assert on_disk(target, offset, len(data)) == data
     target.assert_healthy()
 
 
