@@ -28,6 +28,7 @@ from backend.volumes.config import (
     DEFAULT_VOLUME_SIZE,
     LOG_FORMATS,
     LOG_LEVELS,
+    SERVER_TLS_POLICIES,
     ConfigError,
     ExportConfig,
     MetricsConfig,
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--tls-policy",
-        choices=("allowed", "required"),
+        choices=SERVER_TLS_POLICIES,
         help="for the catalogue's volumes and exports without tls=: required serves nothing"
         " in plaintext (default: allowed)",
     )

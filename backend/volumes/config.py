@@ -149,10 +149,13 @@ def parse_export_spec(spec: str) -> ExportConfig:
     return ExportConfig(**fields)
 
 
-def server_tls_policy(value: str) -> TLSPolicy:
-    """``tls.policy`` / ``--tls-policy``: ``off`` makes no sense with a certificate."""
-    if value not in (TLSPolicy.ALLOWED.value, TLSPolicy.REQUIRED.value):
-        raise ValueError(f"expected allowed or required, got {value!r}")
+# ``tls.policy`` / ``--tls-policy``: ``off`` makes no sense with a certificate.
+SERVER_TLS_POLICIES = (TLSPolicy.ALLOWED.value, TLSPolicy.REQUIRED.value)
+
+
+def _server_tls_policy(value: str) -> TLSPolicy:
+    if value not in SERVER_TLS_POLICIES:
+        raise ValueError(f"expected {' or '.join(SERVER_TLS_POLICIES)}, got {value!r}")
     return TLSPolicy(value)
 
 
@@ -294,7 +297,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
             cert=Path(r.string(tls["cert"], "tls.cert")),
             key=Path(r.string(tls["key"], "tls.key")),
             ca=Path(r.string(ca, "tls.ca")) if ca is not None else None,
-            policy=r.convert(r.string(policy, "tls.policy"), "tls.policy", server_tls_policy),
+            policy=r.convert(r.string(policy, "tls.policy"), "tls.policy", _server_tls_policy),
         )
     if "storages" in top:
         fields["storages"] = _storages(r, top["storages"])
