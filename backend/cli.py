@@ -27,7 +27,7 @@ from backend.server.limits import (
 )
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
-from backend.server.volume_exports import VolumeExports
+from backend.server.volume_exports import DEFAULT_VOLUME, VolumeExports
 from backend.storage import FileStorage, Storage, StorageError
 from backend.volumes import cli as volumes_cli
 from backend.volumes.config import (
@@ -296,8 +296,13 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     except OSError as err:
         raise UsageError(f"cannot use data directory {data_dir}: {err.strerror}") from err
     if not service.catalogue.volumes():
-        service.create("default", DEFAULT_VOLUME_SIZE, description="NBS default volume")
-        log.info("created volume 'default' (%d bytes, sparse) in %s", DEFAULT_VOLUME_SIZE, data_dir)
+        service.create(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
+        log.info(
+            "created volume %r (%d bytes, sparse) in %s",
+            DEFAULT_VOLUME,
+            DEFAULT_VOLUME_SIZE,
+            data_dir,
+        )
     return VolumeExports(service, tls=config.tls_policy)
 
 

@@ -337,12 +337,19 @@ class ServerConnection:
     def _visible(self, export: ExportDescription) -> bool:
         return not (self.tls_active and export.tls is TLSPolicy.OFF)
 
+    def _listed(self, export: ExportDescription) -> bool:
+        # Spec (NBD_OPT_LIST): in selective TLS mode a TLS-only export may be left out before
+        # TLS.  We leave it out, so a plaintext client does not learn the names TLS protects.
+        if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
+            return False
+        return self._visible(export)
+
     def _opt_list(self, data: bytes) -> None:
         if data:
             self._error(c.Opt.LIST, c.Rep.ERR_INVALID, "LIST takes no data")
             return
         for export in self._directory.exports():
-            if self._visible(export):
+            if self._listed(export):
                 self._reply(
                     c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name, export.description)
                 )
@@ -355,6 +362,11 @@ class ServerConnection:
             self._error(c.Opt.STARTTLS, c.Rep.ERR_INVALID, "TLS is already active")
         elif not self._tls_available:
             self._error(c.Opt.STARTTLS, c.Rep.ERR_UNSUP, "TLS is not configured")
+        elif len(self._buf) > self._pos:
+            # Bytes pipelined behind STARTTLS were sent in plaintext, maybe injected by a man
+            # in the middle; run after the TLS handshake they would pass for protected
+            # options (the attack of CVE-2021-3716 on nbdkit).  A client must wait for our ACK.
+            raise ProtocolError("data sent after STARTTLS before the TLS handshake")
         else:
             self._reply(c.Opt.STARTTLS, c.Rep.ACK)
             self._transition(Trigger.STARTTLS)
@@ -369,7 +381,7 @@ class ServerConnection:
             self._error(option, c.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {err}")
             return None
         if export is None:
-            self._error(option, c.Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            self._error(option, c.Rep.ERR_UNKNOWN, _unknown(name))
             return None
         if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
             self._error(option, c.Rep.ERR_TLS_REQD, f"export {name!r} requires TLS")
@@ -441,14 +453,17 @@ class ServerConnection:
         if option == c.Opt.SET_META_CONTEXT and not self.structured_replies:
             self._error(option, c.Rep.ERR_INVALID, "SET_META_CONTEXT needs structured replies")
             return
-        if self._find(option, name) is None:
+        export = self._find(option, name)
+        if export is None:
             return
         # base:allocation is the only context we serve; "base:" asks for every base context.
         wanted = (not queries and option == c.Opt.LIST_META_CONTEXT) or any(
             q in (c.BASE_ALLOCATION, "base:") for q in queries
         )
         if option == c.Opt.SET_META_CONTEXT:
-            self._meta_export = name if wanted else None
+            # The export the name resolves to, not the name: "" (the default export) in
+            # SET_META_CONTEXT and GO must match the export GO selects under its own name.
+            self._meta_export = export.name if wanted else None
         if wanted:
             ctx = c.BASE_ALLOCATION_ID if option == c.Opt.SET_META_CONTEXT else 0
             self._reply(option, c.Rep.META_CONTEXT, wire.meta_context(ctx, c.BASE_ALLOCATION))
@@ -624,6 +639,12 @@ class ServerConnection:
     def reply_block_status(self, cookie: int, descriptors: Iterable[tuple[int, int]]) -> bytes:
         """Reply to BLOCK_STATUS with ``(length, state flags)`` descriptors."""
         return wire.block_status(cookie, c.BASE_ALLOCATION_ID, descriptors)
+
+
+def _unknown(name: str) -> str:
+    if name == "":
+        return "this server has no default export: name an export (NBD_OPT_LIST shows them)"
+    return f"no export named {name!r}"
 
 
 def _decode(raw: bytes) -> str | None:

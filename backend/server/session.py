@@ -143,7 +143,14 @@ class Session:
         self._time_left(deadline)
         self._sendall(self.conn.data_to_send())
         while True:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except ProtocolError:
+                # Options parsed before the broken one in the same read were executed:
+                # their replies go out before the close.
+                with contextlib.suppress(OSError):
+                    self._sendall(self.conn.data_to_send())
+                raise
             self._time_left(deadline)
             self._sendall(self.conn.data_to_send())
             if event is NEED_DATA:
@@ -190,7 +197,15 @@ class Session:
         latency = self.stats.latency
         bounds = LATENCY_BOUNDS_NS
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except ProtocolError:
+                # Requests parsed before the broken frame were executed: answer them, then
+                # close (those on the pool answer themselves before run() closes the socket).
+                if pending:
+                    with contextlib.suppress(OSError):
+                        self._send(pending)
+                raise
             if event is NEED_DATA:
                 if pending:
                     self._send(pending)

@@ -17,16 +17,20 @@ from backend.volumes.service import VolumeService
 
 log = logging.getLogger(__name__)
 _LISTED = Capabilities(can_fast_zero=True)
+# The volume a client asking for the empty export name gets (docs/decisions/0010).
+DEFAULT_VOLUME = "default"
 
 
 class VolumeExports:
     """Implements backend.server.exports.Exports over a VolumeService.
 
-    ``default``: the volume a client asking for the empty name gets (None: the first one).
+    ``default``: the volume a client asking for the empty name gets; when no volume has that
+    name the empty name is unknown, never some other volume (a client that names no export
+    must not write into whichever volume happens to sort first).
     """
 
     def __init__(
-        self, service: VolumeService, *, tls: TLSPolicy, default: str | None = None
+        self, service: VolumeService, *, tls: TLSPolicy, default: str = DEFAULT_VOLUME
     ) -> None:
         self.service = service
         self.tls = tls
@@ -37,8 +41,7 @@ class VolumeExports:
         volume, :class:`ExportUnavailableError` if its storage cannot be opened now (unreachable,
         or an RBD image another server holds writable)."""
         if name == "":
-            names = [v.name for v in self.service.catalogue.volumes()]
-            name = self.default if self.default in names else (names[0] if names else "")
+            name = self.default
         try:
             row = self.service.catalogue.volume(name)
             if row is None or row.state != "ready":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import filecmp
 import json
 import random
+import socket
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -235,6 +237,9 @@ def test_tls_required_refuses_plaintext_clients_of_the_volume_catalogue(
         "--tls-ca", str(pki / "ca-cert.pem"), "--tls-required",
     )  # fmt: skip
     assert_tls_required(server, "default", pki, 1 << 30)
+    listed = run(require_tool("nbdinfo"), "--list", server.tcp)  # no names in plaintext
+    assert listed.returncode != 0
+    assert "default" not in listed.stdout
 
 
 def test_tls_required_without_a_certificate_exits_2(tmp_path: Path) -> None:
@@ -267,6 +272,88 @@ def test_list_over_tls_leaves_out_tls_off_exports(tls_server: NbsServer, pki: Pa
     assert result.returncode == 0, result.stderr
     names = {e["export-name"] for e in json.loads(result.stdout)["exports"]}
     assert names == {"disk", "secure"}
+
+
+def test_plaintext_list_leaves_out_tls_required_exports(tls_server: NbsServer) -> None:
+    result = run(require_tool("nbdinfo"), "--list", "--json", tls_server.tcp)
+    assert result.returncode == 0, result.stderr
+    names = {e["export-name"] for e in json.loads(result.stdout)["exports"]}
+    assert names == {"disk", "plain"}
+    assert "secure" not in result.stdout + result.stderr
+
+
+def test_tls_only_server_tells_a_plaintext_client_only_that_tls_is_required(
+    nbs_server: Callable[..., NbsServer], pki: Path, images: dict[str, Path]
+) -> None:
+    server = nbs_server(
+        "--listen", "127.0.0.1:0",
+        "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+        "--export", f"secure={images['secure']},tls=required",
+        "--export", f"hidden={images['disk']},tls=required",
+    )  # fmt: skip
+    listed = run(require_tool("nbdinfo"), "--list", server.tcp)
+    assert listed.returncode != 0
+    assert "secure" not in listed.stdout + listed.stderr
+    assert "hidden" not in listed.stdout + listed.stderr
+    # On the wire: NBD_OPT_LIST gets NBD_REP_ERR_TLS_REQD and nothing else.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(struct.pack(">I", 3))  # C_FIXED_NEWSTYLE | C_NO_ZEROES
+        sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_LIST, 0))
+        sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_ABORT, 0))
+        received = _until_closed(sock)
+    assert received[:8] == b"NBDMAGIC"
+    replies = _option_replies(received[18:])
+    assert [(opt, kind) for opt, kind, _ in replies] == [
+        (OPT_LIST, ERR_TLS_REQD),
+        (OPT_ABORT, REP_ACK),
+    ]
+    assert b"secure" not in received
+    assert b"hidden" not in received
+    over_tls = run(require_tool("nbdinfo"), "--list", "--json", nbds(server, "", pki))
+    assert over_tls.returncode == 0, over_tls.stderr
+    names = {e["export-name"] for e in json.loads(over_tls.stdout)["exports"]}
+    assert names == {"secure", "hidden"}
+
+
+def test_plaintext_pipelined_behind_starttls_is_refused(tls_server: NbsServer) -> None:
+    # A man in the middle appending STRUCTURED_REPLY to the client's STARTTLS must not get it
+    # executed as if the client had sent it over TLS: no ACK, the server hangs up.
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as sock:
+        greeting = sock.recv(18, socket.MSG_WAITALL)
+        assert greeting[:8] == b"NBDMAGIC"
+        sock.sendall(
+            struct.pack(">I", 3)
+            + struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0)
+            + struct.pack(">QII", IHAVEOPT, OPT_STRUCTURED_REPLY, 0)
+        )
+        assert _until_closed(sock) == b""
+    assert tls_server.alive()
+
+
+IHAVEOPT = 0x49484156454F5054
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_STRUCTURED_REPLY = 8
+REP_ACK = 1
+ERR_TLS_REQD = (1 << 31) | 5
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    received = bytearray()
+    while chunk := sock.recv(65536):
+        received += chunk
+    return bytes(received)
+
+
+def _option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    replies = []
+    pos = 0
+    while pos < len(data):
+        _, opt, kind, length = struct.unpack_from(">QIII", data, pos)
+        replies.append((opt, kind, data[pos + 20 : pos + 20 + length]))
+        pos += 20 + length
+    return replies
 
 
 def test_client_without_certificate_is_refused_when_a_ca_is_set(

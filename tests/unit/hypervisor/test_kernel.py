@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -433,6 +434,11 @@ def lookalike() -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
         argv += ["-m", "hypervisor.kernel", "supervise", record(index).to_json()]
         process = subprocess.Popen(argv)
         started.append(process)
+        # Until the child has exec'd, its /proc cmdline is still ours (seen on a loaded box).
+        deadline = time.monotonic() + 10
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        while b"supervise" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return process
 
     yield start

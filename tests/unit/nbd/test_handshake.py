@@ -294,6 +294,33 @@ def test_meta_context_for_another_export_is_not_active() -> None:
     assert not got[0].block_status
 
 
+@pytest.mark.parametrize(("meta_name", "go_name"), [("", ""), ("", "b"), ("b", "")])
+def test_meta_context_for_the_default_export_is_active(meta_name: str, go_name: str) -> None:
+    # The empty name is the default export ("b" here): a context set under either spelling
+    # is the one GO selects, as qemu-img, nbdinfo and nbdcopy expect with a URI naming no export.
+    conn = fresh(export("b"), export("a"))
+    conn.data_to_send()
+    data = FIXED + option(c.Opt.STRUCTURED_REPLY)
+    data += option(c.Opt.SET_META_CONTEXT, meta_payload(meta_name, "base:allocation"))
+    data += option(c.Opt.GO, info_payload(go_name))
+    got = events(conn, data)
+    assert got == [ExportSelected(export("b"), structured_replies=True, block_status=True)]
+
+
+def test_no_default_export_is_err_unknown_saying_so() -> None:
+    conn = ServerConnection(_NoDefault(export("a")))
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.GO, info_payload("")))
+    [(_, kind, message)] = parse_option_replies(conn.data_to_send())
+    assert kind == c.Rep.ERR_UNKNOWN
+    assert b"no default export" in message
+
+
+class _NoDefault(Directory):
+    def lookup(self, name: str) -> ExportDescription | None:
+        return super().lookup(name) if name else None
+
+
 def test_list_meta_context_without_queries_lists_all() -> None:
     conn = fresh()
     conn.data_to_send()
@@ -329,6 +356,16 @@ def test_plaintext_after_starttls_before_tls_is_a_protocol_error() -> None:
         conn.next_event()
 
 
+def test_plaintext_pipelined_behind_starttls_closes_without_ack() -> None:
+    # In one read: nothing after STARTTLS may be taken for an option sent over TLS.
+    conn = fresh(tls_available=True)
+    conn.data_to_send()
+    with pytest.raises(ProtocolError):
+        events(conn, FIXED + option(c.Opt.STARTTLS) + option(c.Opt.STRUCTURED_REPLY))
+    assert conn.data_to_send() == b""
+    assert not conn.structured_replies
+
+
 def test_tls_required_export_refused_in_plaintext() -> None:
     conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
     conn.data_to_send()
@@ -343,6 +380,29 @@ def test_forced_tls_refuses_every_option_but_starttls() -> None:
     assert got == [StartTLS()]
     replies = parse_option_replies(conn.data_to_send())
     assert [k for _, k, _ in replies] == [c.Rep.ERR_TLS_REQD, c.Rep.ACK]
+
+
+def test_plaintext_list_leaves_out_tls_required_exports() -> None:
+    conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [(k, d) for _, k, d in replies] == [
+        (c.Rep.SERVER, struct.pack(">I", 4) + b"open"),
+        (c.Rep.ACK, b""),
+    ]
+    assert b"secure" not in b"".join(d for _, _, d in replies)
+
+
+def test_list_over_tls_names_tls_required_exports() -> None:
+    conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), export("open"), tls_available=True)
+    conn.data_to_send()
+    events(conn, FIXED + option(c.Opt.STARTTLS))
+    conn.tls_established()
+    conn.data_to_send()
+    events(conn, option(c.Opt.LIST))
+    replies = parse_option_replies(conn.data_to_send())
+    assert [d[4:] for _, k, d in replies if k == c.Rep.SERVER] == [b"secure", b"open"]
 
 
 def test_tls_off_export_is_refused_over_tls() -> None:
