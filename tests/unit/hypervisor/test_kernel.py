@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -433,6 +434,11 @@ def lookalike() -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
         argv += ["-m", "hypervisor.kernel", "supervise", record(index).to_json()]
         process = subprocess.Popen(argv)
         started.append(process)
+        # Popen can return while the child is still in exec (its cmdline reads empty then).
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{process.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the look-alike never started"
+            time.sleep(0.01)
         return process
 
     yield start
