@@ -7,6 +7,7 @@ what it sees (serial, size, a filesystem written in one VM and read in another).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -242,10 +243,14 @@ NO_LIBVIRT = (
 )
 
 
-def nbs_without_libvirt(*args: str) -> subprocess.CompletedProcess[str]:
+def nbs_without_libvirt(*args: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI where ``import libvirt`` fails, as after ``pip install nbs`` without extras."""
+    env = dict(os.environ)
+    if state is not None:
+        env["NBS_KERNEL_STATE_DIR"] = str(state)
     return subprocess.run(
         [sys.executable, "-c", NO_LIBVIRT, *args],
+        env=env,
         check=False,
         capture_output=True,
         text=True,
@@ -268,6 +273,10 @@ def test_qmp_attach_works_without_the_libvirt_binding(
     missing = nbs_without_libvirt("attached", "--qmp", str(tmp_path / "no.sock"))
     assert (missing.returncode, missing.stderr.count("\n")) == (1, 1)
     assert "cannot reach QEMU" in missing.stderr
+    kernel = nbs_without_libvirt("detach", "v", "--kernel", state=tmp_path)
+    assert (kernel.returncode, kernel.stderr) == (0, "")
+    assert "not attached" in kernel.stdout
+    assert nbs_without_libvirt("attached", "--kernel", state=tmp_path).returncode == 0
 
     for command in (["attach", server.uri("v")], ["detach", "v"], ["attached"]):
         refused = nbs_without_libvirt(*command, "--domain", "d")
