@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from hypervisor import defaults
@@ -26,6 +27,27 @@ FAILURE = 1
 
 class CommandError(Exception):
     """A hypervisor operation failed; exit code 1 with the message."""
+
+
+class UsageError(CommandError):
+    """The command cannot run as asked (e.g. a missing optional binding); exit code 2."""
+
+
+LIBVIRT_MISSING = (
+    "--domain needs the libvirt Python binding, which is not installed:"
+    " pip install 'nbs[libvirt]' (or Debian's python3-libvirt)"
+)
+
+
+def _libvirt() -> ModuleType:
+    """hypervisor.domain, which needs libvirt-python: only the --domain paths import it."""
+    try:
+        from hypervisor import domain  # noqa: PLC0415 - optional dependency
+    except ModuleNotFoundError as err:
+        if err.name not in ("libvirt", "libvirt_qemu"):
+            raise
+        raise UsageError(LIBVIRT_MISSING) from None
+    return domain
 
 
 def _where(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +109,7 @@ def add_commands(sub: Any) -> None:
     attach.add_argument(
         "--connections", type=int, metavar="N", help="kernel: sockets (multi-conn exports only)"
     )
+    attach.add_argument("--json", action="store_true", help="--qmp/--domain: print the attachment")
     attach.set_defaults(func=cmd_attach)
 
     detach = sub.add_parser("detach", help="detach a volume")
@@ -124,17 +147,26 @@ def _volume(args: argparse.Namespace) -> str:
     return _target(args).volume
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
-    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
+def _report_attached(args: argparse.Namespace, done: Any, text: str) -> None:
+    """The attachment, including the serial (and so the by-id path) the guest sees."""
+    if args.json:
+        json.dump(dataclasses.asdict(done), sys.stdout, indent=2)
+        print()
+    else:
+        print(f"{text} (serial {done.serial}, in the guest {done.by_id})")
 
+
+def cmd_attach(args: argparse.Namespace) -> int:
     target = _target(args)
     if args.qmp:
+        from hypervisor import qmp  # noqa: PLC0415 - asyncio, qemu.qmp
+
         done = qmp.attach(
             args.qmp, target, reconnect_delay=args.reconnect_delay, read_only=args.read_only
         )
-        print(f"attached {target.uri()} as {done.device} (serial {done.serial})")
+        _report_attached(args, done, f"attached {target.uri()} as {done.device}")
     elif args.domain:
-        disk = domain.attach(
+        disk = _libvirt().attach(
             args.domain,
             target,
             connect=args.connect,
@@ -142,7 +174,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
             reconnect_delay=args.reconnect_delay or None,
             read_only=args.read_only,
         )
-        print(f"attached {target.uri()} to {args.domain} as {disk.target_dev} ({disk.alias})")
+        where = f"{disk.target_dev} ({disk.alias})"
+        _report_attached(args, disk, f"attached {target.uri()} to {args.domain} as {where}")
     else:
         from hypervisor import kernel_cli  # noqa: PLC0415 - kernel support is Linux-root only
 
@@ -152,8 +185,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
-
     if args.kernel:
         from hypervisor import kernel_cli  # noqa: PLC0415
 
@@ -162,9 +193,11 @@ def cmd_detach(args: argparse.Namespace) -> int:
         return status
     volume = _volume(args)
     if args.qmp:
+        from hypervisor import qmp  # noqa: PLC0415 - asyncio, qemu.qmp
+
         gone: object = qmp.detach(args.qmp, volume, args.timeout)
     elif args.domain:
-        gone = domain.detach(
+        gone = _libvirt().detach(
             args.domain,
             volume,
             connect=args.connect,
@@ -176,13 +209,14 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_attached(args: argparse.Namespace) -> int:
-    from hypervisor import domain, qmp  # noqa: PLC0415 - heavy (libvirt, asyncio)
-
     rows: list[dict[str, Any]]
     if args.qmp:
+        from hypervisor import qmp  # noqa: PLC0415 - asyncio, qemu.qmp
+
         rows = [dataclasses.asdict(a) for a in qmp.attached(args.qmp)]
     elif args.domain:
-        rows = [dataclasses.asdict(d) for d in domain.attached(args.domain, connect=args.connect)]
+        disks = _libvirt().attached(args.domain, connect=args.connect)
+        rows = [dataclasses.asdict(d) for d in disks]
     else:
         from hypervisor import kernel_cli  # noqa: PLC0415
 
@@ -196,9 +230,9 @@ def cmd_attached(args: argparse.Namespace) -> int:
 
 
 def cmd_xml(args: argparse.Namespace) -> int:
-    from hypervisor import domain  # noqa: PLC0415 - heavy (libvirt)
+    from hypervisor.disk_xml import disk_xml  # noqa: PLC0415 - needs no libvirt binding
 
-    sys.stdout.write(domain.disk_xml(_target(args), dev=args.dev, read_only=args.read_only))
+    sys.stdout.write(disk_xml(_target(args), dev=args.dev, read_only=args.read_only))
     return 0
 
 
@@ -217,11 +251,11 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a hypervisor subcommand, turning its errors into one line and an exit code."""
     from hypervisor.kernel import KernelError  # noqa: PLC0415
-    from hypervisor.qmp import QmpError  # noqa: PLC0415
+    from hypervisor.qmp import NeedsOptionError, QmpError  # noqa: PLC0415
 
     try:
         result: int = args.func(args)
-    except TargetError as err:
+    except (TargetError, UsageError, NeedsOptionError) as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except (QmpError, NbdClientError, CommandError, KernelError) as err:

@@ -1,9 +1,11 @@
 """Attach NBD volumes to libvirt domains (libvirt-python).
 
 Attach: probe the export, then ``attachDeviceFlags`` of a ``<disk type='network'>`` (alias
-``ua-nbs-VOLUME``, serial = volume) live and/or persistent.  Detach: ``detachDeviceAlias``,
-then wait for libvirt's DEVICE_REMOVED event for that alias (DEVICE_REMOVAL_FAILED or a
-timeout is an error; the request is never re-sent).  Both are idempotent.
+``ua-nbs-VOLUME`` and serial from hypervisor/naming.py) live and/or persistent.  Detach:
+``detachDeviceAlias`` from wherever the disk is (the running domain, its saved configuration
+with ``persistent``, or both), then wait for libvirt's DEVICE_REMOVED event for that alias
+(DEVICE_REMOVAL_FAILED or a timeout is an error; the request is never re-sent).  Both are
+idempotent: each touches only the places (live, config) still missing or holding the disk.
 
 Reconnects: libvirt 9.0 cannot set ``reconnect-delay`` on NBD disks, so without help QEMU fails
 guest I/O as soon as the server goes away.  With ``reconnect_delay`` set, attach then rebuilds
@@ -16,7 +18,6 @@ working; it does mark the domain "tainted" for using the monitor.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -29,13 +30,15 @@ import libvirt
 import libvirt_qemu
 
 from hypervisor import defaults
+from hypervisor.disk_xml import DomainDisk, describe, disk_xml, ours
+from hypervisor.naming import alias_for
 from hypervisor.nbdclient import NbdClientError, probe
 from hypervisor.qmp import (
     DEFAULT_DETACH_TIMEOUT,
-    SERIAL_MAX,
     AttachConflictError,
     ExportUnavailableError,
     GuestNotReadyError,
+    NeedsOptionError,
     QmpError,
     VmUnreachableError,
 )
@@ -44,85 +47,32 @@ from hypervisor.target import NbdTarget
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
-ALIAS_PREFIX = "ua-nbs-"
 DEFAULT_CONNECT = defaults.LIBVIRT_CONNECT
 
 
-@dataclasses.dataclass(frozen=True)
-class DomainDisk:
-    volume: str
-    alias: str
-    target_dev: str
-    uri: str
-    read_only: bool
-    serial: str | None
+class _Disks:
+    """NBS's disks of a domain, in its running state and in its saved configuration."""
 
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        # XMLDesc(0) of a domain that is shut off is its configuration, not a running state.
+        self.xmls = [dom.XMLDesc(0)]
+        self.live = ours(self.xmls[0]) if dom.isActive() else {}
+        self.config: dict[str, ET.Element] = {}
+        if dom.isPersistent():
+            self.xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            self.config = ours(self.xmls[-1])
 
-def alias_for(volume: str) -> str:
-    return ALIAS_PREFIX + volume
+    def get(self, alias: str) -> DomainDisk | None:
+        disk = self.live.get(alias)
+        if disk is None:
+            disk = self.config.get(alias)
+        if disk is None:
+            return None
+        return describe(disk, alias, live=alias in self.live, persistent=alias in self.config)
 
-
-def disk_xml(
-    target: NbdTarget,
-    *,
-    dev: str = "vdb",
-    read_only: bool = False,
-    alias: str | None = None,
-) -> str:
-    """The ``<disk>`` element for ``target`` (what ``nbs xml`` prints for virsh attach-device).
-
-    With TLS, libvirt takes certificates from qemu.conf (``nbd_tls_x509_cert_dir``), not from
-    the URI.
-    """
-    disk = ET.Element("disk", type="network", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="raw", cache="none", discard="unmap")
-    source = ET.SubElement(disk, "source", protocol="nbd", name=target.export)
-    if target.tls:
-        source.set("tls", "yes")
-        if target.tls_hostname:
-            source.set("tlsHostname", target.tls_hostname)
-    if target.socket is not None:
-        ET.SubElement(source, "host", transport="unix", socket=str(target.socket))
-    else:
-        ET.SubElement(source, "host", name=str(target.host), port=str(target.port))
-    ET.SubElement(disk, "target", dev=dev, bus="virtio")
-    ET.SubElement(disk, "serial").text = target.volume[:SERIAL_MAX]
-    if read_only:
-        ET.SubElement(disk, "readonly")
-    ET.SubElement(disk, "alias", name=alias or alias_for(target.volume))
-    ET.indent(disk)
-    return ET.tostring(disk, encoding="unicode") + "\n"
-
-
-def _uri_of(source: ET.Element) -> str:
-    host = source.find("host")
-    scheme = "nbds" if source.get("tls") == "yes" else "nbd"
-    name = source.get("name", "")
-    if host is not None and host.get("transport") == "unix":
-        return f"{scheme}+unix:///{name}?socket={host.get('socket')}"
-    if host is not None:
-        return f"{scheme}://{host.get('name')}:{host.get('port', '10809')}/{name}"
-    return f"{scheme}:///{name}"
-
-
-def _disks(xml: str) -> Iterator[tuple[ET.Element, str]]:
-    for disk in ET.fromstring(xml).iterfind("./devices/disk"):
-        alias = disk.find("alias")
-        yield disk, alias.get("name", "") if alias is not None else ""
-
-
-def _describe(disk: ET.Element, alias: str) -> DomainDisk:
-    source = disk.find("source")
-    target = disk.find("target")
-    serial = disk.find("serial")
-    return DomainDisk(
-        volume=alias[len(ALIAS_PREFIX) :],
-        alias=alias,
-        target_dev=target.get("dev", "") if target is not None else "",
-        uri=_uri_of(source) if source is not None else "",
-        read_only=disk.find("readonly") is not None,
-        serial=serial.text if serial is not None else None,
-    )
+    def all(self) -> list[DomainDisk]:
+        found = (self.get(alias) for alias in sorted(self.live.keys() | self.config.keys()))
+        return [disk for disk in found if disk is not None]
 
 
 class _Events:
@@ -163,21 +113,17 @@ def _domain(connect: str, name: str) -> Iterator[tuple[libvirt.virConnect, libvi
         conn.close()
 
 
-def _flags(dom: libvirt.virDomain, live: bool, persistent: bool) -> int:
-    flags = 0
-    if live and dom.isActive():
-        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-    if persistent:
-        if not dom.isPersistent():
-            raise QmpError("the domain is transient: it has no persistent configuration")
-        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-    if not flags:
+def _check_scope(dom: libvirt.virDomain, live: bool, persistent: bool) -> None:
+    if persistent and not dom.isPersistent():
+        raise QmpError("the domain is transient: it has no persistent configuration")
+    if not persistent and not (live and dom.isActive()):
         raise GuestNotReadyError("the domain is not running; use --persistent to change its config")
-    return flags
 
 
-def _free_dev(xml: str) -> str:
-    used = {t.get("dev") for t in ET.fromstring(xml).iterfind("./devices/disk/target")}
+def _free_dev(*xmls: str) -> str:
+    used = {
+        t.get("dev") for xml in xmls for t in ET.fromstring(xml).iterfind("./devices/disk/target")
+    }
     for letter in "bcdefghijklmnopqrstuvwxyz":
         if f"vd{letter}" not in used:
             return f"vd{letter}"
@@ -198,23 +144,26 @@ def attach(
     ``read_only``, an export the server offers read-only is refused."""
     alias = alias_for(target.volume)
     with _domain(connect, domain) as (_, dom):
-        xml = dom.XMLDesc(0)
-        for disk, name in _disks(xml):
-            if name == alias:
-                existing = _describe(disk, name)
-                if existing.uri.split("?")[0] != target.uri().split("?")[0]:
-                    raise AttachConflictError(
-                        f"volume {target.volume!r} is already attached from {existing.uri}"
-                    )
-                return existing
+        _check_scope(dom, live, persistent)
+        present = _Disks(dom)
+        existing = present.get(alias)
+        if existing is not None and existing.uri.split("?")[0] != target.uri().split("?")[0]:
+            raise AttachConflictError(
+                f"volume {target.volume!r} is already attached from {existing.uri}"
+            )
+        flags = 0
+        if live and dom.isActive() and alias not in present.live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if persistent and alias not in present.config:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if existing is not None and not flags:
+            return existing
         try:
             info = probe(target, read_only=read_only)
         except NbdClientError as err:
             raise ExportUnavailableError(str(err)) from err
-        element = disk_xml(
-            target, dev=_free_dev(xml), read_only=read_only or info.read_only, alias=alias
-        )
-        flags = _flags(dom, live, persistent)
+        dev = _free_dev(*present.xmls)
+        element = disk_xml(target, dev=dev, read_only=read_only or info.read_only, alias=alias)
         try:
             dom.attachDeviceFlags(element, flags)
         except libvirt.libvirtError as err:
@@ -225,10 +174,10 @@ def attach(
             except QmpError:
                 dom.detachDeviceAlias(alias, flags)
                 raise
-        for disk, name in _disks(dom.XMLDesc(0)):
-            if name == alias:
-                return _describe(disk, name)
-        raise QmpError("libvirt accepted the disk but does not list it")
+        done = _Disks(dom).get(alias)
+        if done is None:
+            raise QmpError("libvirt accepted the disk but does not list it")
+        return done
 
 
 def _monitor(dom: libvirt.virDomain, command: str, arguments: dict[str, Any]) -> Any:
@@ -246,7 +195,7 @@ def enable_reconnect(
     dom: libvirt.virDomain, alias: str, target: NbdTarget, reconnect_delay: int
 ) -> None:
     """Give a libvirt-attached NBD disk a reconnect-delay (module docstring explains how)."""
-    disk = next((d for d, name in _disks(dom.XMLDesc(0)) if name == alias), None)
+    disk = ours(dom.XMLDesc(0)).get(alias)
     source = disk.find("source") if disk is not None else None
     index = source.get("index") if source is not None else None
     if index is None:
@@ -301,16 +250,27 @@ def detach(
     persistent: bool = False,
     timeout: float = DEFAULT_DETACH_TIMEOUT,
 ) -> DomainDisk | None:
-    """Detach ``volume``; returns what was detached, or None if it was not attached."""
+    """Detach ``volume``; returns what was detached, or None if it was not attached.
+
+    ``live``: from the running domain; ``persistent``: from its saved configuration as well,
+    also when the disk is no longer (or never was) in the running domain.
+    """
     alias = alias_for(volume)
     with _domain(connect, domain) as (conn, dom):
-        found = next((_describe(d, n) for d, n in _disks(dom.XMLDesc(0)) if n == alias), None)
-        if found is None and persistent and dom.isPersistent():
-            inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            found = next((_describe(d, n) for d, n in _disks(inactive) if n == alias), None)
+        present = _Disks(dom)
+        found = present.get(alias)
         if found is None:
             return None
-        flags = _flags(dom, live, persistent)
+        flags = 0
+        if live and found.live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if persistent and found.persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if not flags:
+            raise NeedsOptionError(
+                f"{volume} is attached to {domain} only in its persistent configuration;"
+                " detach it with --persistent"
+            )
         if flags & libvirt.VIR_DOMAIN_AFFECT_LIVE:
             state = dom.state()[0]
             if state != libvirt.VIR_DOMAIN_RUNNING:
@@ -359,10 +319,10 @@ def detach(
 
 
 def _still_attached(dom: libvirt.virDomain, alias: str) -> bool:
-    return any(name == alias for _, name in _disks(dom.XMLDesc(0)))
+    return alias in ours(dom.XMLDesc(0))
 
 
 def attached(domain: str, *, connect: str = DEFAULT_CONNECT) -> list[DomainDisk]:
-    """NBS volumes attached to ``domain`` (live configuration when running)."""
+    """NBS volumes attached to ``domain``: in the running domain, its configuration, or both."""
     with _domain(connect, domain) as (_, dom):
-        return [_describe(d, n) for d, n in _disks(dom.XMLDesc(0)) if n.startswith(ALIAS_PREFIX)]
+        return _Disks(dom).all()

@@ -2,9 +2,10 @@
 
 Attach:  probe the export ourselves (clear errors, and a dead server never blocks QEMU's
          monitor) → blockdev-add an ``nbd`` node ``nbs-VOLUME`` with reconnect-delay and
-         open-timeout → device_add virtio-blk-pci ``nbs-VOLUME`` with serial = volume, so the
-         guest finds it at /dev/disk/by-id/virtio-VOLUME.  If device_add fails the node is
-         removed again: nothing is left half-attached.
+         open-timeout → device_add virtio-blk-pci ``nbs-VOLUME`` with serial VOLUME, so the
+         guest finds it at /dev/disk/by-id/virtio-VOLUME (names that do not fit QEMU's or
+         virtio's limits are shortened with a hash: hypervisor/naming.py).  If device_add
+         fails the node is removed again: nothing is left half-attached.
 Detach:  listen for DEVICE_DELETED first, device_del once (never re-sent: QEMU refuses a
          second one while the guest has not answered), wait a bounded time for the event with
          ``data.device`` = our id, then blockdev-del.
@@ -17,7 +18,8 @@ Errors (all QmpError):
      ├── ExportUnavailableError export missing or server down (from the probe)
      ├── AttachConflictError    the volume name is attached with a different URI
      ├── NoFreeSlotError        no PCI slot / root port to hot-plug into
-     └── GuestNotReadyError     the guest is paused or did not release the disk in time
+     ├── GuestNotReadyError     the guest is paused or did not release the disk in time
+     └── NeedsOptionError       the request needs an option it was not given (a usage error)
 """
 
 from __future__ import annotations
@@ -32,14 +34,21 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from hypervisor import defaults
+from hypervisor.naming import (
+    QEMU_PREFIX,
+    by_id_path,
+    export_of_filename,
+    qemu_id_for,
+    serial_for,
+    volume_of_export,
+)
 from hypervisor.nbdclient import NbdClientError, probe
 from hypervisor.target import NbdTarget
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
-PREFIX = "nbs-"
-SERIAL_MAX = defaults.SERIAL_MAX
+PREFIX = QEMU_PREFIX
 DEFAULT_RECONNECT_DELAY = defaults.RECONNECT_DELAY
 DEFAULT_OPEN_TIMEOUT = defaults.OPEN_TIMEOUT
 DEFAULT_DETACH_TIMEOUT = defaults.DETACH_TIMEOUT
@@ -69,6 +78,10 @@ class GuestNotReadyError(QmpError):
     pass
 
 
+class NeedsOptionError(QmpError):
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class Attachment:
     """A volume attached to a VM by us."""
@@ -79,11 +92,21 @@ class Attachment:
     uri: str
     read_only: bool = False
     serial: str | None = None
+    by_id: str | None = dataclasses.field(init=False)  # where the guest's udev links the disk
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_id", by_id_path(self.serial) if self.serial else None)
 
 
 def ids_for(volume: str) -> str:
-    """The node name and device id used for ``volume`` (QOM ids allow [A-Za-z0-9._-])."""
-    return PREFIX + volume
+    """The node name and device id used for ``volume`` (hypervisor/naming.py)."""
+    return qemu_id_for(volume)
+
+
+def _volume_of(node_name: str, filename: str) -> str:
+    export = export_of_filename(filename)
+    # Hashed ids (naming.py) do not spell the volume out; the node's export does.
+    return volume_of_export(export) if export is not None else node_name[len(PREFIX) :]
 
 
 class _Session:
@@ -119,12 +142,13 @@ class _Session:
         out = []
         for name, node in sorted((await self.nodes()).items()):
             device = name if name in devices else None
+            uri = str(node.get("file", ""))
             out.append(
                 Attachment(
-                    volume=name[len(PREFIX) :],
+                    volume=_volume_of(name, uri),
                     node=name,
                     device=device,
-                    uri=str(node.get("file", "")),
+                    uri=uri,
                     read_only=bool(node.get("ro", False)),
                     serial=await self.serial_of(name) if device else None,
                 )
@@ -228,7 +252,7 @@ async def _attach(
             await session.run("blockdev-add", options)
         except ExecuteError as err:
             raise ExportUnavailableError(f"QEMU could not open {target.uri()}: {err}") from err
-        serial = target.volume[:SERIAL_MAX]
+        serial = serial_for(target.volume)
         device: dict[str, Any] = {
             "driver": "virtio-blk-pci",
             "id": name,

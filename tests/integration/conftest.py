@@ -215,9 +215,10 @@ def libvirt_vm(
 ) -> Iterator[Callable[..., LibvirtVM]]:
     """Factory: ``libvirt_vm(*, ready=True, ready_timeout=120, **options) -> LibvirtVM``.
 
-    Creates a transient domain of the tiny guest (``options``: name, memory_mib, append,
-    devices_xml) and, unless ``ready=False``, waits for its agent.  Every domain it created is
-    destroyed at teardown.
+    Creates a transient (or with ``persistent=True`` a defined) domain of the tiny guest
+    (``options``: name, memory_mib, append, devices_xml, persistent) and, unless
+    ``ready=False``, waits for its agent.  Every domain it created is destroyed (and
+    undefined) at teardown.
     """
     require_tool("qemu-system-x86_64")
     conn = libvirtd.connect()

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import NbsServer, require_tool
 from tests.integration.helpers import SIZE, free_port, guest_disk, nbs, volume_file
@@ -166,3 +167,76 @@ def test_without_reconnect_delay_libvirt_disks_fail_guest_io_on_restart(
     nbs("attach", server.uri("n"), "--domain", vm.domain_name, "--reconnect-delay", "0")
     disk = guest_disk(vm, "n")
     assert _restart_during_io(nbs_server, vm, server, disk, args) != "0"
+
+
+def _inactive_xml(domain: str) -> str:
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", domain],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def test_persistent_attachment_left_in_the_config_is_listed_and_detached(
+    nbs_server: Callable[..., NbsServer], libvirt_vm: Callable[..., LibvirtVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"pv={volume_file(tmp_path)}")
+    vm = libvirt_vm(persistent=True)
+    domain = ("--domain", vm.domain_name)
+
+    def listed() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads(nbs("attached", *domain, "--json").stdout)
+        return rows
+
+    nbs("attach", server.uri("pv"), *domain, "--persistent")
+    guest_disk(vm, "pv")
+    assert [d["volume"] for d in listed()] == ["pv"]
+
+    # A live detach leaves the disk in the saved configuration, and the listing says so.
+    assert "detached pv" in nbs("detach", "pv", *domain).stdout
+    assert [d["volume"] for d in listed()] == ["pv"]
+    assert [(d["live"], d["persistent"]) for d in listed()] == [(False, True)]  # config-only
+    assert "ua-nbs-pv" in _inactive_xml(vm.domain_name)
+    assert "nothing attached" not in nbs("attached", *domain).stdout
+    without = nbs("detach", "pv", *domain, check=False)
+    assert without.returncode == 2
+    assert "--persistent" in without.stderr
+    assert without.stderr.count("\n") == 1
+    nbs("detach", "pv", *domain, "--persistent")  # from the config alone
+    assert listed() == []
+    assert "ua-nbs-pv" not in _inactive_xml(vm.domain_name)
+
+    # Attach adds it only where it is missing; detach --persistent removes it from both.
+    nbs("attach", server.uri("pv"), *domain, "--persistent")
+    nbs("detach", "pv", *domain)
+    nbs("attach", server.uri("pv"), *domain, "--persistent")
+    guest_disk(vm, "pv")
+    assert [(d["live"], d["persistent"]) for d in listed()] == [(True, True)]
+    assert "detached pv" in nbs("detach", "pv", *domain, "--persistent").stdout
+    assert listed() == []
+    assert "ua-nbs-pv" not in _inactive_xml(vm.domain_name)
+    assert "was not attached" in nbs("detach", "pv", *domain, "--persistent").stdout
+    assert vm.alive()
+
+
+def test_long_and_dotted_volume_names_attach_under_a_valid_alias_and_unique_serial(
+    nbs_server: Callable[..., NbsServer], libvirt_vm: Callable[..., LibvirtVM], tmp_path: Path
+) -> None:
+    """libvirt refuses "." in aliases; serials cut to 20 bytes used to collide."""
+    names = ["my.volume-with-a-long-name-1", "my.volume-with-a-long-name-2"]
+    exports = [f"{n}={volume_file(tmp_path, f'{i}.img')}" for i, n in enumerate(names)]
+    server = nbs_server("--listen", "127.0.0.1:0", *(a for e in exports for a in ("--export", e)))
+    vm = libvirt_vm()
+    domain = ("--domain", vm.domain_name)
+    done = [json.loads(nbs("attach", server.uri(n), *domain, "--json").stdout) for n in names]
+    assert len({d["serial"] for d in done}) == 2
+    assert all(d["by_id"] == f"/dev/disk/by-id/virtio-{d['serial']}" for d in done)
+    assert len({guest_disk(vm, d["serial"]) for d in done}) == 2
+    rows = json.loads(nbs("attached", *domain, "--json").stdout)
+    assert sorted((d["volume"], d["serial"]) for d in rows) == sorted(
+        (n, d["serial"]) for n, d in zip(names, done, strict=True)
+    )
+    for name in names:
+        assert f"detached {name}" in nbs("detach", name, *domain).stdout
+    assert json.loads(nbs("attached", *domain, "--json").stdout) == []

@@ -7,7 +7,9 @@ what it sees (serial, size, a filesystem written in one VM and read in another).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,3 +204,83 @@ def test_guest_boots_with_an_nbs_volume_as_its_root_disk(
         [debugfs, "-R", "cat /proof", str(rootfs)], capture_output=True, text=True, check=True
     )
     assert proof.stdout == "written to the root volume\n"
+
+
+def test_long_and_similar_volume_names_get_distinct_disks_in_the_guest(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    """Serials cut to 20 bytes used to collide; node names of 28+ characters failed attach."""
+    names = ["abcdefghijklmnopqrst-1", "abcdefghijklmnopqrst-2", "long-" + "x" * 55]
+    exports = [f"{n}={volume_file(tmp_path, f'{i}.img')}" for i, n in enumerate(names)]
+    server = nbs_server("--listen", "127.0.0.1:0", *(a for e in exports for a in ("--export", e)))
+    vm = tiny_vm()
+    qmp = ("--qmp", str(vm.qmp_path))
+    done = {}
+    for name in names:
+        done[name] = json.loads(nbs("attach", server.uri(name), *qmp, "--json").stdout)
+    serials = [done[n]["serial"] for n in names]
+    assert len(set(serials)) == 3
+    assert len({done[n]["by_id"] for n in names}) == 3
+    assert all(done[n]["by_id"] == f"/dev/disk/by-id/virtio-{done[n]['serial']}" for n in names)
+    # The guest sees each disk under the serial attach reported (udev's by-id name).
+    disks = {guest_disk(vm, serial) for serial in serials}
+    assert len(disks) == 3
+    text = nbs("attach", server.uri(names[2]), *qmp).stdout  # idempotent, says the by-id path
+    assert done[names[2]]["by_id"] in text
+    listed = json.loads(nbs("attached", *qmp, "--json").stdout)
+    assert sorted((a["volume"], a["serial"]) for a in listed) == sorted(
+        zip(names, serials, strict=True)
+    )
+    for name in names:
+        assert f"detached {name}" in nbs("detach", name, *qmp).stdout
+    assert json.loads(nbs("attached", *qmp, "--json").stdout) == []
+    assert all(vm.run(f"test -e {disk}").rc != 0 for disk in disks)
+
+
+NO_LIBVIRT = (
+    "import sys; sys.modules['libvirt'] = None; sys.modules['libvirt_qemu'] = None;"
+    " from backend.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def nbs_without_libvirt(*args: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI where ``import libvirt`` fails, as after ``pip install nbs`` without extras."""
+    env = dict(os.environ)
+    if state is not None:
+        env["NBS_KERNEL_STATE_DIR"] = str(state)
+    return subprocess.run(
+        [sys.executable, "-c", NO_LIBVIRT, *args],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_qmp_attach_works_without_the_libvirt_binding(
+    nbs_server: Callable[..., NbsServer], tiny_vm: Callable[..., TinyVM], tmp_path: Path
+) -> None:
+    server = nbs_server("--listen", "127.0.0.1:0", "--export", f"v={volume_file(tmp_path)}")
+    vm = tiny_vm(ready=False, extra_args=["-S"])  # QEMU only: attach needs no booted guest
+    qmp = ("--qmp", str(vm.qmp_path))
+    attached = nbs_without_libvirt("attach", server.uri("v"), *qmp)
+    assert attached.returncode == 0, attached.stderr
+    assert "nbs-v" in attached.stdout
+    listed = nbs_without_libvirt("attached", *qmp, "--json")
+    assert [a["volume"] for a in json.loads(listed.stdout)] == ["v"]
+    assert "<disk" in nbs_without_libvirt("xml", server.uri("v")).stdout
+    missing = nbs_without_libvirt("attached", "--qmp", str(tmp_path / "no.sock"))
+    assert (missing.returncode, missing.stderr.count("\n")) == (1, 1)
+    assert "cannot reach QEMU" in missing.stderr
+    kernel = nbs_without_libvirt("detach", "v", "--kernel", state=tmp_path)
+    assert (kernel.returncode, kernel.stderr) == (0, "")
+    assert "not attached" in kernel.stdout
+    assert nbs_without_libvirt("attached", "--kernel", state=tmp_path).returncode == 0
+
+    for command in (["attach", server.uri("v")], ["detach", "v"], ["attached"]):
+        refused = nbs_without_libvirt(*command, "--domain", "d")
+        assert refused.returncode == 2
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "pip install 'nbs[libvirt]'" in refused.stderr
+        assert "python3-libvirt" in refused.stderr

@@ -638,7 +638,9 @@ class LibvirtVM(AgentGuest):
     ``workdir/NAME-console.log``, the agent on a ``<serial type='unix'>`` bind socket (ttyS1).
     QEMU runs as root without relabelling (``<seclabel model='dac'>`` +0:+0) so it can read
     the image cache and create sockets in our private directory.  ``devices_xml`` is inserted
-    into ``<devices>`` (disks, interfaces, ...).  :meth:`stop` destroys the domain.
+    into ``<devices>`` (disks, interfaces, ...).  With ``persistent`` the domain is defined
+    (it has a saved configuration) and then started.  :meth:`stop` destroys the domain and
+    undefines a persistent one.
     """
 
     def __init__(
@@ -651,8 +653,10 @@ class LibvirtVM(AgentGuest):
         memory_mib: int = 256,
         append: str = "",
         devices_xml: str = "",
+        persistent: bool = False,
     ) -> None:
         self.conn = conn
+        self.persistent = persistent
         self.image = image
         self.workdir = Path(workdir)
         self.domain_name = name or f"nbs-tiny-{secrets.token_hex(4)}"
@@ -702,7 +706,7 @@ class LibvirtVM(AgentGuest):
 """
 
     def start(self) -> None:
-        """Create the transient domain (returns once QEMU runs; then :meth:`wait_ready`).
+        """Create the domain (returns once QEMU runs; then :meth:`wait_ready`).
 
         Records QEMU's PID (:attr:`qemu_pid`, from libvirt's pidfile) so that :meth:`stop`
         can end it even if libvirtd is gone.
@@ -711,7 +715,11 @@ class LibvirtVM(AgentGuest):
             raise RuntimeError("already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._started_at = time.monotonic()
-        self.domain = self.conn.createXML(self.xml(), 0)
+        if self.persistent:
+            self.domain = self.conn.defineXML(self.xml())
+            self.domain.create()
+        else:
+            self.domain = self.conn.createXML(self.xml(), 0)
         with contextlib.suppress(OSError, ValueError):
             pidfile = Path("/run/libvirt/qemu") / f"{self.domain_name}.pid"
             self.qemu_pid = int(pidfile.read_text().split()[0])
@@ -755,6 +763,9 @@ class LibvirtVM(AgentGuest):
             if self.domain is not None:
                 with contextlib.suppress(Exception):  # libvirtError: gone, or no daemon
                     self.domain.destroy()
+                if self.persistent:
+                    with contextlib.suppress(Exception):
+                        self.domain.undefine()
                 self.domain = None
             if self.qemu_pid is not None:
                 _terminate(self.qemu_pid, "qemu-system-x86_64", 10)

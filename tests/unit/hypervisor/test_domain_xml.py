@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from hypervisor.domain import disk_xml
+from hypervisor.disk_xml import describe, disk_xml, ours
 from hypervisor.target import NbdTarget
 
 
@@ -40,6 +40,24 @@ def test_unix_tls_read_only_disk_xml() -> None:
     assert disk.find("readonly") is not None
 
 
-def test_long_volume_names_are_cut_to_the_virtio_serial_limit() -> None:
-    disk = ET.fromstring(disk_xml(NbdTarget.parse("a-very-long-volume-name-indeed")))
-    assert disk.findtext("serial") == "a-very-long-volume-n"
+def test_long_volume_names_get_a_unique_serial_and_a_valid_alias() -> None:
+    one = ET.fromstring(disk_xml(NbdTarget.parse("abcdefghijklmnopqrst-1")))
+    two = ET.fromstring(disk_xml(NbdTarget.parse("abcdefghijklmnopqrst-2")))
+    serials = {one.findtext("serial"), two.findtext("serial")}
+    assert len(serials) == 2
+    assert all(s is not None and len(s) <= 20 for s in serials)
+    dotted = ET.fromstring(disk_xml(NbdTarget.parse("my.volume")))
+    alias = dotted.find("alias")
+    assert alias is not None
+    assert alias.get("name", "").startswith("ua-nbs-my_volume-")  # libvirt refuses "."
+
+
+def test_disks_read_back_name_the_volume_even_behind_a_hashed_alias() -> None:
+    name = "v" * 200
+    xml = f"<domain><devices>{disk_xml(NbdTarget.parse(name))}</devices></domain>"
+    [(alias, element)] = ours(xml).items()
+    disk = describe(element, alias, live=False, persistent=True)
+    assert disk.volume == name
+    assert disk.serial is not None
+    assert disk.by_id == f"/dev/disk/by-id/virtio-{disk.serial}"
+    assert (disk.live, disk.persistent) == (False, True)

@@ -434,10 +434,11 @@ def lookalike() -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
         argv += ["-m", "hypervisor.kernel", "supervise", record(index).to_json()]
         process = subprocess.Popen(argv)
         started.append(process)
-        # Until the child has exec'd, its /proc cmdline is still ours (seen on a loaded box).
+        # Popen can return before the child's exec shows in /proc: its cmdline then reads
+        # empty, or still as ours.
         deadline = time.monotonic() + 10
-        cmdline = Path(f"/proc/{process.pid}/cmdline")
-        while b"supervise" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        while b"supervise" not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the look-alike never started"
             time.sleep(0.01)
         return process
 
