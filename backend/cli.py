@@ -37,6 +37,7 @@ from backend.volumes.config import (
     load_config,
     parse_export_spec,
     parse_host_port,
+    parse_max_request,
 )
 from backend.volumes.model import VolumeError
 from backend.volumes.service import VolumeService
@@ -57,6 +58,13 @@ class UsageError(Exception):
 def _export_arg(text: str) -> ExportConfig:
     try:
         return parse_export_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _max_request_arg(text: str) -> int:
+    try:
+        return parse_max_request(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -120,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="where the default volume lives"
     )
+    serve.add_argument(
+        "--max-request",
+        type=_max_request_arg,
+        metavar="SIZE",
+        help="longest NBD read or write accepted (default 64MiB; a power of two, 1MiB-1GiB)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, help="default: text")
     serve.add_argument(
@@ -159,6 +173,8 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
         changes["tls"] = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
     if args.data_dir:
         changes["data_dir"] = args.data_dir
+    if args.max_request:
+        changes["max_request"] = args.max_request
     if args.log_level:
         changes["log_level"] = args.log_level
     if args.log_format:
@@ -317,7 +333,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     inherited = inherited_sockets()
     tcp, unix = _listeners(config, bool(inherited))
     server = Server(
-        table, tcp=tcp, unix=unix, inherited=inherited, tls=tls, io_threads=config.io_threads
+        table,
+        tcp=tcp,
+        unix=unix,
+        inherited=inherited,
+        tls=tls,
+        io_threads=config.io_threads,
+        max_request=config.max_request,
     )
     server_ref.append(server)
     metrics = None
@@ -414,7 +436,7 @@ class _Serving:
         config = _merge(self.args)
         if bool(config.exports) != bool(old.exports):
             raise UsageError("switching between exports and the volume catalogue needs a restart")
-        for key in ("data_dir", "io_threads", "api"):
+        for key in ("data_dir", "io_threads", "max_request", "api"):
             if getattr(config, key) != getattr(old, key):
                 log.warning("reload: a change of %s takes effect on restart", key)
         tls = _tls_context(config)

@@ -26,6 +26,7 @@ from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from backend.nbd.constants import MAX_PAYLOAD
 from backend.server.exports import Export, Exports, close_storages
 from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
@@ -70,11 +71,13 @@ class Server:
         inherited: list[socket.socket] | None = None,
         tls: ssl.SSLContext | None = None,
         io_threads: int = 16,
+        max_request: int = MAX_PAYLOAD,
     ) -> None:
         self.table = table
         self._tcp = tcp or []
         self._unix = unix or []
         self._tls = tls
+        self._max_request = max_request
         self._inherited: list[socket.socket] = list(inherited or [])
         # Listeners this server opened, by address; guarded by _lock once accepting.
         self._bound: dict[Address, tuple[socket.socket, str]] = {}
@@ -223,7 +226,13 @@ class Server:
         else:
             peer = "unix"
         session = Session(
-            client, peer, self.table, tls=self._tls, pool=self._pool, on_export=self._track
+            client,
+            peer,
+            self.table,
+            tls=self._tls,
+            pool=self._pool,
+            on_export=self._track,
+            max_request=self._max_request,
         )
         thread = threading.Thread(target=self._run_session, args=(session,), daemon=True)
         with self._lock:
