@@ -26,11 +26,12 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
 Buffers = Sequence[bytes | bytearray | memoryview]
+MAX_IOV = 512  # buffers per sendmsg, well under every kernel's IOV_MAX (1024 on Linux)
 
 
 class Outbox:
@@ -48,6 +49,7 @@ class Outbox:
         self._error: OSError | None = None
         self._closing = False
         self._writer: threading.Thread | None = None
+        self._waiting = 0  # threads in _wait (the writer thread waits apart)
 
     # ------------------------------------------------------------------ connection thread
 
@@ -56,7 +58,7 @@ class Outbox:
         passing ``cost`` to :meth:`post`.  A request larger than the budget waits for an
         empty session instead.  Raises the socket's error once sending failed."""
         with self._cond:
-            self._cond.wait_for(
+            self._wait(
                 lambda: (
                     self._error is not None or self._owed == 0 or self._owed + cost <= self._budget
                 )
@@ -67,7 +69,21 @@ class Outbox:
 
     def send(self, buffers: Buffers) -> None:
         """Send ``buffers`` as one reply; see :meth:`stream`."""
-        self.stream((buffers,))
+        with self._cond:
+            idle = not self._busy and not self._queue and self._error is None
+            if idle:
+                self._busy = True
+        if not idle:
+            self.stream((buffers,))
+            return
+        # The common case, on the hot path of small requests (decisions/0001): nothing
+        # queued and nobody writing, so one sendmsg and no waiting.
+        try:
+            self._write(buffers)
+        except OSError as err:
+            self._fail(err)
+            raise
+        self._release()
 
     def stream(self, pieces: Iterable[Buffers]) -> None:
         """Send one reply made of ``pieces``, produced lazily (a long READ reads its next
@@ -75,7 +91,7 @@ class Outbox:
         until the socket took it all and keeps every other reply out meanwhile.  Raises
         OSError when the link is gone."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._busy or self._error is not None)
+            self._wait(lambda: not self._busy or self._error is not None)
             if self._error is not None:
                 raise self._error
             self._busy = True
@@ -98,9 +114,7 @@ class Outbox:
     def close(self) -> None:
         """Wait until everything queued was sent (or sending failed), then stop the writer."""
         with self._cond:
-            self._cond.wait_for(
-                lambda: (not self._queue and not self._busy) or self._error is not None
-            )
+            self._wait(lambda: (not self._queue and not self._busy) or self._error is not None)
             self._closing = True
             self._cond.notify_all()
             writer = self._writer
@@ -115,22 +129,18 @@ class Outbox:
         the link already failed (the session is ending)."""
         with self._cond:
             if self._error is not None:
-                self._owed -= cost
-                self._cond.notify_all()
-                return
+                return  # the budget no longer matters: every waiter sees the error
             if self._busy or self._queue or self._tls:
                 self._queue.append((buffers, cost))
                 self._wake_writer()
                 return
             self._busy = True
         try:
-            sent = self._sock.sendmsg(buffers, (), socket.MSG_DONTWAIT)
+            sent = self._sock.sendmsg(buffers[:MAX_IOV], (), socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as err:
             self._fail(err)
-            with self._cond:
-                self._owed -= cost
             return
         rest = _after(buffers, sent)
         with self._cond:
@@ -147,12 +157,27 @@ class Outbox:
             self._busy = False
             if self._queue:
                 self._wake_writer()
+            else:
+                self._notify()  # a connection thread may wait for the turn
+
+    def _wait(self, predicate: Callable[[], bool]) -> None:
+        """(Lock held) Wait for ``predicate``, counted so that :meth:`_notify` can skip
+        waking nobody (notify_all costs microseconds on the hot path)."""
+        self._waiting += 1
+        try:
+            self._cond.wait_for(predicate)
+        finally:
+            self._waiting -= 1
+
+    def _notify(self) -> None:
+        """(Lock held) Wake the connection thread if it waits for the turn or the budget."""
+        if self._waiting:
             self._cond.notify_all()
 
     def _settle(self, cost: int) -> None:
         with self._cond:
             self._owed -= cost
-            self._cond.notify_all()
+            self._notify()
 
     def _fail(self, err: OSError) -> None:
         with self._cond:
@@ -200,17 +225,23 @@ class Outbox:
             with self._cond:
                 self._owed -= cost
                 self._busy = False
-                self._cond.notify_all()
+                self._notify()
 
     def _write(self, buffers: Buffers) -> None:
         """Blocking write of every byte of ``buffers``."""
         if self._tls:
             self._sock.sendall(b"".join(buffers))
             return
-        sent = self._sock.sendmsg(buffers)
-        rest = _after(buffers, sent)
+        if len(buffers) <= MAX_IOV:
+            sent = self._sock.sendmsg(buffers)
+            if sent == sum(map(len, buffers)):
+                return
+            rest = _after(buffers, sent)
+        else:
+            rest = list(buffers)
         while rest:
-            rest = _after(rest, self._sock.sendmsg(rest))
+            batch = rest[:MAX_IOV]
+            rest = _after(batch, self._sock.sendmsg(batch)) + rest[MAX_IOV:]
 
 
 def _after(buffers: Buffers, sent: int) -> list[bytes | bytearray | memoryview]:

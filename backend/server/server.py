@@ -26,8 +26,9 @@ from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from backend.nbd.constants import MAX_PAYLOAD
+from backend.nbd.constants import MAX_PAYLOAD, PAYLOAD_PIECE
 from backend.server.exports import Export, Exports, close_storages
+from backend.server.memory import release_large_buffers
 from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
 
@@ -78,6 +79,8 @@ class Server:
         self._unix = unix or []
         self._tls = tls
         self._max_request = max_request
+        # Payload pieces freed by finished sessions must not stay in malloc's heaps.
+        release_large_buffers(PAYLOAD_PIECE)
         self._inherited: list[socket.socket] = list(inherited or [])
         # Listeners this server opened, by address; guarded by _lock once accepting.
         self._bound: dict[Address, tuple[socket.socket, str]] = {}
