@@ -111,10 +111,24 @@ class Outbox:
         finally:
             self._release()
 
-    def close(self) -> None:
-        """Wait until everything queued was sent (or sending failed), then stop the writer."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait until everything queued was sent (or sending failed), then stop the writer.
+
+        A client that stopped reading would hold the session (its threads and queued
+        replies) forever: after ``timeout`` seconds the link is cut instead."""
         with self._cond:
-            self._wait(lambda: (not self._queue and not self._busy) or self._error is not None)
+            self._waiting += 1
+            try:
+                drained = self._cond.wait_for(
+                    lambda: (not self._queue and not self._busy) or self._error is not None,
+                    timeout,
+                )
+            finally:
+                self._waiting -= 1
+        if not drained:
+            log.info("%s: client reads no replies; closing", self._peer)
+            self._fail(TimeoutError("client read no replies"))
+        with self._cond:
             self._closing = True
             self._cond.notify_all()
             writer = self._writer

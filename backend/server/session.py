@@ -63,6 +63,8 @@ _BULK = frozenset({Cmd.READ, Cmd.WRITE})
 # connection thread waits: bounds a session's memory, and keeps one client that never reads
 # its replies from holding more than its share of the workers' output.
 INFLIGHT_BUDGET = 32 * 1024 * 1024
+# Seconds a finished session waits for its client to read the replies still queued.
+DRAIN_TIMEOUT = 30.0
 
 _WIRE_ERRORS = {int(e) for e in Error}
 _ERRNO_ALIASES = {errno.EDQUOT: Error.ENOSPC, errno.EFBIG: Error.ENOSPC, errno.EROFS: Error.EPERM}
@@ -124,7 +126,7 @@ class Session:
         finally:
             self._wait_idle()
             if self._outbox is not None:
-                self._outbox.close()
+                self._outbox.close(DRAIN_TIMEOUT)
             self._buffers.clear()
             if self._on_export is not None:
                 self._on_export(self, None)

@@ -90,3 +90,14 @@ def test_a_failed_link_releases_waiters_and_drops_replies(
         outbox.reserve(MiB)  # the writer failed: no waiting forever
     outbox.post([b"z"], 0)  # dropped, no error in a worker
     outbox.close()
+
+
+def test_close_cuts_a_client_that_never_reads(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, _client = pair
+    outbox = Outbox(server, budget=64 * MiB)
+    outbox.post([b"w" * (16 * MiB)], 0)  # far more than the socket buffers hold
+    closer = in_thread(lambda: outbox.close(timeout=0.5))
+    closer.join(10)
+    assert not closer.is_alive(), "close() waited forever for a client that does not read"
+    with pytest.raises(TimeoutError):
+        outbox.send([b"late"])
