@@ -7,7 +7,10 @@ malloc arenas, which keep freed memory.  Clients that announce large WRITEs and 
 grew the server's RSS by tens of MiB that never came back (measured: 49 -> 107 MiB after 64
 abandoned 32 MiB WRITEs in 4 rounds; 49 -> 52 MiB with the threshold fixed).  Fixing the
 threshold at the payload piece size keeps the small, frequent buffers (1 MiB reads and
-writes, recycled per session) on the heap and sends the rare large ones to mmap.
+writes, recycled per session) on the heap and sends the rare large ones to mmap.  A fixed
+threshold also freezes the heap trim threshold at 128 KiB, which would give back and fault
+in again the top of the heap around every 1 MiB read; it is set to twice the mmap threshold,
+what glibc's dynamic rule would pick.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import logging
 
 log = logging.getLogger(__name__)
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
 
 
 def release_large_buffers(threshold: int) -> bool:
@@ -31,7 +35,9 @@ def release_large_buffers(threshold: int) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    done = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    done = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+    )
     if not done:
-        log.debug("mallopt(M_MMAP_THRESHOLD, %d) failed", threshold)
+        log.debug("mallopt(M_MMAP_THRESHOLD/M_TRIM_THRESHOLD, %d) failed", threshold)
     return done

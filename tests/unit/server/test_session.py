@@ -201,6 +201,8 @@ def test_finished_session_is_freed_without_the_cycle_collector(serve) -> None:  
         for cookie in range(3):  # large writes: pooled, their buffers recycled
             client.send(request(Cmd.WRITE, cookie, 0, 1 << 20) + bytes(1 << 20))
             assert client.reply() == (cookie, 0, b"")
+        client.send(request(Cmd.WRITE, 3, 0, 6 << 20) + bytes(6 << 20))  # in pieces
+        assert client.reply() == (3, 0, b"")
         with server._lock:
             session = weakref.ref(next(iter(server._sessions)))
         client.close()
