@@ -5,7 +5,8 @@ The threshold is dynamic, though: the first time such a block is freed, glibc ra
 threshold to its size, and from then on buffers of that size come from the heaps of the
 malloc arenas, which keep freed memory.  Clients that announce large WRITEs and leave then
 grew the server's RSS by tens of MiB that never came back (measured: 49 -> 107 MiB after 64
-abandoned 32 MiB WRITEs in 4 rounds; 49 -> 52 MiB with the threshold fixed).  Fixing the
+abandoned 32 MiB WRITEs in 4 rounds and 400 sessions; 51 -> 59 MiB with the thresholds
+fixed, tests/integration/test_server_load.py).  Fixing the
 threshold at the payload piece size keeps the small, frequent buffers (1 MiB reads and
 writes, recycled per session) on the heap and sends the rare large ones to mmap.  A fixed
 threshold also freezes the heap trim threshold at 128 KiB, which would give back and fault
