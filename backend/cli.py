@@ -44,6 +44,7 @@ from backend.volumes.config import (
     load_config,
     parse_export_spec,
     parse_host_port,
+    parse_max_request,
 )
 from backend.volumes.model import Holder, VolumeError
 from backend.volumes.service import VolumeService
@@ -65,6 +66,13 @@ class UsageError(Exception):
 def _export_arg(text: str) -> ExportConfig:
     try:
         return parse_export_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _max_request_arg(text: str) -> int:
+    try:
+        return parse_max_request(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -143,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir", type=Path, metavar="DIR", help="where the default volume lives"
     )
+    serve.add_argument(
+        "--max-request",
+        type=_max_request_arg,
+        metavar="SIZE",
+        help="longest NBD read or write accepted (default 64MiB; a power of two, 1MiB-1GiB)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
     serve.add_argument("--log-format", choices=LOG_FORMATS, help="default: text")
     serve.add_argument(
@@ -209,6 +223,8 @@ def _merge(args: argparse.Namespace) -> ServeConfig:
         changes["tls"] = dataclasses.replace(config.tls, required=True)
     if args.data_dir:
         changes["data_dir"] = args.data_dir
+    if args.max_request:
+        changes["max_request"] = args.max_request
     if args.log_level:
         changes["log_level"] = args.log_level
     if args.log_format:
@@ -387,6 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=tls,
         io_threads=config.io_threads,
         limits=config.limits,
+        max_request=config.max_request,
     )
     server_ref.append(server)
     metrics = None
@@ -483,7 +500,7 @@ class _Serving:
         config = _merge(self.args)
         if bool(config.exports) != bool(old.exports):
             raise UsageError("switching between exports and the volume catalogue needs a restart")
-        for key in ("data_dir", "io_threads", "api"):
+        for key in ("data_dir", "io_threads", "max_request", "api"):
             if getattr(config, key) != getattr(old, key):
                 log.warning("reload: a change of %s takes effect on restart", key)
         tls = _tls_context(config)

@@ -14,6 +14,7 @@ from backend.nbd.events import (
     Request,
     StartTLS,
     TLSPolicy,
+    WritePiece,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "StartTLS",
     "State",
     "TLSPolicy",
+    "WritePiece",
 ]

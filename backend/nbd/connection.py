@@ -10,6 +10,9 @@ Rules of this file:
   "Error values"); the server and the storage behind it may assume valid requests.
 * A request we refuse is answered, never dropped, and its WRITE payload is consumed so the
   stream stays in sync; only a broken frame (bad magic, truncated message) closes the link.
+* A WRITE payload is held in buffers of at most ``piece`` bytes, each allocated only when its
+  first byte arrives: a WRITE longer than that comes out as ``WritePiece`` events, so neither
+  a large request nor a client that announces one and leaves commits its whole length.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from backend.nbd.events import (
     Request,
     StartTLS,
     TLSPolicy,
+    WritePiece,
     _NeedData,
 )
 
@@ -116,10 +120,23 @@ class ServerConnection:
     """One connection, from greeting to disconnect.
 
     ``tls_available``: the server holds a certificate and may accept STARTTLS.
+    ``max_request``: the longest READ or WRITE accepted, advertised as the maximum block size.
+    ``piece``: WRITE payloads longer than this come out as ``WritePiece`` events this long.
     """
 
-    def __init__(self, directory: ExportDirectory, *, tls_available: bool = False) -> None:
+    def __init__(
+        self,
+        directory: ExportDirectory,
+        *,
+        tls_available: bool = False,
+        max_request: int = c.MAX_PAYLOAD,
+        piece: int = c.PAYLOAD_PIECE,
+    ) -> None:
+        if not 0 < piece <= max_request:
+            raise LocalProtocolError(f"piece {piece} not within 1..max_request {max_request}")
         self._directory = directory
+        self._max_request = max_request
+        self._piece = piece
         self._tls_available = tls_available
         self.state = State.AWAIT_CLIENT_FLAGS
         self._out = bytearray(wire.greeting())
@@ -137,15 +154,17 @@ class ServerConnection:
         # Its Rejected event: emitted once the payload is gone, because clients (libnbd)
         # reject a reply to a command whose payload they are still sending.
         self._drained_event: Rejected | None = None
-        # A valid WRITE whose payload is still arriving: its header and the payload buffer.
+        # A valid WRITE whose payload is still arriving: its header, how much of its payload
+        # was handed out already, and the piece being filled (None until its bytes arrive).
         self._write_header: tuple[int, int, int, int] | None = None
+        self._write_done = 0
         self._payload: bytearray | None = None
         self._payload_got = 0
         self._allowed: dict[int, int] = {}
         self._size = 0
         self._read_only = False
         self._align = 1
-        self._max_block = c.MAX_PAYLOAD
+        self._max_block = max_request
         self.stopping = False  # set by the server on shutdown: new requests get ESHUTDOWN
         # Where large WRITE payloads are collected; the server may recycle buffers.
         self.allocate_payload: Callable[[int], bytearray] = bytearray
@@ -183,10 +202,13 @@ class ServerConnection:
         """Where the rest of a WRITE payload should be received, or None.
 
         Lets the server ``recv_into`` large payloads in place instead of passing them through
-        ``receive_data``; report what arrived with :meth:`payload_received`.
+        ``receive_data``; report what arrived with :meth:`payload_received`.  Only offered
+        when :meth:`next_event` returned NEED_DATA (nothing buffered is left to parse).
         """
-        if self._payload is None:
+        if self._write_header is None or self._pos < len(self._buf):
             return None
+        if self._payload is None:
+            self._payload = self._next_piece()
         return memoryview(self._payload)[self._payload_got :]
 
     def payload_received(self, count: int) -> None:
@@ -203,7 +225,7 @@ class ServerConnection:
         return out
 
     def _closed(self) -> ConnectionClosed:
-        clean = self._pos == len(self._buf) and not self._drain and self._payload is None
+        clean = self._pos == len(self._buf) and not self._drain and self._write_header is None
         self._transition(Trigger.CLOSE)
         return ConnectionClosed(clean=clean)
 
@@ -417,7 +439,9 @@ class ServerConnection:
         self._reply(
             option,
             c.Rep.INFO,
-            wire.info_block_size(export.min_block, export.preferred_block, export.max_block),
+            wire.info_block_size(
+                export.min_block, min(export.preferred_block, self._max_request), self._max_request
+            ),
         )
         self._reply(option, c.Rep.ACK)
         if option == c.Opt.INFO:
@@ -484,7 +508,8 @@ class ServerConnection:
         self._size = export.size
         self._read_only = bool(flags & TF.READ_ONLY)
         self._align = export.min_block if self._block_sizes_agreed else 1
-        self._max_block = min(export.max_block, c.MAX_PAYLOAD)
+        # The storage's own max_block does not bound requests: they reach it in pieces.
+        self._max_block = self._max_request
         allowed: dict[int, int] = {}
         unusable = 0
         if not flags & TF.SEND_FUA:
@@ -507,8 +532,8 @@ class ServerConnection:
     # ------------------------------------------------------------------ transmission
 
     def _next_request(self) -> Event | _NeedData:
-        if self._payload is not None:
-            return self._finish_write()
+        if self._write_header is not None:
+            return self._continue_write()
         if self._drain and not self._discard():
             return self._closed() if self._eof else NEED_DATA
         if self._drained_event is not None:
@@ -530,18 +555,13 @@ class ServerConnection:
                 self._drained_event = Rejected(command, cookie, error[0], error[1])
                 return self._next_request()
             end = pos + length
-            if len(buf) >= end:
+            if length <= self._piece and len(buf) >= end:
                 self._pos = end
                 return Request(Cmd.WRITE, flags, cookie, offset, length, bytes(buf[pos:end]))
-            # Collect the payload in its own buffer so it is copied once, not per recv.
+            # Collect the payload in piece buffers so it is copied once, not per recv.
             self._write_header = (flags, cookie, offset, length)
-            self._payload = self.allocate_payload(length)
-            have = len(buf) - pos
-            with memoryview(buf) as view:
-                self._payload[:have] = view[pos:]
-            self._payload_got = have
-            self._pos = len(buf)
-            return self._finish_write()
+            self._write_done = 0
+            return self._continue_write()
         if command == _DISC:
             self._transition(Trigger.CLOSE)
             return Disconnect()
@@ -550,16 +570,39 @@ class ServerConnection:
             return Rejected(command, cookie, error[0], error[1])
         return Request(_CMDS[command], flags, cookie, offset, length)
 
-    def _finish_write(self) -> Event | _NeedData:
-        assert self._payload is not None
+    def _next_piece(self) -> bytearray:
         assert self._write_header is not None
-        if self._payload_got < len(self._payload):
+        self._payload_got = 0
+        return self.allocate_payload(min(self._piece, self._write_header[3] - self._write_done))
+
+    def _continue_write(self) -> Event | _NeedData:
+        assert self._write_header is not None
+        buffered = len(self._buf) - self._pos
+        if self._payload is None:
+            if not buffered:  # allocated by payload_buffer() or here once bytes arrive
+                return self._closed() if self._eof else NEED_DATA
+            self._payload = self._next_piece()
+        payload = self._payload
+        if buffered:
+            take = min(buffered, len(payload) - self._payload_got)
+            with memoryview(self._buf) as view:
+                payload[self._payload_got : self._payload_got + take] = view[
+                    self._pos : self._pos + take
+                ]
+            self._pos += take
+            self._payload_got += take
+        if self._payload_got < len(payload):
             return self._closed() if self._eof else NEED_DATA
         flags, cookie, offset, length = self._write_header
-        payload = self._payload
         self._payload = None
-        self._write_header = None
-        return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
+        start = offset + self._write_done
+        self._write_done += len(payload)
+        last = self._write_done == length
+        if last:
+            self._write_header = None
+        if len(payload) == length:
+            return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
+        return WritePiece(flags, cookie, start, payload, last, length)
 
     def _validate(
         self, command: int, flags: int, offset: int, length: int
@@ -609,30 +652,44 @@ class ServerConnection:
             return wire.error_chunk(cookie, error, message)
         return wire.simple_reply(cookie, error)
 
-    def reply_read(self, cookie: int, offset: int, data: bytes) -> list[bytes]:
-        """Reply to READ with the data in one piece (buffers to send in order)."""
+    def reply_read(
+        self, cookie: int, offset: int, data: bytes, *, first: bool = True, last: bool = True
+    ) -> list[bytes]:
+        """Reply to READ with the data in one piece (buffers to send in order).
+
+        A long read may be answered in several calls, in order, the first with ``first`` and
+        the final one with ``last``: simple replies send their header once, structured ones
+        a chunk per call.
+        """
         if self.structured_replies:
-            return [wire.offset_data_header(cookie, offset, len(data), True), data]
-        return [wire.simple_reply(cookie), data]
+            return [wire.offset_data_header(cookie, offset, len(data), last), data]
+        return [wire.simple_reply(cookie), data] if first else [data]
 
     def reply_read_parts(
-        self, cookie: int, parts: Sequence[tuple[int, int, bytes | None]]
+        self,
+        cookie: int,
+        parts: Sequence[tuple[int, int, bytes | None]],
+        *,
+        first: bool = True,
+        last: bool = True,
     ) -> list[bytes]:
         """Reply to READ as ``(offset, length, data or None for a hole)`` parts, in order.
 
         With structured replies holes become OFFSET_HOLE chunks; otherwise zeroes are sent.
+        ``first`` and ``last`` as for :meth:`reply_read`.
         """
         out: list[bytes] = []
-        last = len(parts) - 1
+        final = len(parts) - 1 if last else -1
         if not self.structured_replies:
-            out.append(wire.simple_reply(cookie))
+            if first:
+                out.append(wire.simple_reply(cookie))
             out.extend(data if data is not None else bytes(length) for _, length, data in parts)
             return out
         for i, (offset, length, data) in enumerate(parts):
             if data is None:
-                out.append(wire.offset_hole(cookie, offset, length, i == last))
+                out.append(wire.offset_hole(cookie, offset, length, i == final))
             else:
-                out.append(wire.offset_data_header(cookie, offset, length, i == last))
+                out.append(wire.offset_data_header(cookie, offset, length, i == final))
                 out.append(data)
         return out
 

@@ -20,7 +20,12 @@ STRUCTURED_REPLY_MAGIC = 0x668E33EF
 # than a few strings are tiny, so anything larger is refused without being buffered.
 MAX_STRING = 4096
 MAX_OPTION_LENGTH = 64 * 1024
-MAX_PAYLOAD = 32 * 1024 * 1024  # the largest WRITE payload / READ reply we accept
+# The largest WRITE payload / READ reply accepted unless configured otherwise (nbdkit's
+# limit too); advertised as the maximum block size (spec, NBD_INFO_BLOCK_SIZE).
+MAX_PAYLOAD = 64 * 1024 * 1024
+# WRITE payloads longer than this reach the server in pieces of at most this size, so a
+# request never needs a buffer of its whole length (docs/decisions/0020).
+PAYLOAD_PIECE = 4 * 1024 * 1024
 EXPORT_NAME_ZEROES = 124
 
 

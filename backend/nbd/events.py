@@ -93,6 +93,21 @@ class Request(NamedTuple):
     payload: bytes | bytearray = b""
 
 
+class WritePiece(NamedTuple):
+    """Part of a WRITE longer than the connection's piece size; the pieces come in order.
+
+    Write ``data`` at ``offset``; once the ``last`` piece is written, reply to ``cookie``
+    (with the first error any piece met).  ``length`` is that of the whole request.
+    """
+
+    flags: int
+    cookie: int
+    offset: int
+    data: bytearray
+    last: bool
+    length: int
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rejected(_Event):
     """A request that failed validation; reply with ``error`` (its payload was consumed)."""
@@ -108,4 +123,13 @@ class Disconnect(_Event):
     """NBD_CMD_DISC: finish outstanding requests, then close."""
 
 
-Event = StartTLS | ExportSelected | Aborted | ConnectionClosed | Request | Rejected | Disconnect
+Event = (
+    StartTLS
+    | ExportSelected
+    | Aborted
+    | ConnectionClosed
+    | Request
+    | WritePiece
+    | Rejected
+    | Disconnect
+)

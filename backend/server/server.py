@@ -28,9 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import monotonic
 
+from backend.nbd.constants import MAX_PAYLOAD, PAYLOAD_PIECE
 from backend.server.exports import Export, Exports, close_storages
 from backend.server.holders import Holders
 from backend.server.limits import Admission, ConnectionLimits
+from backend.server.memory import release_large_buffers
 from backend.server.metrics import ServerStats, Snapshot
 from backend.server.session import Session
 from backend.server.throttled_log import ThrottledLog
@@ -80,11 +82,15 @@ class Server:
         tls: ssl.SSLContext | None = None,
         io_threads: int = 16,
         limits: ConnectionLimits | None = None,
+        max_request: int = MAX_PAYLOAD,
     ) -> None:
         self.table = table
         self._tcp = tcp or []
         self._unix = unix or []
         self._tls = tls
+        self._max_request = max_request
+        # Payload pieces freed by finished sessions must not stay in malloc's heaps.
+        release_large_buffers(PAYLOAD_PIECE)
         self._inherited: list[socket.socket] = list(inherited or [])
         # Listeners this server opened, by address; guarded by _lock once accepting.
         self._bound: dict[Address, tuple[socket.socket, str]] = {}
@@ -269,6 +275,7 @@ class Server:
             pool=self._pool,
             holders=self.holders,
             handshake_timeout=self._admission.limits.handshake_timeout,
+            max_request=self._max_request,
         )
         thread = threading.Thread(target=self._run_session, args=(session, host), daemon=True)
         with self._lock:

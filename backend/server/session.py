@@ -5,7 +5,13 @@ blocking socket.  Requests for storages that declare ``inline`` (page-cache file
 on that thread, and the replies of every request parsed from one ``recv`` go out in one
 ``sendmsg``; pipelined clients (QD16) thus cost one recv and one send per batch.  Large
 reads and writes, and every request of other storages, run on a shared worker pool and are
-answered out of order as each completes.
+answered out of order as each completes; workers never block on a client's socket, and the
+bytes a session has in flight are bounded (backend/server/outbox.py says how).
+
+Requests longer than ``PAYLOAD_PIECE`` (up to ``max_request``) stream through the
+connection thread one piece at a time: a WRITE is written as its pieces arrive, a READ is read
+and sent piece by piece, so no request needs a buffer of its whole length
+(docs/decisions/0020-large-requests-in-pieces.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import socket
 import ssl
 import threading
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic, perf_counter_ns
 
@@ -34,12 +40,15 @@ from backend.nbd import (
     Request,
     ServerConnection,
     StartTLS,
+    WritePiece,
 )
-from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
+from backend.nbd.constants import MAX_PAYLOAD, PAYLOAD_PIECE, Cmd, CmdFlag, Error, StateFlag
+from backend.server.buffers import PayloadBuffers
 from backend.server.exports import Export, Exports
 from backend.server.holders import Holder, Holders
 from backend.server.limits import DEFAULT_HANDSHAKE_TIMEOUT
 from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
+from backend.server.outbox import Outbox
 from backend.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -52,7 +61,12 @@ MAX_IOV = 512
 # copy then overlap, as both release the GIL (measured: 1 MiB QD4 reads and writes gain 25-60%).
 OFFLOAD_MIN = 128 * 1024
 _BULK = frozenset({Cmd.READ, Cmd.WRITE})
-SPARE_BUFFERS = 8  # recycled payload buffers kept per size
+# Bytes of pool requests (payloads and replies) one session may have in flight before its
+# connection thread waits: bounds a session's memory, and keeps one client that never reads
+# its replies from holding more than its share of the workers' output.
+INFLIGHT_BUDGET = 32 * 1024 * 1024
+# Seconds a finished session waits for its client to read the replies still queued.
+DRAIN_TIMEOUT = 30.0
 
 _WIRE_ERRORS = {int(e) for e in Error}
 _ERRNO_ALIASES = {errno.EDQUOT: Error.ENOSPC, errno.EFBIG: Error.ENOSPC, errno.EROFS: Error.EPERM}
@@ -78,6 +92,7 @@ class Session:
         pool: ThreadPoolExecutor,
         holders: Holders | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_request: int = MAX_PAYLOAD,
     ) -> None:
         self.sock: socket.socket = sock
         self.handshake_timeout = handshake_timeout  # seconds from accept to picking an export
@@ -86,17 +101,22 @@ class Session:
         self._tls = tls
         self._pool = pool
         self._choice = _Choice(peer, table, holders or Holders())
-        self.conn = ServerConnection(self._choice, tls_available=tls is not None)
-        self._send_lock = threading.Lock()
+        self.conn = ServerConnection(
+            self._choice,
+            tls_available=tls is not None,
+            max_request=max_request,
+            piece=PAYLOAD_PIECE,
+        )
+        self._outbox: Outbox | None = None  # once transmission starts
         self._idle = threading.Condition()
         self._inflight = 0
         self._storage_lock: threading.Lock | None = None
         self.export: Export | None = None
         self.stats = SessionStats()
-        # Recycled WRITE payload buffers: a fresh 1 MiB bytearray is zero-filled and
-        # page-faulted on every write, which cost 30% of the CPU of 1 MiB writes.
-        self._spare: dict[int, list[bytearray]] = {}
-        self.conn.allocate_payload = self._allocate
+        self._buffers = PayloadBuffers(OFFLOAD_MIN)
+        self.conn.allocate_payload = self._buffers.allocate
+        # The first error met by the pieces of the WRITE being streamed (code, message).
+        self._piece_error: tuple[int, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,6 +136,9 @@ class Session:
             log.info("%s: connection ended: %s", self.peer, err)
         finally:
             self._wait_idle()
+            if self._outbox is not None:
+                self._outbox.close(DRAIN_TIMEOUT)
+            self._buffers.clear()
             self._choice.release()
             with contextlib.suppress(OSError):
                 self.sock.close()
@@ -190,6 +213,7 @@ class Session:
         scratch = bytearray(RECV_SIZE)
         scratch_view = memoryview(scratch)
         inline = storage.capabilities.inline and self._storage_lock is None
+        outbox = self._outbox = Outbox(sock, INFLIGHT_BUDGET, self.peer)
         pending: list[bytes] = []
         queued = 0
         # Metrics, counted inline (backend/server/metrics.py says why and how).
@@ -204,11 +228,11 @@ class Session:
                 # close (those on the pool answer themselves before run() closes the socket).
                 if pending:
                     with contextlib.suppress(OSError):
-                        self._send(pending)
+                        outbox.send(pending)
                 raise
             if event is NEED_DATA:
                 if pending:
-                    self._send(pending)
+                    outbox.send(pending)
                     pending = []
                     queued = 0
                 target = conn.payload_buffer()
@@ -221,7 +245,9 @@ class Session:
             if type(event) is Request:
                 command = event.command
                 sizes[command] += event.length
-                if inline and (event.length < OFFLOAD_MIN or command not in _BULK):
+                if command == Cmd.READ and event.length > PAYLOAD_PIECE:
+                    outbox.stream(self._read_pieces(storage, event))
+                elif inline and (event.length < OFFLOAD_MIN or command not in _BULK):
                     start = perf_counter_ns()
                     pending += self._execute(storage, event)
                     elapsed = perf_counter_ns() - start
@@ -229,13 +255,20 @@ class Session:
                     latency[SUM[command]] += elapsed
                     queued += event.length if command == Cmd.READ else 16
                     if queued >= SEND_BATCH or len(pending) >= MAX_IOV:
-                        self._send(pending)
+                        outbox.send(pending)
                         pending = []
                         queued = 0
                 else:
+                    cost = event.length if command in _BULK else 64
+                    outbox.reserve(cost)
                     with self._idle:
                         self._inflight += 1
-                    self._pool.submit(self._execute_async, storage, event, perf_counter_ns())
+                    self._pool.submit(self._execute_async, storage, event, perf_counter_ns(), cost)
+            elif type(event) is WritePiece:
+                sizes[Cmd.WRITE] += len(event.data)
+                reply = self._write_piece(storage, event)
+                if reply is not None:
+                    pending.append(reply)
             elif type(event) is Rejected:
                 log.debug("%s: rejected %s: %s", self.peer, event.command, event.message)
                 self.stats.reject(event.command, event.error)
@@ -244,32 +277,23 @@ class Session:
                 )
             elif isinstance(event, Disconnect | ConnectionClosed):
                 if pending:
-                    self._send(pending)
+                    outbox.send(pending)
                 if isinstance(event, ConnectionClosed) and not event.clean:
                     log.info("%s: client vanished mid-request", self.peer)
                 return
 
-    def _allocate(self, length: int) -> bytearray:
-        spare = self._spare.get(length)
-        return spare.pop() if spare else bytearray(length)
-
-    def _recycle(self, request: Request) -> None:
-        payload = request.payload
-        if isinstance(payload, bytearray) and len(payload) >= OFFLOAD_MIN:
-            spare = self._spare.setdefault(len(payload), [])
-            if len(spare) < SPARE_BUFFERS:  # list append/pop are atomic: no lock needed
-                spare.append(payload)
-
-    def _execute_async(self, storage: Storage, request: Request, queued_at: int) -> None:
-        """``queued_at``: perf_counter_ns() at submission (waiting for a worker is latency)."""
+    def _execute_async(self, storage: Storage, request: Request, queued_at: int, cost: int) -> None:
+        """``queued_at``: perf_counter_ns() at submission (waiting for a worker is latency);
+        ``cost``: what the connection thread reserved for it in the outbox."""
         elapsed = 0
+        replies: list[bytes] = []
         try:
             replies = self._execute(storage, request)
             elapsed = perf_counter_ns() - queued_at
-            self._recycle(request)
-            with contextlib.suppress(OSError):
-                self._send(replies)
+            self._buffers.recycle(request.payload)
         finally:
+            assert self._outbox is not None
+            self._outbox.post(replies, cost)  # never blocks: see backend/server/outbox.py
             with self._idle:
                 self._inflight -= 1
                 record(self.stats.pool_latency, request.command, elapsed)
@@ -343,21 +367,70 @@ class Session:
             storage.flush()
         return [conn.reply_ok(cookie)]
 
+    # ------------------------------------------------------------------ requests in pieces
+
+    def _locked(self) -> contextlib.AbstractContextManager[object]:
+        return self._storage_lock if self._storage_lock is not None else contextlib.nullcontext()
+
+    def _write_piece(self, storage: Storage, piece: WritePiece) -> bytes | None:
+        """Write one piece of a long WRITE; the reply once its last piece is written."""
+        if self._piece_error is None:
+            try:
+                with self._locked():
+                    storage.write(piece.offset, piece.data, bool(piece.flags & CmdFlag.FUA))
+            except StorageError as err:
+                log.warning("%s: WRITE at %d failed: %s", self.peer, piece.offset, err)
+                self._piece_error = (wire_error(err.errno), str(err))
+            except Exception:
+                log.exception("%s: WRITE failed unexpectedly", self.peer)
+                self._piece_error = (int(Error.EIO), "internal error")
+        self._buffers.recycle(piece.data)
+        if not piece.last:
+            return None
+        error, self._piece_error = self._piece_error, None
+        if error is None:
+            return self.conn.reply_ok(piece.cookie)
+        self.stats.error(Cmd.WRITE, error[0])
+        return self.conn.reply_error(piece.cookie, Cmd.WRITE, error[0], error[1])
+
+    def _read_pieces(self, storage: Storage, request: Request) -> Iterator[list[bytes]]:
+        """The reply to a long READ, read one piece at a time as the previous one is sent.
+
+        An error on the first piece is an ordinary error reply.  Later, structured replies
+        end with an error chunk; a simple reply cannot report it once its header went out,
+        so the connection is cut (the spec's advice for errors after data).
+        """
+        conn = self.conn
+        cookie = request.cookie
+        sparse = conn.structured_replies and storage.capabilities.cheap_extents
+        pos = request.offset
+        end = pos + request.length
+        while pos < end:
+            size = min(PAYLOAD_PIECE, end - pos)
+            try:
+                with self._locked():
+                    if sparse:
+                        parts = _read_parts(storage, pos, size)
+                    else:
+                        parts = [(pos, size, storage.read(pos, size))]
+            except Exception as err:
+                code = wire_error(err.errno) if isinstance(err, StorageError) else Error.EIO
+                log.warning("%s: READ at %d+%d failed: %s", self.peer, pos, size, err)
+                self.stats.error(Cmd.READ, code)
+                if pos == request.offset or conn.structured_replies:
+                    yield [conn.reply_error(cookie, Cmd.READ, code, str(err))]
+                else:
+                    self.abort()
+                return
+            first = pos == request.offset
+            pos += size
+            yield conn.reply_read_parts(cookie, parts, first=first, last=pos == end)
+
     # ------------------------------------------------------------------ sending
 
     def _sendall(self, data: bytes) -> None:
         if data:
             self.sock.sendall(data)
-
-    def _send(self, buffers: list[bytes]) -> None:
-        with self._send_lock:
-            if isinstance(self.sock, ssl.SSLSocket):
-                self.sock.sendall(b"".join(buffers))
-                return
-            sent = self.sock.sendmsg(buffers)
-            total = sum(map(len, buffers))
-            if sent < total:
-                self.sock.sendall(b"".join(buffers)[sent:])
 
 
 class _Choice:

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from backend.nbd import TLSPolicy
+from backend.nbd.constants import MAX_PAYLOAD
 from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
-from backend.volumes.model import InvalidRequestError
+from backend.volumes.model import InvalidRequestError, parse_size
 from backend.volumes.storages import (
     FILE,
     KINDS,
@@ -93,6 +94,7 @@ class ServeConfig:
     api: ApiConfig = ApiConfig()
     data_dir: Path | None = None
     io_threads: int = 16
+    max_request: int = MAX_PAYLOAD  # longest NBD READ/WRITE accepted (parse_max_request)
     shutdown_grace: float = 10.0
     # From top-level keys (see _LIMITS).
     limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
@@ -225,6 +227,26 @@ class _Reader:
             raise ConfigError(f"{self.source}: {key}: {err}") from None
 
 
+def parse_max_request(value: object) -> int:
+    """The ``max_request`` setting: ``64MiB`` or a number of bytes, a power of two from 1 MiB
+    to 1 GiB.  The spec asks for at least 1 MiB and at least the preferred block size (64 KiB
+    at most here); clients that see no maximum assume 32 MiB.  Raises ValueError."""
+    expected = "a power of two from 1MiB to 1GiB, e.g. 64MiB"
+    if not isinstance(value, str | int) or (isinstance(value, str) and len(value) > 20):
+        raise ValueError(f"expected {expected}, got {str(value)[:40]!r}")
+    try:
+        size = parse_size(value)
+    except (InvalidRequestError, ValueError):
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    if not MAX_REQUEST_MIN <= size <= MAX_REQUEST_MAX or size & (size - 1):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return size
+
+
+MAX_REQUEST_MIN = 1 << 20
+MAX_REQUEST_MAX = 1 << 30
+
+
 def load_config(path: Path) -> ServeConfig:
     """Read and validate a YAML config file; raises ConfigError."""
     try:
@@ -251,6 +273,7 @@ def parse_config(data: object, source: str) -> ServeConfig:
         "api",
         "data_dir",
         "io_threads",
+        "max_request",
         "shutdown_grace",
         "storages",
         "default_storage",
@@ -287,6 +310,8 @@ def parse_config(data: object, source: str) -> ServeConfig:
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
             raise r.fail("io_threads", "an integer from 1 to 1024", threads)
         fields["io_threads"] = threads
+    if "max_request" in top:
+        fields["max_request"] = r.convert(top["max_request"], "max_request", parse_max_request)
     if "shutdown_grace" in top:
         grace = top["shutdown_grace"]
         if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:

@@ -435,31 +435,6 @@ def test_client_vanishing_after_a_request_header(target: Target) -> None:
     target.assert_healthy()
 
 
-def test_write_over_the_maximum_payload_is_drained_and_answered_einval(target: Target) -> None:
-    # The payload is made of valid TRIM requests for the pattern: if the server parsed any of
-    # it as requests, the pattern would be gone and stray replies would come back.
-    trim = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_TRIM, 0xBAD, PATTERN_OFFSET, len(PATTERN))
-    payload = (trim * (64 * MiB // len(trim) + 1))[: 64 * MiB]
-    with target.raw() as c:
-        c.start()
-        c.go("disk")
-        c.request(CMD_WRITE, 7, 0, 64 * MiB, payload=payload)
-        assert c.simple_reply() == (EINVAL, 7)
-        assert c.read(8, PATTERN_OFFSET, len(PATTERN)) == PATTERN
-        c.request(CMD_WRITE, 10, 40 * MiB, 4096, payload=b"\x3c" * 4096)
-        assert c.simple_reply() == (0, 10)
-        c.request(CMD_FLUSH, 11)
-        assert c.simple_reply() == (0, 11)
-        c.request(CMD_DISC, 12)
-        assert c.drain_until_closed() == b""
-    target.assert_healthy()
-    with target.disk.open("rb") as f:
-        f.seek(40 * MiB)
-        assert f.read(4096) == b"\x3c" * 4096
-        f.seek(0)
-        assert f.read(PATTERN_OFFSET) == bytes(PATTERN_OFFSET)
-
-
 def test_disconnect_request_closes_cleanly(target: Target) -> None:
     with target.raw() as c:
         c.start()

@@ -107,10 +107,11 @@ def negotiated(
     block_size: bool = True,
     tls_available: bool = False,
     name: str = "disk",
+    max_request: int = c.MAX_PAYLOAD,
 ) -> ServerConnection:
     """A connection already in transmission on ``name``."""
     directory = Directory(*(exports or (export(),)))
-    conn = ServerConnection(directory, tls_available=tls_available)
+    conn = ServerConnection(directory, tls_available=tls_available, max_request=max_request)
     conn.data_to_send()
     data = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
     if structured:

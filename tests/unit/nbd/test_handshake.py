@@ -75,7 +75,7 @@ def test_go_replies_info_export_and_block_size_then_ack() -> None:
     assert flags & c.TransmissionFlag.HAS_FLAGS
     assert not flags & c.TransmissionFlag.SEND_DF  # no structured replies negotiated
     assert replies[1][2] == struct.pack(">H", c.Info.DESCRIPTION) + b"a disk"
-    assert struct.unpack(">HIII", replies[2][2]) == (c.Info.BLOCK_SIZE, 1, 4096, 32 << 20)
+    assert struct.unpack(">HIII", replies[2][2]) == (c.Info.BLOCK_SIZE, 1, 4096, 64 << 20)
     assert conn.state is State.TRANSMISSION
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import socket
 import struct
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -52,22 +55,21 @@ class FailingStorage(MemoryStorage):
 class Client:
     """Just enough of an NBD client: GO with structured replies, then raw requests."""
 
-    def __init__(self, port: int, export: str) -> None:
+    def __init__(self, port: int, export: str, *, structured: bool = True) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self._recv_exact(18)  # greeting
         flags = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
         self.sock.sendall(
             struct.pack(">I", flags)
-            + option(c.Opt.STRUCTURED_REPLY)
+            + (option(c.Opt.STRUCTURED_REPLY) if structured else b"")
             + option(c.Opt.GO, info_payload(export))
         )
-        while True:
+        acks = 2 if structured else 1
+        while acks:
             _, _, kind, length = struct.unpack(">QIII", self._recv_exact(20))
             self._recv_exact(length)
-            if kind == c.Rep.ACK and getattr(self, "_structured_acked", False):
-                break
             if kind == c.Rep.ACK:
-                self._structured_acked = True
+                acks -= 1
 
     def _recv_exact(self, size: int) -> bytes:
         data = b""
@@ -80,6 +82,12 @@ class Client:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def chunk(self) -> tuple[int, int, int, bytes]:
+        """(flags, type, cookie, body) of the next structured reply chunk."""
+        magic, flags, kind, cookie, length = struct.unpack(">IHHQI", self._recv_exact(20))
+        assert magic == c.STRUCTURED_REPLY_MAGIC
+        return flags, kind, cookie, self._recv_exact(length)
 
     def reply(self) -> tuple[int, int, bytes]:
         """(cookie, error, data) of the next reply, structured or simple."""
@@ -180,3 +188,66 @@ def test_connections_are_counted_per_export(serve) -> None:  # type: ignore[no-u
     for client in clients:
         client.send(request(Cmd.DISC))
         client.close()
+
+
+def test_finished_session_is_freed_without_the_cycle_collector(serve) -> None:  # type: ignore[no-untyped-def]
+    # A session holds payload buffers (MiBs); a reference cycle would keep them until the
+    # cycle collector runs, which under load is how RSS grew by hundreds of MiB.
+    server = serve(Export("disk", MemoryStorage(8 << 20)))
+    gc.collect()
+    gc.disable()
+    try:
+        client = Client(port_of(server), "disk")
+        for cookie in range(3):  # large writes: pooled, their buffers recycled
+            client.send(request(Cmd.WRITE, cookie, 0, 1 << 20) + bytes(1 << 20))
+            assert client.reply() == (cookie, 0, b"")
+        client.send(request(Cmd.WRITE, 3, 0, 6 << 20) + bytes(6 << 20))  # in pieces
+        assert client.reply() == (3, 0, b"")
+        with server._lock:
+            session = weakref.ref(next(iter(server._sessions)))
+        client.close()
+        deadline = time.monotonic() + 10
+        while server.session_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.session_count
+        time.sleep(0.1)  # the session thread returns from run()
+        assert session() is None, gc.get_referrers(session())
+    finally:
+        gc.enable()
+
+
+class LateFailingStorage(MemoryStorage):
+    """Reads fail from 4 MiB on; no cheap extents, so every byte is read."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, cheap_extents=False)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset + length > 4 << 20:
+            raise StorageError(errno.EIO, "injected failure")
+        return super().read(offset, length)
+
+
+def test_long_read_failing_midway_ends_with_an_error_chunk(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(Export("disk", LateFailingStorage(16 << 20)))
+    client = Client(port_of(server), "disk")
+    client.send(request(Cmd.READ, 9, 0, 8 << 20))
+    flags, kind, cookie, body = client.chunk()
+    assert (flags, kind, cookie, len(body)) == (0, c.ReplyType.OFFSET_DATA, 9, 8 + (4 << 20))
+    flags, kind, cookie, body = client.chunk()
+    assert (flags, kind, cookie) == (c.ReplyFlag.DONE, c.ReplyType.ERROR, 9)
+    assert struct.unpack_from(">I", body)[0] == Error.EIO
+    client.send(request(Cmd.READ, 10, 0, 4))  # and the connection keeps serving
+    assert client.reply() == (10, 0, bytes(4))
+    client.close()
+
+
+def test_long_simple_read_failing_midway_cuts_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(Export("disk", LateFailingStorage(16 << 20)))
+    client = Client(port_of(server), "disk", structured=False)
+    client.send(request(Cmd.READ, 9, 0, 8 << 20))
+    assert client.reply() == (9, 0, b"")  # the header went out with the first piece
+    assert client._recv_exact(4 << 20) == bytes(4 << 20)
+    assert client.sock.recv(1) == b""  # no way to report the error: the server hangs up
+    client.close()

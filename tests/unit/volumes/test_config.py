@@ -26,6 +26,7 @@ listen: ["127.0.0.1:10809", "[::1]:10810"]
 sockets: [/run/nbs.sock]
 log_level: debug
 io_threads: 4
+max_request: 128MiB
 shutdown_grace: 2.5
 max_connections: 100
 max_connections_per_client: 10
@@ -39,6 +40,7 @@ exports:
     assert config.listen == ("127.0.0.1:10809", "[::1]:10810")
     assert config.sockets == (Path("/run/nbs.sock"),)
     assert config.io_threads == 4
+    assert config.max_request == 128 << 20
     assert config.shutdown_grace == 2.5
     assert config.limits == ConnectionLimits(100, 10, 5.5)
     assert config.tls is not None
@@ -56,6 +58,11 @@ exports:
         ({"listen": ["h:99999"]}, "listen[0]: port must be 0-65535"),
         ({"log_level": "loud"}, "f.yaml: log_level: expected one of debug"),
         ({"io_threads": "4"}, "io_threads: expected an integer"),
+        ({"max_request": "48MiB"}, "max_request: expected a power of two from 1MiB to 1GiB"),
+        ({"max_request": 512 << 10}, "max_request: expected a power of two"),
+        ({"max_request": "2GiB"}, "max_request: expected a power of two"),
+        ({"max_request": True}, "max_request: expected a power of two"),
+        ({"max_request": "9" * 5000}, "max_request: expected a power of two"),
         ({"exports": {}}, "exports: expected a list"),
         ({"exports": [{"path": "/x"}]}, "exports[0].name: required"),
         ({"exports": [{"name": "a/b", "path": "/x"}]}, "exports[0].name: export name"),
@@ -114,3 +121,8 @@ def test_bad_export_specs(spec: str) -> None:
 )
 def test_host_port(text: str, expected: tuple[str, int]) -> None:
     assert parse_host_port(text) == expected
+
+
+def test_max_request_defaults_to_64mib_and_takes_bytes() -> None:
+    assert parse_config({}, "f.yaml").max_request == 64 << 20
+    assert parse_config({"max_request": 1 << 20}, "f.yaml").max_request == 1 << 20
