@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import re
 import select
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -34,6 +36,18 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_module(name: str) -> ModuleType:
+    """A Python module (e.g. ``nbd``, Debian's python3-libnbd); skip without it, but fail under
+    CI.  Call it at module level: ``nbd = require_module("nbd")``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"the Python module {name} is not installed (run scripts/setup)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ from backend.volumes.model import (
     NotFoundError,
 )
 from backend.volumes.service import Progress, VolumeService
-from tests.integration.conftest import require_tool
+from tests.integration.conftest import require_module, require_tool
 from tests.unit.api.test_openapi import EXPECTED as EXPECTED_ROUTES
 
 MiB = 1 << 20
@@ -425,7 +425,7 @@ def nbd_server(tmp_path: Path) -> Iterator[tuple[VolumeService, Server]]:
 def test_exports_status_and_in_use_with_a_real_nbd_client(
     nbd_server: tuple[VolumeService, Server], token: str
 ) -> None:
-    nbd = pytest.importorskip("nbd", reason="python3-libnbd (Debian) is needed")
+    nbd = require_module("nbd")
     service, server = nbd_server
     app = create_app(
         service,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-from tests.integration.test_bad_input import (
+from tests.integration.rawnbd import (
     CMD_FLUSH,
     CMD_WRITE,
     EINVAL,
@@ -24,7 +24,7 @@ from tests.integration.test_bad_input import (
     target,
 )
 
-__all__ = ["target"]  # the fixture, shared with test_bad_input
+__all__ = ["target"]  # the fixture (tests.integration.rawnbd)
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NBS, NbsServer, require_tool
-from tests.integration.test_bad_input import (
+from tests.integration.conftest import NBS, NbsServer, require_module, require_tool
+from tests.integration.rawnbd import (
     CMD_DISC,
     CMD_FLUSH,
     CMD_READ,
@@ -27,7 +27,7 @@ from tests.integration.test_bad_input import (
     RawClient,
 )
 
-nbd = pytest.importorskip("nbd")
+nbd = require_module("nbd")
 
 MiB = 1 << 20
 DISK = 512 * MiB

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NbsServer
+from tests.integration.conftest import NbsServer, require_module
+from tests.integration.rawnbd import CMD_READ, CMD_WRITE, REQUEST_MAGIC, RawClient
 from tests.integration.serverproc import open_sockets, rss_bytes, wait_for_sockets
-from tests.integration.test_bad_input import CMD_READ, CMD_WRITE, REQUEST_MAGIC, RawClient
 
-nbd = pytest.importorskip("nbd")
+nbd = require_module("nbd")
 
 MiB = 1 << 20
 

@@ -7,23 +7,17 @@ for `nbs attach`; `nbs volume info` (through the server's API) shows who holds w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NbsServer, require_tool
+from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import guest_disk, nbs
 from tests.integration.vm import TinyVM
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")
 
 
 @pytest.fixture
