@@ -111,6 +111,8 @@ class Catalogue:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        if self._schema() == str(SCHEMA_VERSION):
+            return  # opening to read writes nothing (no generation bump for servers to see)
         with self.transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -127,6 +129,13 @@ class Catalogue:
                         f" '{FILE_STORAGE}'"
                     )
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+
+    def _schema(self) -> str | None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: a new catalogue
+            return None
+        return str(row["value"]) if row else None
 
     def close(self) -> None:
         with self._lock:
