@@ -276,6 +276,17 @@ def test_a_missing_dir_path_is_refused_unless_create_is_asked(tmp_path: Path) ->
     assert storage_of(data) == f"dir:path={where}"
 
 
+def test_a_server_whose_default_storage_dir_is_missing_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "nbs.yaml"
+    config.write_text(
+        f"default_storage: dir:path={tmp_path / 'nope'}\n"
+        f"listen: ['127.0.0.1:0']\ndata_dir: {tmp_path / 'data'}\n"
+    )
+    result = nbs("serve", "--config", str(config))
+    assert_one_line_usage_error(result, "does not exist", "create=true")
+    assert not (tmp_path / "nope").exists()
+
+
 # --- items 15 and 16: every number is bounded, one line, exit 2, locally and over the API ----
 
 BAD_CREATES = [

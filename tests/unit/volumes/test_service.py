@@ -216,6 +216,7 @@ def test_gc_never_collects_a_volume_whose_creator_is_alive(tmp_path: Path) -> No
     other = VolumeService(data)  # another command, in this process or another
     other.create("x", MiB)
     assert other.gc() == []
+    assert creator.gc() == []  # nor its own (an API server's import)
     assert creator.catalogue.volume("importing").state == "creating"  # type: ignore[union-attr]
     with pytest.raises(AlreadyExistsError):
         other.create("importing", MiB)
