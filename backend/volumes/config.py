@@ -107,8 +107,10 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (port.isascii() and port.isdigit() and len(port) <= 5):
-        raise ValueError(f"port must be a number from 0 to 65535, got {shown(port)}")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"port must be a number, got {shown(port)}")
+    if len(port) > 5:  # int() of thousands of digits raises
+        raise ValueError(f"port must be 0-65535, got {shown(port)}")
     number = int(port)
     if not 0 <= number <= 65535:
         raise ValueError(f"port must be 0-65535, got {number}")
