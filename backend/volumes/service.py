@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -181,6 +182,19 @@ class VolumeService:
 
     def _layer_backend(self, layer: str) -> Backend:
         return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+
+    def _remove_layer_data(self, layer: str) -> None:
+        """Remove a layer's data; a layer whose S3 bucket or RADOS pool does not exist is
+        gone already (a create that named a wrong one leaves nothing to remove).  A missing
+        ``dir`` is not: it may be a disk that is not mounted, and its data comes back."""
+        spec = StorageSpec.from_json(self.catalogue.layer_storage(layer) or FILE.to_json())
+        try:
+            backend = self.backends.get(spec)
+        except StorageError as err:
+            if err.errno == errno.ENOENT and spec.kind in ("s3", "rados"):
+                return
+            raise StorageFailureError(str(err)) from err
+        backend.remove(layer)
 
     def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
         """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
@@ -636,7 +650,7 @@ class VolumeService:
             if local_only and self.catalogue.layer_storage(layer) != FILE.to_json():
                 continue
             try:
-                self._layer_backend(layer).remove(layer)
+                self._remove_layer_data(layer)
             except (StorageError, VolumeError) as err:
                 log.log(
                     logging.WARNING if warn_for is None or layer in warn_for else logging.DEBUG,

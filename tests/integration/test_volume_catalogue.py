@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cephrig import CephCluster
 from tests.integration.conftest import NBS, NbsServer, require_tool
 from tests.integration.s3rig import SeaweedS3
 
@@ -372,6 +373,34 @@ def test_a_create_in_a_missing_bucket_leaves_nothing(
         later = nbs(*args, "--data-dir", str(data), env=s3_env)
         assert later.returncode == 0, (args, later.stderr)
         assert later.stderr == "", (args, later.stderr)
+
+
+def test_a_create_in_a_missing_rados_pool_leaves_nothing(
+    tmp_path: Path, ceph_cluster: CephCluster
+) -> None:
+    data = tmp_path / "data"
+    failed = create_on(data, f"rados:pool=nbs-no-such-pool,conf={ceph_cluster.conf_path}")
+    assert failed.returncode == 1
+    (line,) = failed.stderr.strip().splitlines()  # the error; no warning about leftovers
+    assert "nbs-no-such-pool" in line
+    assert layers(data) == []
+    later = nbs("volume", "create", "w", "--size", "1MiB", "--data-dir", str(data))
+    assert later.returncode == 0, later.stderr
+    assert later.stderr == ""
+
+
+def test_a_volume_whose_rados_pool_was_deleted_can_be_deleted(
+    tmp_path: Path, ceph_cluster: CephCluster
+) -> None:
+    data, pool = tmp_path / "data", "nbs-gone"
+    ceph_cluster.ceph("osd", "pool", "create", pool, "8", "8")
+    created = create_on(data, f"rados:pool={pool},conf={ceph_cluster.conf_path}")
+    assert created.returncode == 0, created.stderr
+    ceph_cluster.ceph("osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it")
+    deleted = nbs("volume", "delete", "v", "--data-dir", str(data))
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stderr == ""  # the pool and its objects are gone: nothing left to warn about
+    assert layers(data) == []
 
 
 def test_a_create_cut_by_an_s3_outage_is_cleared_by_gc(
