@@ -307,18 +307,19 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
             profiles=config.storages,
             default_storage=config.default_storage,
         )
+        if not service.catalogue.volumes():
+            # On the default storage: a `dir` there must exist (or say create=true).
+            service.create(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
+            log.info(
+                "created volume %r (%d bytes, sparse) in %s",
+                DEFAULT_VOLUME,
+                DEFAULT_VOLUME_SIZE,
+                data_dir,
+            )
     except VolumeError as err:
         raise UsageError(err.message) from err
     except OSError as err:
         raise UsageError(f"cannot use data directory {data_dir}: {err.strerror}") from err
-    if not service.catalogue.volumes():
-        service.create(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
-        log.info(
-            "created volume %r (%d bytes, sparse) in %s",
-            DEFAULT_VOLUME,
-            DEFAULT_VOLUME_SIZE,
-            data_dir,
-        )
     return VolumeExports(service, tls=config.tls_policy)
 
 

@@ -211,7 +211,13 @@ class ChunkedBackend(Backend):
             return 0
 
     def remove(self, layer: str) -> None:
-        remove_layer(self.store, f"{layer}/")
+        try:
+            remove_layer(self.store, f"{layer}/")
+        except StorageError as err:
+            # ENOENT: the container itself (an S3 bucket) does not exist, so neither does
+            # the layer: a create that failed on a missing bucket leaves nothing to remove.
+            if err.errno != errno.ENOENT:
+                raise
 
     def close(self) -> None:
         self.store.close()
@@ -351,8 +357,12 @@ class Backends:
         if spec.kind == "dir":
             from backend.storage.objects.directory import DirectoryObjectStore  # noqa: PLC0415
 
-            path = Path(spec.get("path", str(self.data_dir / "objects")))
-            return DirectoryObjectStore(path)
+            # The data directory's own objects/ is made on first use; a path the user gave
+            # must exist (storages.prepare_location made it, if asked, when the volume was).
+            path = spec.get("path")
+            if path is None:
+                return DirectoryObjectStore(self.data_dir / "objects")
+            return DirectoryObjectStore(path, create=False)
         if spec.kind == "s3":
             from backend.storage.objects.s3 import S3ObjectStore  # noqa: PLC0415
 

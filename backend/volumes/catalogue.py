@@ -7,7 +7,7 @@ garbage (removed by VolumeService.gc).
 
 Each volume and layer records its storage (a StorageSpec as JSON, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
-place: their volumes are on ``file``.
+place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time).
 
 Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
 up volumes created, resized or deleted by another process.
@@ -114,6 +114,8 @@ class Catalogue:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        if self._schema() == str(SCHEMA_VERSION):
+            return  # opening to read writes nothing (no generation bump for servers to see)
         with self.transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -133,6 +135,13 @@ class Catalogue:
             if "shared" not in columns:  # schema 2 → 3
                 db.execute("ALTER TABLE volumes ADD COLUMN shared INTEGER NOT NULL DEFAULT 0")
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+
+    def _schema(self) -> str | None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: a new catalogue
+            return None
+        return str(row["value"]) if row else None
 
     def close(self) -> None:
         with self._lock:

@@ -23,7 +23,8 @@ class LocalVolumes:
     """The volume operations on a data directory, done in this process."""
 
     def __init__(self, data_dir: Path, profiles: Mapping[str, StorageSpec] | None = None) -> None:
-        self.service = VolumeService(data_dir, profiles=profiles)
+        # A relative --storage dir:path is the user's, relative to where the command runs.
+        self.service = VolumeService(data_dir, profiles=profiles, paths_relative_to=Path.cwd())
         self.list = self.service.list
         self.info = self.service.info
         self.create = self.service.create

@@ -18,7 +18,7 @@ import yaml
 from backend.nbd import TLSPolicy
 from backend.nbd.constants import MAX_PAYLOAD
 from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
-from backend.volumes.model import InvalidRequestError, parse_size
+from backend.volumes.model import InvalidRequestError, parse_size, shown
 from backend.volumes.storages import (
     FILE,
     KINDS,
@@ -30,6 +30,7 @@ from backend.volumes.storages import (
 DEFAULT_PORT = 10809
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_VOLUME_SIZE = 1 << 30
+MAX_SHUTDOWN_GRACE = 3600.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
@@ -125,10 +126,11 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"port must be a number, got {port!r}") from None
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"port must be a number, got {shown(port)}")
+    if len(port) > 5:  # int() of thousands of digits raises
+        raise ValueError(f"port must be 0-65535, got {shown(port)}")
+    number = int(port)
     if not 0 <= number <= 65535:
         raise ValueError(f"port must be 0-65535, got {number}")
     return host, number
@@ -175,9 +177,15 @@ def _tls_policy(value: str) -> TLSPolicy:
 
 
 def _block_size(value: object) -> int:
-    size = value if isinstance(value, int) else int(str(value))
+    text = str(value).strip() if isinstance(value, str) else ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif text.isascii() and text.isdigit() and len(text) <= 5:  # int() of 5,000 digits raises
+        size = int(text)
+    else:
+        raise ValueError(f"expected a power of two from 1 to 65536, got {shown(value)}")
     if size < 1 or size & (size - 1) or size > 65536:
-        raise ValueError(f"expected a power of two from 1 to 65536, got {value!r}")
+        raise ValueError(f"expected a power of two from 1 to 65536, got {shown(value)}")
     return size
 
 
@@ -188,7 +196,7 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, expected: str, got: object) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: expected {expected}, got {got!r}")
+        return ConfigError(f"{self.source}: {key}: expected {expected}, got {shown(got)}")
 
     def mapping(self, value: object, key: str, allowed: set[str]) -> Mapping[str, Any]:
         if not isinstance(value, dict):
@@ -257,10 +265,11 @@ def load_config(path: Path) -> ServeConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return parse_config(data if data is not None else {}, str(path))
+    return parse_config(data if data is not None else {}, str(path), path.absolute().parent)
 
 
-def parse_config(data: object, source: str) -> ServeConfig:
+def parse_config(data: object, source: str, base: Path | None = None) -> ServeConfig:
+    """``base``: where relative storage paths start (the file's directory; None: refused)."""
     r = _Reader(source)
     known = {
         "listen",
@@ -314,8 +323,14 @@ def parse_config(data: object, source: str) -> ServeConfig:
         fields["max_request"] = r.convert(top["max_request"], "max_request", parse_max_request)
     if "shutdown_grace" in top:
         grace = top["shutdown_grace"]
-        if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
-            raise r.fail("shutdown_grace", "a number of seconds >= 0", grace)
+        if (
+            not isinstance(grace, int | float)
+            or isinstance(grace, bool)
+            or not 0 <= grace <= MAX_SHUTDOWN_GRACE  # also refuses NaN
+        ):
+            raise r.fail(
+                "shutdown_grace", f"a number of seconds from 0 to {MAX_SHUTDOWN_GRACE:g}", grace
+            )
         fields["shutdown_grace"] = float(grace)
     limits = {key: r.convert(top[key], key, parse) for key, parse in _LIMITS.items() if key in top}
     if limits:
@@ -335,11 +350,11 @@ def parse_config(data: object, source: str) -> ServeConfig:
             required=required,
         )
     if "storages" in top:
-        fields["storages"] = _storages(r, top["storages"])
+        fields["storages"] = _storages(r, top["storages"], base)
     if "default_storage" in top:
         text = r.string(top["default_storage"], "default_storage")
         try:
-            fields["default_storage"] = parse_storage(text, fields.get("storages", {}))
+            fields["default_storage"] = parse_storage(text, fields.get("storages", {}), base)
         except InvalidRequestError as err:
             raise ConfigError(f"{source}: default_storage: {err}") from None
     if "exports" in top:
@@ -391,7 +406,7 @@ def _api(r: _Reader, value: object) -> ApiConfig:
     return ApiConfig(**fields)
 
 
-def _storages(r: _Reader, value: object) -> dict[str, StorageSpec]:
+def _storages(r: _Reader, value: object, base: Path | None) -> dict[str, StorageSpec]:
     if not isinstance(value, Mapping):
         raise r.fail("storages", "a mapping of profile names to storages", value)
     profiles = {}
@@ -400,7 +415,7 @@ def _storages(r: _Reader, value: object) -> dict[str, StorageSpec]:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name in KINDS:
             raise r.fail(key, "a profile name (letters, digits, -_.; not a storage kind)", name)
         try:
-            profiles[name] = parse_storage_mapping(spec, key)
+            profiles[name] = parse_storage_mapping(spec, key, base)
         except InvalidRequestError as err:
             raise ConfigError(f"{r.source}: {err}") from None
     return profiles

@@ -17,7 +17,8 @@ from typing import Any
 
 NAME_RULE = "1-255 characters of letters, digits, '.', '_', '-', starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTPE]?)(i?B?)?\s*$", re.IGNORECASE)
+# At most 20 digits: more is never a size, and int() of thousands of digits raises.
+_SIZE = re.compile(r"^\s*(\d{1,20})\s*([KMGTPE]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 SECTOR = 512
 MAX_SIZE = 1 << 50  # 1 PiB: larger is a typo, not a volume
@@ -63,30 +64,44 @@ class StorageFailureError(VolumeError):
     code = "storage"
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages: one line, whatever
+    was sent (a 5,000-digit size must not come back as a 5,000-character error)."""
+    try:
+        text = repr(value)
+    except ValueError:  # repr() of an int of more than 4300 digits
+        return "a number too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_name(name: str, what: str = "volume") -> str:
     """``name`` if it is a valid volume or snapshot name, else InvalidRequestError."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
-        raise InvalidRequestError(f"invalid {what} name {name!r}: {NAME_RULE}")
+        raise InvalidRequestError(f"invalid {what} name {shown(name)}: {NAME_RULE}")
     return name
 
 
 def parse_size(text: str | int) -> int:
     """``10GiB``, ``512M``, ``1T``, ``4096`` (bytes); binary units; a multiple of 512 bytes."""
     if isinstance(text, bool):
-        raise InvalidRequestError(f"invalid size {text!r}")
+        raise InvalidRequestError(f"invalid size {shown(text)}")
     if isinstance(text, int):
         size = text
     else:
         match = _SIZE.match(text)
         if not match:
-            raise InvalidRequestError(f"invalid size {text!r}: use e.g. 10GiB, 512MiB, 4096")
+            raise InvalidRequestError(
+                f"invalid size {shown(text)}: use e.g. 10GiB, 512MiB, 4096 (at most 1PiB)"
+            )
         size = int(match.group(1)) << (10 * _UNITS[match.group(2).upper()])
     if size <= 0:
-        raise InvalidRequestError(f"size must be positive, got {text!r}")
+        raise InvalidRequestError(f"size must be positive, got {shown(text)}")
+    if size > MAX_SIZE:
+        raise InvalidRequestError(
+            f"size {shown(text)} is larger than the limit of {MAX_SIZE} bytes (1PiB)"
+        )
     if size % SECTOR:
         raise InvalidRequestError(f"size must be a multiple of {SECTOR} bytes, got {size}")
-    if size > MAX_SIZE:
-        raise InvalidRequestError(f"size {size} is larger than the limit of {MAX_SIZE} bytes")
     return size
 
 

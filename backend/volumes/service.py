@@ -7,14 +7,20 @@ Data directory::
     objects/                 chunks of volumes on ``dir`` without a path
     mutate.lock              flock held while a process changes the catalogue
     serving.lock             flock held (shared) by a running `nbs serve`
+    creating/NAME            flock held by the process creating volume NAME (its lease)
 
 Each volume lives on one storage (backend.volumes.storages; ``file`` by default), reached
 through a backend (backend.volumes.backends) and wrapped in the spec's layers (cache, retry).
 
 Crash safety: a new volume (or clone) is recorded ``creating`` before its storage is made,
-and becomes ``ready`` after; one being deleted is ``deleting`` until its data is gone; gc()
-(run at every start) rolls both back or forward, and removes layers no volume or snapshot
-reaches (their data first, then the row), and layer files no row knows.
+and becomes ``ready`` after; its creator holds a lease on it all along (an import: the whole
+copy; backend.volumes.leases).  One being deleted is ``deleting`` until its data is gone.
+gc() (run when a server starts, and before the first change a command makes) removes the
+``creating`` rows whose creator died and every ``deleting`` row, then layers no volume or
+snapshot reaches (their data first, then the row), and layer files no row knows.
+
+Commands that only read (list, info, snapshot list, export) change nothing in the data
+directory: they neither collect nor create it (a missing one reads as empty) nor chmod it.
 
 Snapshots of a volume that a server has open must be taken by that server (it owns the live
 top layer): use the API; this class refuses when another process serves the data directory.
@@ -24,18 +30,20 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from backend.storage import Storage, StorageError
 from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.volumes.backends import Backend, Backends
 from backend.volumes.catalogue import Catalogue, VolumeRow
+from backend.volumes.leases import LeaseHeldError, Leases, locked
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
@@ -51,11 +59,13 @@ from backend.volumes.model import (
     check_name,
     parse_size,
 )
-from backend.volumes.storages import FILE, StorageSpec, parse_storage
+from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 64 * 1024
+CATALOGUE = "catalogue.sqlite3"
+MEMORY = Path(":memory:")  # an empty catalogue, for readers of a data directory not made yet
 Progress = Callable[[int, int], None]
 
 
@@ -82,27 +92,45 @@ class VolumeService:
         chunk_size: int = DEFAULT_CHUNK,
         profiles: Mapping[str, StorageSpec] | None = None,
         default_storage: StorageSpec = FILE,
+        paths_relative_to: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.layers = data_dir / "layers"
-        self.layers.mkdir(parents=True, exist_ok=True)
-        os.chmod(data_dir, 0o700)
         self.chunk_size = chunk_size
         self.holders: Callable[[str], Sequence[Holder]] = holders or (lambda name: ())
         self.profiles = dict(profiles or {})
         self.default_storage = default_storage
+        # Where relative ``dir`` paths of --storage start; None (the API): refused.
+        self.paths_relative_to = paths_relative_to
         self.backends = Backends(data_dir, chunk_size)
+        self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
         self._open: dict[str, _Opened] = {}
         self._serving_fd: int | None = None
+        self._writable = False  # the data directory is made and the catalogue open for writes
+        self._collected = False  # crash leftovers were collected by this process
+        catalogue = data_dir / CATALOGUE
+        # Readers of a data directory that does not exist see an empty catalogue, in memory:
+        # the first change creates the real one (_make_writable).
+        self.catalogue = Catalogue(catalogue if catalogue.exists() else MEMORY)
         if serving:
+            self._make_writable()
             self._serving_fd = self._take_serving_lock()
-        self.catalogue = Catalogue(data_dir / "catalogue.sqlite3")
-        if not self.served_elsewhere():  # a running server may be mid-create: not ours to undo
-            with self._mutating():
-                self._gc()
+            self.gc()
 
     # ------------------------------------------------------------------ locks
+
+    def _make_writable(self) -> None:
+        """Make the data directory (mode 0700) and open the catalogue for changes: done by
+        the first change, never by a command that only reads."""
+        if self._writable:
+            return
+        self.layers.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        if self.catalogue.path == MEMORY:
+            self.catalogue.close()
+            self.catalogue = Catalogue(self.data_dir / CATALOGUE)
+        self._writable = True
 
     def _take_serving_lock(self) -> int:
         fd = os.open(self.data_dir / "serving.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -117,25 +145,25 @@ class VolumeService:
 
     def served_elsewhere(self) -> bool:
         """True when another process serves this data directory."""
-        if self._serving_fd is not None:
-            return False
-        fd = os.open(self.data_dir / "serving.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        # No serving.lock: no server ever started here (it makes the file).
+        return self._serving_fd is None and locked(self.data_dir / "serving.lock")
 
     @contextlib.contextmanager
     def _mutating(self) -> Iterator[None]:
+        """The mutate lock, held by one thread of one process at a time.  The first change a
+        process makes collects what crashes left (a ``creating`` row of an earlier attempt
+        would refuse its name) unless a server runs here (it collects its own)."""
         with self._lock:
+            self._make_writable()
             fd = os.open(
                 self.data_dir / "mutate.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                if not self._collected:
+                    self._collected = True
+                    if not self.served_elsewhere():
+                        self._gc(quiet=True)
                 yield
             finally:
                 os.close(fd)
@@ -156,6 +184,19 @@ class VolumeService:
 
     def _layer_backend(self, layer: str) -> Backend:
         return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+
+    def _remove_layer_data(self, layer: str) -> None:
+        """Remove a layer's data; a layer whose S3 bucket or RADOS pool does not exist is
+        gone already (a create that named a wrong one leaves nothing to remove).  A missing
+        ``dir`` is not: it may be a disk that is not mounted, and its data comes back."""
+        spec = StorageSpec.from_json(self.catalogue.layer_storage(layer) or FILE.to_json())
+        try:
+            backend = self.backends.get(spec)
+        except StorageError as err:
+            if err.errno == errno.ENOENT and spec.kind in ("s3", "rados"):
+                return
+            raise StorageFailureError(str(err)) from err
+        backend.remove(layer)
 
     def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
         """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
@@ -248,7 +289,7 @@ class VolumeService:
             return self.default_storage
         if isinstance(storage, StorageSpec):
             return storage
-        return parse_storage(storage, self.profiles)
+        return parse_storage(storage, self.profiles, self.paths_relative_to)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,7 +313,7 @@ class VolumeService:
         labels = check_labels(dict(labels or {}))
         if len(description) > 4096 or "\0" in description:
             raise InvalidRequestError("description must be at most 4096 characters, no NUL")
-        spec = self.resolve_storage(storage)
+        spec = prepare_location(self.resolve_storage(storage))
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
@@ -302,30 +343,52 @@ class VolumeService:
                 spec.to_json(),
                 shared,
             )
-            with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, layer, None, row.storage)
-                self.catalogue.add_volume(db, row)
+            self._record_creating(row, None)
             self._make_ready(row, ready, lambda: backend.create(layer, nbytes))
         log.info("created volume %s (%d bytes on %s)", name, nbytes, spec)
         return self._info(self.catalogue.volume(name) or row)
 
+    def _record_creating(self, row: VolumeRow, parent: str | None) -> None:
+        """Take the lease of a new volume, then record it ``creating`` with its top layer
+        over ``parent`` (mutate lock held)."""
+        try:
+            self.leases.take(row.name)
+        except LeaseHeldError:
+            raise AlreadyExistsError(f"volume {row.name!r} is being created") from None
+        try:
+            with self.catalogue.transaction() as db:
+                self.catalogue.add_layer(db, row.top, parent, row.storage)
+                self.catalogue.add_volume(db, row)
+        except BaseException:
+            self.leases.release(row.name)
+            raise
+
     def _make_ready(self, row: VolumeRow, ready: bool, make: Callable[[], None]) -> None:
-        """Make a ``creating`` volume's storage, then mark it ready (if ``ready``); on failure
-        remove it again (mutate lock held)."""
+        """Make a ``creating`` volume's storage, then mark it ready (if ``ready``; else its
+        lease is kept until mark_ready or abandon); on failure remove it again (mutate lock
+        held)."""
         try:
             make()
         except (StorageError, VolumeError) as err:
             self._remove_volume(row)
+            self.leases.release(row.name)
             if isinstance(err, VolumeError):
                 raise
             raise StorageFailureError(f"cannot create volume {row.name!r}: {err}") from err
+        except BaseException:
+            self.leases.release(row.name)  # the row stays for gc, as after a crash
+            raise
         if ready:
-            with self.catalogue.transaction() as db:
-                db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (row.name,))
+            self._set_ready(row.name)
+
+    def _set_ready(self, name: str) -> None:
+        with self.catalogue.transaction() as db:
+            db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (name,))
+        self.leases.release(name)
 
     def mark_ready(self, name: str) -> VolumeInfo:
-        with self._mutating(), self.catalogue.transaction() as db:
-            db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (name,))
+        with self._mutating():
+            self._set_ready(name)
         return self.info(name)
 
     def open_view(self, volume: str, snapshot: str | None = None) -> Storage:
@@ -361,6 +424,7 @@ class VolumeService:
             row = self.catalogue.volume(name)
             if row is not None and row.state == "creating":
                 self._remove_volume(row)
+            self.leases.release(name)
 
     def resize(self, name: str, size: int | str, *, allow_shrink: bool = False) -> VolumeInfo:
         nbytes = parse_size(size)
@@ -414,13 +478,17 @@ class VolumeService:
             self._remove_volume(row)
         log.info("deleted volume %s", name)
 
-    def _remove_volume(self, row: VolumeRow) -> None:
+    def _remove_volume(self, row: VolumeRow, *, quiet: bool = False) -> None:
         opened = self._open.pop(row.name, None)
         if opened is not None:
             opened.top.close()
+        own = self.catalogue.chain(row.top)
         with self.catalogue.transaction() as db:
             db.execute("DELETE FROM volumes WHERE name = ?", (row.name,))
-        self._collect_layers()
+        if quiet:
+            self._collect_layers((), local_only=True)
+        else:
+            self._collect_layers(own)
 
     # ------------------------------------------------------------------ snapshots and clones
 
@@ -490,9 +558,7 @@ class VolumeService:
                 storage,
             )
             parent = self.catalogue.chain(snap.layer)
-            with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, layer, snap.layer, storage)
-                self.catalogue.add_volume(db, row)
+            self._record_creating(row, snap.layer)
             self._make_ready(row, True, lambda: backend.clone(layer, parent, snap.size))
         log.info("cloned %s@%s as %s", volume, snapshot, new_name)
         return self.info(new_name)
@@ -519,7 +585,7 @@ class VolumeService:
                 self._flatten(clone, progress)
             with self.catalogue.transaction() as db:
                 db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
-            self._collect_layers()
+            self._collect_layers([snap.layer])
         log.info("deleted snapshot %s@%s", volume, name)
 
     def _flatten(self, name: str, progress: Progress | None) -> None:
@@ -544,21 +610,34 @@ class VolumeService:
 
     def gc(self) -> builtins.list[str]:
         """Finish or roll back what a crash interrupted; returns what was removed."""
+        self._collected = True  # not twice in a row: _mutating would collect first
         with self._mutating():
             return self._gc()
 
-    def _gc(self) -> builtins.list[str]:
+    def _gc(self, *, quiet: bool = False) -> builtins.list[str]:
+        """``quiet`` (before a command's first change): only layers on ``file`` are removed,
+        and failures logged at debug level only, so that a leftover on a store that is down
+        neither slows down nor warns in every command; `nbs volume gc` tries and says."""
         removed = []
         for row in self.catalogue.volumes(state=None):
+            if row.state == "creating" and self.leases.held(row.name):
+                continue  # its creator is alive and at work (an import being copied)
             if row.state in ("creating", "deleting"):
                 log.warning("removing volume %s left %s by a crash", row.name, row.state)
-                self._remove_volume(row)
+                self._remove_volume(row, quiet=quiet)
                 removed.append(f"volume {row.name}")
-        removed += self._collect_layers()
+        removed += self._collect_layers((), local_only=True) if quiet else self._collect_layers()
+        self.leases.remove_stale()
         return removed
 
-    def _collect_layers(self) -> builtins.list[str]:
-        """Drop layers no volume or snapshot reaches, and layer files with no row."""
+    def _collect_layers(
+        self, warn_for: Collection[str] | None = None, *, local_only: bool = False
+    ) -> builtins.list[str]:
+        """Drop layers no volume or snapshot reaches, and layer files with no row.  A layer
+        whose data cannot be removed yet stays: a warning for those in ``warn_for`` (None:
+        all), debug for others, so that an old leftover is not reported by every command.
+        ``local_only``: leave layers on other storages than ``file`` for a real gc (a store
+        that is down must not slow every command down by its retry deadline)."""
         parents = self.catalogue.parents()
         live: set[str] = set()
         roots = [v.top for v in self.catalogue.volumes(state=None)]
@@ -574,10 +653,17 @@ class VolumeService:
         # goes after its snapshots); data first, then the row, so a crash between leaves a
         # dead row to remove again.
         for layer in sorted(dead, key=lambda x: -len(self.catalogue.chain(x))):
+            if local_only and self.catalogue.layer_storage(layer) != FILE.to_json():
+                continue
             try:
-                self._layer_backend(layer).remove(layer)
+                self._remove_layer_data(layer)
             except (StorageError, VolumeError) as err:
-                log.warning("cannot remove layer %s yet: %s", layer, err)
+                log.log(
+                    logging.WARNING if warn_for is None or layer in warn_for else logging.DEBUG,
+                    "cannot remove layer %s yet (`nbs volume gc` tries again): %s",
+                    layer,
+                    err,
+                )
                 continue
             with self.catalogue.transaction() as db:
                 db.execute("DELETE FROM layers WHERE id = ?", (layer,))
@@ -594,6 +680,7 @@ class VolumeService:
                     opened.top.close()
             self._open.clear()
             self.backends.close()
+            self.leases.close()
             self.catalogue.close()
             if self._serving_fd is not None:
                 os.close(self._serving_fd)

@@ -88,7 +88,7 @@ def _dir_engine(tmp_path: Path) -> Engine:
     def held() -> list[str]:
         return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
-    return Engine("dir", f"dir:path={root},chunk_size=1MiB", held)
+    return Engine("dir", f"dir:path={root},chunk_size=1MiB,create=true", held)
 
 
 def _s3_engine(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Engine:

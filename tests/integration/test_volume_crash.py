@@ -70,7 +70,8 @@ while True:
 
 
 def check_consistent(data: Path, journal: Path) -> int:
-    svc = VolumeService(data)  # start-up gc runs here
+    svc = VolumeService(data)
+    svc.gc()  # what a server start or the next change runs
     try:
         live = {v.name for v in svc.list()}
         referenced: set[str] = set()

@@ -38,7 +38,9 @@ def check_key(key: str) -> None:
 
 
 class DirectoryObjectStore(ObjectStore):
-    """Objects under the directory ``root`` (created if missing).
+    """Objects under the directory ``root`` (created if missing, unless ``create=False``:
+    then a missing root is ``ENOENT``, so that a store whose disk is not mounted is not
+    silently replaced by an empty directory).
 
     ``offset_writes=False`` turns ``put_range`` off (a partial update is then a whole new
     object, as on S3).  Empty directories left by ``delete`` stay (removing them would race
@@ -46,11 +48,15 @@ class DirectoryObjectStore(ObjectStore):
     missing.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, offset_writes: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, offset_writes: bool = True, create: bool = True
+    ) -> None:
         self.supports_offset_writes = offset_writes
         self._dirty: set[Path] = set()
         self._dirty_directories: set[Path] = set()
         self.root = Path(root)
+        if not create and not self.root.is_dir():
+            raise StorageError(errno.ENOENT, f"directory {self.root} does not exist")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -151,7 +151,23 @@ def test_bad_names_are_400(api: TestClient, service: VolumeService, name: Any) -
 
 
 @pytest.mark.parametrize(
-    "size", ["0", "-1", "1000", "12 parsecs", "2EiB", 0, -512, 513, 1.5, True, None, [512]]
+    "size",
+    [
+        "0",
+        "-1",
+        "1000",
+        "12 parsecs",
+        "2EiB",
+        "1" * 5000,  # int() of it raises ValueError: more than 4300 digits
+        10**30,
+        0,
+        -512,
+        513,
+        1.5,
+        True,
+        None,
+        [512],
+    ],
 )
 def test_bad_sizes_are_400(api: TestClient, service: VolumeService, size: Any) -> None:
     assert error(api.post("/v1/volumes", json={"name": "v", "size": size})) == (400, "invalid")
@@ -173,6 +189,43 @@ def test_bad_bodies_are_400(api: TestClient, service: VolumeService, body: bytes
     response = api.post("/v1/volumes", content=body, headers={"content-type": "application/json"})
     assert error(response) == (400, "invalid")
     assert service.list() == []
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ("file:chunk_size=32MiB", "power of two from 512B to 16MiB"),
+        ("file+retry:deadline=nan", "must be seconds"),
+        ("file+retry:attempts=100000000000000000000000", "from 1 to 1000"),
+        ("dir:path=chunks", "must be an absolute path"),
+        ("dir:path=/nonexistent/nbs-chunks", "does not exist"),
+    ],
+)
+def test_bad_storages_are_400_with_one_line(
+    api: TestClient, service: VolumeService, storage: str, message: str, tmp_path: Path
+) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(bytes(4096))
+    for path, body in [
+        ("/v1/volumes", {"name": "v", "size": "1GiB", "storage": storage}),
+        ("/v1/volumes/v/import", {"source": str(image), "storage": storage, "size": "1MiB"}),
+    ]:
+        response = api.post(path, json=body)
+        assert error(response) == (400, "invalid")
+        assert message in response.json()["error"]["message"]
+        assert "\n" not in response.json()["error"]["message"]
+    assert service.catalogue.volumes(state=None) == []
+
+
+def test_huge_sizes_are_400_for_resize_and_import(api: TestClient, tmp_path: Path) -> None:
+    image = tmp_path / "image.raw"
+    image.write_bytes(bytes(4096))
+    api.post("/v1/volumes", json={"name": "a", "size": "8MiB"})
+    response = api.patch("/v1/volumes/a", json={"size": "9" * 5000})
+    assert error(response) == (400, "invalid")
+    assert len(response.json()["error"]["message"]) < 200
+    response = api.post("/v1/volumes/b/import", json={"source": str(image), "size": "9" * 5000})
+    assert error(response) == (400, "invalid")
 
 
 def test_a_misspelt_option_is_refused_not_ignored(api: TestClient) -> None:

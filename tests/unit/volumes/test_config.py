@@ -94,6 +94,31 @@ def test_limits_default_when_not_configured() -> None:
     assert parse_config({}, "f.yaml").limits == ConnectionLimits(1024, 512, 60.0)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"shutdown_grace": float("nan")}, "shutdown_grace: expected a number of seconds from 0"),
+        ({"shutdown_grace": float("inf")}, "from 0 to 3600, got inf"),
+        ({"shutdown_grace": 10**400}, "from 0 to 3600, got 1000"),
+        ({"io_threads": 10**5000}, "io_threads: expected an integer from 1 to 1024"),
+        ({"listen": ["h:" + "9" * 5000]}, "port must be 0-65535, got '99999999"),
+        ({"exports": [{"name": "a", "path": "/x", "min_block": 10**5000}]}, "a power of two"),
+        ({"storages": {"s": {"type": "file", "chunk_size": 10**5000}}}, "chunk_size: number out"),
+        ({"storages": {"s": {"type": "dir", "path": "/x", "chunk_size": 1 << 26}}}, "32MiB"),
+    ],
+)
+def test_every_number_in_the_config_is_bounded(data: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        parse_config(data, "f.yaml")
+    assert len(str(err.value)) < 300
+
+
+def test_export_min_block_of_thousands_of_digits_is_one_line() -> None:
+    with pytest.raises(ValueError, match="a power of two from 1 to 65536") as err:
+        parse_export_spec("d=/x.img,min-block=" + "9" * 5000)
+    assert len(str(err.value)) < 200
+
+
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")

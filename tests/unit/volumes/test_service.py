@@ -197,17 +197,60 @@ def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) 
     svc.create("half", MiB, ready=False)
     svc.create("whole", MiB)
     (svc.layers / "deadbeef.data").write_bytes(b"x")
-    svc.close()
-    svc = VolumeService(data)  # startup gc
+    svc.close()  # its lease on "half" ends with it, as when the process dies
+    svc = VolumeService(data)
     assert [v.name for v in svc.list()] == ["whole"]
-    assert (
-        sorted(p.name.split(".")[0] for p in svc.layers.iterdir())
-        == [
-            svc.catalogue.volume("whole").top  # type: ignore[union-attr]
-        ]
-        * 2
+    assert len(list(svc.layers.iterdir())) == 5  # reading collects nothing
+    svc.create("next", MiB)  # the first change collects
+    assert svc.catalogue.volume("half") is None
+    assert sorted(p.name.split(".")[0] for p in svc.layers.iterdir()) == sorted(
+        [svc.catalogue.volume(n).top for n in ("whole", "next")] * 2  # type: ignore[union-attr]
     )
+    assert list((data / "creating").iterdir()) == []
     svc.close()
+
+
+def test_gc_never_collects_a_volume_whose_creator_is_alive(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    creator = VolumeService(data)
+    creator.create("importing", MiB, ready=False)
+    other = VolumeService(data)  # another command, in this process or another
+    other.create("x", MiB)
+    assert other.gc() == []
+    assert creator.gc() == []  # nor its own (an API server's import)
+    assert creator.catalogue.volume("importing").state == "creating"  # type: ignore[union-attr]
+    with pytest.raises(AlreadyExistsError):
+        other.create("importing", MiB)
+    creator.mark_ready("importing")
+    assert [v.name for v in other.list()] == ["importing", "x"]
+    assert list((data / "creating").iterdir()) == []
+    other.close()
+    creator.close()
+
+
+def test_commands_that_read_change_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    svc = VolumeService(missing)
+    assert svc.list() == []
+    assert svc.snapshots() == []
+    with pytest.raises(NotFoundError):
+        svc.info("v")
+    svc.close()
+    assert not missing.exists()
+    data = tmp_path / "d"
+    data.mkdir(mode=0o755)
+    svc = VolumeService(data)
+    svc.create("v", MiB)
+    generation = svc.generation()
+    svc.close()
+    os.chmod(data, 0o750)
+    before = sorted(p.name for p in data.iterdir())
+    svc = VolumeService(data)
+    assert [v.name for v in svc.list()] == ["v"]
+    assert svc.generation() == generation  # a server watching it sees no change
+    svc.close()
+    assert data.stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in data.iterdir()) == before
 
 
 def test_a_second_server_on_one_data_dir_is_refused(tmp_path: Path) -> None:
@@ -224,5 +267,6 @@ def test_a_second_server_on_one_data_dir_is_refused(tmp_path: Path) -> None:
 
 def test_data_dir_is_private(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d")
+    svc.create("v", MiB)  # made by the first change
     assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o700
     svc.close()

@@ -3,6 +3,7 @@ the upgrade of a schema-1 catalogue."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import pytest
 from backend.storage.chunked import ChunkedStorage
 from backend.storage.cow import CowStorage
 from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.config import ConfigError, parse_config
-from backend.volumes.model import InvalidRequestError
+from backend.volumes.config import ConfigError, load_config, parse_config
+from backend.volumes.model import InvalidRequestError, StorageFailureError
 from backend.volumes.service import VolumeService
 from backend.volumes.storages import FILE, StorageSpec, parse_storage
 
@@ -47,7 +48,7 @@ def test_inline_specs_round_trip() -> None:
         ("rados:pool=p+zip", "unknown layer 'zip'"),
         ("file+cache:mode=sometimes", "write-through or write-back"),
         ("rbd:pool", "expected KEY=VALUE"),
-        ("file+retry:attempts=0", "must be >= 1"),
+        ("file+retry:attempts=0", "must be a whole number from 1 to 1000"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
@@ -143,10 +144,106 @@ def test_a_storage_that_cannot_be_reached_leaves_no_volume(tmp_path: Path) -> No
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     svc = VolumeService(tmp_path / "d")
-    with pytest.raises(Exception, match="cannot"):
-        svc.create("v", MiB, storage=f"dir:path={blocker}/objects")
+    with pytest.raises(InvalidRequestError, match=r"cannot create .*: Not a directory"):
+        svc.create("v", MiB, storage=f"dir:path={blocker}/objects,create=true")
     assert svc.catalogue.volumes(state=None) == []
     svc.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # The layer files hold 512 B to 16 MiB chunks, the object stores 64 KiB to 32 MiB.
+        (
+            "file:chunk_size=32MiB",
+            "file chunk_size='32MiB': must be a power of two from 512B to 16MiB",
+        ),
+        ("file:chunk_size=256", "must be a multiple of 512 bytes"),
+        ("dir:chunk_size=64MiB", "from 64KiB to 32MiB"),
+        ("file+retry:deadline=nan", "retry deadline='nan': must be seconds from 0 up to 86400"),
+        ("file+retry:deadline=inf", "must be seconds"),
+        ("file+retry:deadline=1e999", "must be seconds"),
+        ("file+retry:deadline=-1", "must be seconds"),
+        ("file+retry:backoff=3600", "up to 60"),
+        ("file+retry:attempts=100000000000000000000000", "from 1 to 1000"),
+        ("file+retry:attempts=10^23", "from 1 to 1000"),
+        ("file+retry:attempts=" + "9" * 5000, "from 1 to 1000"),
+        ("s3:bucket=b,timeout=0", "more than 0 and up to 3600"),
+        ("s3:bucket=b,attempts=1001", "from 1 to 1000"),
+        ("rbd:pool=p,timeout=nan", "must be seconds"),
+        ("file+cache:size=2TiB", "at most 1TiB"),
+        ("file+cache:size=" + "1" * 5000, "invalid size"),
+        ("file+cache:block=64MiB", "from 512B to 32MiB"),
+        ("dir:path=/srv,create=maybe", "must be true or false"),
+    ],
+)
+def test_every_number_is_bounded_by_what_the_storage_can_do(text: str, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(message)) as caught:
+        parse_storage(text)
+    assert len(caught.value.message) < 300
+    assert "\n" not in caught.value.message
+
+
+def test_limits_accept_what_the_storages_accept(tmp_path: Path) -> None:
+    svc = VolumeService(tmp_path / "d")
+    svc.create("big", MiB, storage="file:chunk_size=16MiB")
+    svc.create("small", MiB, storage="file:chunk_size=512")
+    svc.create("objects", MiB, storage="dir:chunk_size=32MiB+retry:attempts=1000,deadline=0")
+    for name in ("big", "small", "objects"):
+        svc.storage(name).write(0, b"x" * 512)
+        assert svc.storage(name).read(0, 512) == b"x" * 512
+    svc.close()
+
+
+def test_a_relative_dir_path_is_stored_absolute(tmp_path: Path) -> None:
+    (tmp_path / "chunks").mkdir()
+    svc = VolumeService(tmp_path / "d", paths_relative_to=tmp_path)
+    svc.create("v", MiB, storage="dir:path=chunks")
+    assert svc.info("v").storage == f"dir:path={tmp_path / 'chunks'}"
+    svc.close()
+
+
+def test_a_relative_dir_path_is_refused_without_a_base(tmp_path: Path) -> None:
+    svc = VolumeService(tmp_path / "d")  # as the API's: the client's directory is unknown
+    with pytest.raises(InvalidRequestError, match="path='chunks' must be an absolute path"):
+        svc.create("v", MiB, storage="dir:path=chunks")
+    svc.close()
+
+
+def test_a_missing_dir_is_refused_unless_create_is_asked(tmp_path: Path) -> None:
+    svc = VolumeService(tmp_path / "d")
+    where = tmp_path / "new" / "chunks"
+    with pytest.raises(InvalidRequestError, match=r"does not exist \(add create=true"):
+        svc.create("v", MiB, storage=f"dir:path={where}")
+    assert not where.exists()
+    assert svc.catalogue.volumes(state=None) == []
+    svc.create("v", MiB, storage=f"dir:path={where},create=true")
+    assert where.is_dir()
+    assert svc.info("v").storage == f"dir:path={where}"  # create is not recorded
+    svc.close()
+
+
+def test_a_vanished_dir_is_not_recreated_empty(tmp_path: Path) -> None:
+    where = tmp_path / "mnt"
+    where.mkdir()
+    svc = VolumeService(tmp_path / "d")
+    svc.create("v", MiB, storage=f"dir:path={where}")
+    svc.storage("v").write(0, b"data")
+    svc.close()
+    where.rename(tmp_path / "unmounted")
+    svc = VolumeService(tmp_path / "d")
+    with pytest.raises(StorageFailureError, match=f"directory {where} does not exist"):
+        svc.storage("v")
+    assert not where.exists()
+    svc.close()
+
+
+def test_config_profiles_resolve_relative_paths_against_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "nbs.yaml"
+    config.parent.mkdir()
+    config.write_text("storages:\n  local:\n    type: dir\n    path: chunks\n")
+    profiles = load_config(config).storages
+    assert profiles["local"].get("path") == str(tmp_path / "etc" / "chunks")
 
 
 def test_schema_1_catalogue_is_upgraded(tmp_path: Path) -> None:
