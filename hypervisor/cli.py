@@ -18,14 +18,14 @@ from types import ModuleType
 from typing import Any
 
 from hypervisor import defaults
-from hypervisor.nbdclient import NbdClientError
+from hypervisor.errors import HypervisorError
 from hypervisor.target import NbdTarget, TargetError
 
 USAGE_ERROR = 2
 FAILURE = 1
 
 
-class CommandError(Exception):
+class CommandError(HypervisorError):
     """A hypervisor operation failed; exit code 1 with the message."""
 
 
@@ -250,15 +250,14 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a hypervisor subcommand, turning its errors into one line and an exit code."""
-    from hypervisor.kernel import KernelError  # noqa: PLC0415
-    from hypervisor.qmp import NeedsOptionError, QmpError  # noqa: PLC0415
+    from hypervisor.qmp import NeedsOptionError  # noqa: PLC0415
 
     try:
         result: int = args.func(args)
     except (TargetError, UsageError, NeedsOptionError) as err:
         print(f"nbs: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except (QmpError, NbdClientError, CommandError, KernelError) as err:
+    except HypervisorError as err:  # every other error of the package: see hypervisor/errors.py
         print(f"nbs: error: {err}", file=sys.stderr)
         return FAILURE
     return result

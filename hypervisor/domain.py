@@ -36,7 +36,7 @@ from hypervisor.nbdclient import NbdClientError, probe
 from hypervisor.qmp import (
     DEFAULT_DETACH_TIMEOUT,
     AttachConflictError,
-    ExportUnavailableError,
+    AttachExportError,
     GuestNotReadyError,
     NeedsOptionError,
     QmpError,
@@ -161,7 +161,7 @@ def attach(
         try:
             info = probe(target, read_only=read_only)
         except NbdClientError as err:
-            raise ExportUnavailableError(str(err)) from err
+            raise AttachExportError(str(err)) from err
         dev = _free_dev(*present.xmls)
         element = disk_xml(target, dev=dev, read_only=read_only or info.read_only, alias=alias)
         try:

@@ -15,12 +15,13 @@ import struct
 
 from backend.nbd import constants as c
 from backend.nbd import wire
+from hypervisor.errors import HypervisorError
 from hypervisor.target import NbdTarget
 
 CONNECT_TIMEOUT = 5.0
 
 
-class NbdClientError(Exception):
+class NbdClientError(HypervisorError):
     """The export cannot be used; the message says why in operator terms."""
 
 

@@ -25,6 +25,8 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
+from hypervisor.errors import HypervisorError
+
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -78,7 +80,7 @@ def align(length: int) -> int:
     return (length + 3) & ~3
 
 
-class NetlinkError(OSError):
+class NetlinkError(HypervisorError, OSError):
     """The kernel answered a request with an error (``errno`` is set)."""
 
 
@@ -90,7 +92,7 @@ class NotificationsLostError(NetlinkError):
     """The socket's buffer overflowed (ENOBUFS): some multicast notifications were dropped."""
 
 
-class MalformedMessageError(ValueError):
+class MalformedMessageError(HypervisorError, ValueError):
     """Bytes that are not a well-formed netlink message."""
 
 

@@ -12,10 +12,10 @@ Detach:  listen for DEVICE_DELETED first, device_del once (never re-sent: QEMU r
 Both are idempotent: attaching what is attached returns it, detaching what is not attached
 says so.
 
-Errors (all QmpError):
+Errors (all QmpError, under hypervisor.errors.HypervisorError):
     QmpError
      ├── VmUnreachableError     no QMP socket / QEMU gone
-     ├── ExportUnavailableError export missing or server down (from the probe)
+     ├── AttachExportError export missing or server down (from the probe)
      ├── AttachConflictError    the volume name is attached with a different URI
      ├── NoFreeSlotError        no PCI slot / root port to hot-plug into
      ├── GuestNotReadyError     the guest is paused or did not release the disk in time
@@ -34,6 +34,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from hypervisor import defaults
+from hypervisor.errors import HypervisorError
 from hypervisor.naming import (
     QEMU_PREFIX,
     by_id_path,
@@ -54,7 +55,7 @@ DEFAULT_OPEN_TIMEOUT = defaults.OPEN_TIMEOUT
 DEFAULT_DETACH_TIMEOUT = defaults.DETACH_TIMEOUT
 
 
-class QmpError(Exception):
+class QmpError(HypervisorError):
     """Base of this module's errors."""
 
 
@@ -62,7 +63,7 @@ class VmUnreachableError(QmpError):
     pass
 
 
-class ExportUnavailableError(QmpError):
+class AttachExportError(QmpError):
     pass
 
 
@@ -218,7 +219,7 @@ async def _attach(
         try:
             info = await asyncio.to_thread(probe, target, read_only=read_only)
         except NbdClientError as err:
-            raise ExportUnavailableError(str(err)) from err
+            raise AttachExportError(str(err)) from err
         if name in nodes:  # a node left behind by an interrupted attach
             await session.run("blockdev-del", {"node-name": name})
         options: dict[str, Any] = {
@@ -232,7 +233,7 @@ async def _attach(
         }
         if target.tls:
             if target.tls_dir is None:
-                raise ExportUnavailableError("nbds:// needs ?tls-certificates=DIR for QEMU")
+                raise AttachExportError("nbds:// needs ?tls-certificates=DIR for QEMU")
             creds = _tls_object_id(target.tls_dir)
             objects = await session.run("qom-list", {"path": "/objects"})
             if creds not in {o["name"] for o in objects}:
@@ -251,7 +252,7 @@ async def _attach(
         try:
             await session.run("blockdev-add", options)
         except ExecuteError as err:
-            raise ExportUnavailableError(f"QEMU could not open {target.uri()}: {err}") from err
+            raise AttachExportError(f"QEMU could not open {target.uri()}: {err}") from err
         serial = serial_for(target.volume)
         device: dict[str, Any] = {
             "driver": "virtio-blk-pci",

@@ -17,6 +17,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from hypervisor.errors import HypervisorError
+
 DEFAULT_PORT = 10809
 DEFAULT_SERVER = f"nbd://127.0.0.1:{DEFAULT_PORT}"
 _SCHEMES = {
@@ -28,7 +30,7 @@ _SCHEMES = {
 _VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
 
-class TargetError(ValueError):
+class TargetError(HypervisorError, ValueError):
     """Not a volume name or NBD URI we can use."""
 
 

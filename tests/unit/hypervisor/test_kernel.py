@@ -17,7 +17,19 @@ import pytest
 
 from backend.nbd.constants import TransmissionFlag
 from hypervisor import kernel, netlink
-from hypervisor.kernel import Cmd, KernelDevice, NbdAttr, Record
+from hypervisor.kernel import (
+    Cmd,
+    KernelDevice,
+    NbdAttr,
+    Record,
+    attaching,
+    family,
+    handshake,
+    records,
+)
+from hypervisor.kernel import state as state_files
+from hypervisor.kernel import supervisor as supervision
+from hypervisor.kernel import sysfs as sysfs_module
 from hypervisor.nbdclient import ExportInfo
 from hypervisor.netlink import Attr, GenlMessage, GenlSocket
 from hypervisor.target import NbdTarget
@@ -56,9 +68,9 @@ def socket_fds(attr: Attr) -> list[int]:
     assert attr.nested
     fds = []
     for item in attr.as_attrs():
-        assert item.type == kernel.SOCK_ITEM
+        assert item.type == family.SOCK_ITEM
         (fd,) = item.as_attrs()
-        assert fd.type == kernel.SOCK_FD
+        assert fd.type == family.SOCK_FD
         fds.append(fd.as_u32())
     return fds
 
@@ -67,7 +79,7 @@ def socket_fds(attr: Attr) -> list[int]:
 
 
 def test_connect_carries_every_attribute_and_no_index() -> None:
-    attrs = kernel.connect_attrs(
+    attrs = family.connect_attrs(
         fds=[5, 6],
         size=1 << 30,
         block_size=4096,
@@ -91,7 +103,7 @@ def test_connect_carries_every_attribute_and_no_index() -> None:
 
 
 def test_connect_with_an_index_puts_it_first_as_u32() -> None:
-    attrs = kernel.connect_attrs(
+    attrs = family.connect_attrs(
         fds=[3],
         size=512,
         block_size=512,
@@ -105,7 +117,7 @@ def test_connect_with_an_index_puts_it_first_as_u32() -> None:
 
 
 def test_reconfigure_names_the_device_the_backend_and_the_new_sockets() -> None:
-    attrs = kernel.reconfigure_attrs(index=2, fds=[9], backend_id=BACKEND)
+    attrs = family.reconfigure_attrs(index=2, fds=[9], backend_id=BACKEND)
     got = by_type(attrs)
     assert set(got) == {NbdAttr.INDEX, NbdAttr.BACKEND_IDENTIFIER, NbdAttr.SOCKETS}
     assert got[NbdAttr.INDEX].as_u32() == 2
@@ -114,17 +126,17 @@ def test_reconfigure_names_the_device_the_backend_and_the_new_sockets() -> None:
 
 
 def test_disconnect_and_status_messages() -> None:
-    assert kernel.disconnect_attrs(4) == [netlink.u32(NbdAttr.INDEX, 4)]
-    assert kernel.status_attrs() == []
-    assert kernel.status_attrs(1) == [netlink.u32(NbdAttr.INDEX, 1)]
+    assert family.disconnect_attrs(4) == [netlink.u32(NbdAttr.INDEX, 4)]
+    assert family.status_attrs() == []
+    assert family.status_attrs(1) == [netlink.u32(NbdAttr.INDEX, 1)]
 
 
 def status_reply(*devices: tuple[int, int]) -> list[Attr]:
     items = [
         Attr(
-            kernel.DEVICE_ITEM,
+            family.DEVICE_ITEM,
             netlink.encode_attrs(
-                [netlink.u32(kernel.DEVICE_INDEX, i), netlink.u8(kernel.DEVICE_CONNECTED, c)]
+                [netlink.u32(family.DEVICE_INDEX, i), netlink.u8(family.DEVICE_CONNECTED, c)]
             ),
         )
         for i, c in devices
@@ -134,7 +146,7 @@ def status_reply(*devices: tuple[int, int]) -> list[Attr]:
 
 def test_parse_status_reads_the_device_list() -> None:
     reply = GenlMessage(NBD_FAMILY_ID, Cmd.STATUS, tuple(status_reply((1, 0), (0, 1))))
-    assert kernel.parse_status([reply]) == [
+    assert family.parse_status([reply]) == [
         kernel.DeviceStatus(0, True),
         kernel.DeviceStatus(1, False),
     ]
@@ -144,7 +156,7 @@ def test_link_dead_indexes_counts_one_per_notification() -> None:
     dead = GenlMessage(NBD_FAMILY_ID, Cmd.LINK_DEAD, (netlink.u32(NbdAttr.INDEX, 3),))
     other = GenlMessage(NBD_FAMILY_ID + 1, Cmd.LINK_DEAD, (netlink.u32(NbdAttr.INDEX, 4),))
     status = GenlMessage(NBD_FAMILY_ID, Cmd.STATUS, ())
-    assert kernel.link_dead_indexes([dead, other, status, dead], NBD_FAMILY_ID) == [3, 3]
+    assert family.link_dead_indexes([dead, other, status, dead], NBD_FAMILY_ID) == [3, 3]
 
 
 # -- the family over a fake kernel ----------------------------------------------------------
@@ -169,7 +181,7 @@ def test_connect_sends_one_request_and_returns_the_kernels_index() -> None:
     assert index == 5
     (request,) = fake.commands()
     assert request.cmd == Cmd.CONNECT
-    assert request.version == kernel.GENL_VERSION
+    assert request.version == family.GENL_VERSION
     assert socket_fds(request.attr(NbdAttr.SOCKETS)) == [7]  # type: ignore[arg-type]
 
 
@@ -213,13 +225,13 @@ def test_missing_family_is_driver_missing_unless_the_ioctl_interface_exists(
 
     monkeypatch.setattr(kernel.NbdNetlink, "open", no_family)
     with pytest.raises(kernel.DriverMissingError, match="modprobe nbd"):
-        kernel._open_netlink(None)
+        attaching._open_netlink(None)
     with pytest.raises(kernel.DriverMissingError):
         kernel.status()
     (sysfs / "nbd0").mkdir()  # the driver is there, only its netlink family is not
-    assert kernel._open_netlink(None) is None
+    assert attaching._open_netlink(None) is None
     with pytest.raises(kernel.DriverMissingError):
-        kernel._open_netlink("netlink")
+        attaching._open_netlink("netlink")
 
 
 # -- sizing ---------------------------------------------------------------------------------
@@ -232,27 +244,27 @@ def test_missing_family_is_driver_missing_unless_the_ioctl_interface_exists(
 def test_block_size_is_the_preferred_size_clamped(
     minimum: int, preferred: int, chosen: int
 ) -> None:
-    assert kernel.block_size_for(ExportInfo(1 << 20, 1, minimum, preferred)) == chosen
+    assert records.block_size_for(ExportInfo(1 << 20, 1, minimum, preferred)) == chosen
 
 
 def test_block_size_beyond_the_kernels_limit_is_refused() -> None:
     with pytest.raises(kernel.ExportError, match="4096"):
-        kernel.block_size_for(ExportInfo(1 << 20, 1, 8192, 8192))
+        records.block_size_for(ExportInfo(1 << 20, 1, 8192, 8192))
 
 
 def test_one_connection_unless_the_export_allows_multi_conn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert kernel.connection_count(ExportInfo(1, int(SINGLE)), None) == 1
-    assert kernel.connection_count(ExportInfo(1, int(MULTI)), None) == 4
-    assert kernel.connection_count(ExportInfo(1, int(MULTI)), 2) == 2
+    assert records.connection_count(ExportInfo(1, int(SINGLE)), None) == 1
+    assert records.connection_count(ExportInfo(1, int(MULTI)), None) == 4
+    assert records.connection_count(ExportInfo(1, int(MULTI)), 2) == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert kernel.connection_count(ExportInfo(1, int(MULTI)), None) == 2
+    assert records.connection_count(ExportInfo(1, int(MULTI)), None) == 2
     with pytest.raises(kernel.ExportError, match="CAN_MULTI_CONN"):
-        kernel.connection_count(ExportInfo(1, int(SINGLE)), 2)
+        records.connection_count(ExportInfo(1, int(SINGLE)), 2)
     with pytest.raises(kernel.KernelError):
-        kernel.connection_count(ExportInfo(1, int(MULTI)), 0)
+        records.connection_count(ExportInfo(1, int(MULTI)), 0)
 
 
 def test_backend_id_is_the_normalised_uri() -> None:
@@ -277,28 +289,47 @@ def test_record_round_trip_ignores_unknown_keys(tmp_path: Path) -> None:
 
 def test_save_load_remove(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    kernel.save_record(state, record(0, pid=10))
-    kernel.save_record(state, record(2, pid=11))
+    state_files.save_record(state, record(0, pid=10))
+    state_files.save_record(state, record(2, pid=11))
     assert sorted(p.name for p in state.iterdir()) == ["0.json", "2.json"]
     assert oct(state.stat().st_mode & 0o777) == "0o700"
-    assert set(kernel.load_records(state)) == {0, 2}
-    kernel.remove_record(state, 2, pid=99)  # not the recorded supervisor: kept
-    assert set(kernel.load_records(state)) == {0, 2}
-    kernel.remove_record(state, 2, pid=11)
-    kernel.remove_record(state, 0)
-    kernel.remove_record(state, 0)  # idempotent
-    assert kernel.load_records(state) == {}
+    assert set(state_files.load_records(state)) == {0, 2}
+    state_files.remove_record(state, 2, pid=99)  # not the recorded supervisor: kept
+    assert set(state_files.load_records(state)) == {0, 2}
+    state_files.remove_record(state, 2, pid=11)
+    state_files.remove_record(state, 0)
+    state_files.remove_record(state, 0)  # idempotent
+    assert state_files.load_records(state) == {}
 
 
 def test_unreadable_records_are_skipped(tmp_path: Path) -> None:
-    kernel.save_record(tmp_path, record(1))
+    state_files.save_record(tmp_path, record(1))
     (tmp_path / "5.json").write_text("{not json")
     (tmp_path / "6.json").write_text('{"index": 6}')
-    assert list(kernel.load_records(tmp_path)) == [1]
+    assert list(state_files.load_records(tmp_path)) == [1]
+
+
+def test_the_library_logs_nothing_unless_its_caller_configures_logging(tmp_path: Path) -> None:
+    """Its warnings (here: an unreadable record) go to the caller's handlers, not stderr."""
+    (tmp_path / "5.json").write_text("{not json")
+    code = (
+        "import pathlib, sys\n"
+        "from hypervisor import kernel\n"
+        "kernel.attached(state=pathlib.Path(sys.argv[1]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_missing_state_dir_has_no_records(tmp_path: Path) -> None:
-    assert kernel.load_records(tmp_path / "absent") == {}
+    assert state_files.load_records(tmp_path / "absent") == {}
 
 
 def test_state_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,8 +347,8 @@ def sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty fake /sys/block (and no /sys/module/nbd)."""
     root = tmp_path / "sys-block"
     root.mkdir()
-    monkeypatch.setattr(kernel, "SYS_BLOCK", root)
-    monkeypatch.setattr(kernel, "SYS_MODULE", tmp_path / "no-module")
+    monkeypatch.setattr(sysfs_module, "SYS_BLOCK", root)
+    monkeypatch.setattr(sysfs_module, "SYS_MODULE", tmp_path / "no-module")
     return root
 
 
@@ -335,7 +366,7 @@ def fake_device(
 
 def test_attached_without_the_module_is_empty(sysfs: Path, tmp_path: Path) -> None:
     assert kernel.attached(state=tmp_path / "absent") == []
-    assert not kernel.driver_loaded()
+    assert not sysfs_module.driver_loaded()
 
 
 def test_attached_lists_connected_devices_with_their_records(sysfs: Path, tmp_path: Path) -> None:
@@ -344,9 +375,9 @@ def test_attached_lists_connected_devices_with_their_records(sysfs: Path, tmp_pa
     fake_device(sysfs, 2, size=2 << 20, backend="someone-else", pid=1)
     fake_device(sysfs, 10, size=3 << 20, pid=1)  # attached by nbd-client, no backend
     state = tmp_path / "state"
-    kernel.save_record(state, record(0, connections=2))
-    kernel.save_record(state, record(2))  # stale: the device now shows another backend
-    kernel.save_record(state, record(5))  # stale: not connected
+    state_files.save_record(state, record(0, connections=2))
+    state_files.save_record(state, record(2))  # stale: the device now shows another backend
+    state_files.save_record(state, record(5))  # stale: not connected
     devices = kernel.attached(state=state)
     assert [(d.index, d.path, d.size, d.backend_id) for d in devices] == [
         (0, "/dev/nbd0", 1 << 20, BACKEND),
@@ -361,9 +392,9 @@ def test_attached_lists_connected_devices_with_their_records(sysfs: Path, tmp_pa
 
 def test_find_by_backend_needs_a_connected_device(sysfs: Path) -> None:
     fake_device(sysfs, 3, backend=BACKEND)
-    assert kernel.find_by_backend(BACKEND) is None
+    assert sysfs_module.find_by_backend(BACKEND) is None
     fake_device(sysfs, 3, backend=BACKEND, pid=1)
-    assert kernel.find_by_backend(BACKEND) == 3
+    assert sysfs_module.find_by_backend(BACKEND) == 3
 
 
 @pytest.mark.parametrize(
@@ -384,7 +415,7 @@ def test_resolve_index(sysfs: Path, tmp_path: Path, what: object, index: int | N
 
 
 def test_resolve_index_falls_back_to_records(sysfs: Path, tmp_path: Path) -> None:
-    kernel.save_record(tmp_path, record(6))
+    state_files.save_record(tmp_path, record(6))
     assert kernel.resolve_index(URI, tmp_path) == 6
 
 
@@ -399,24 +430,24 @@ def test_detach_of_what_is_not_attached_is_a_no_op(sysfs: Path, tmp_path: Path) 
 
 
 def test_detach_forgets_a_record_whose_device_is_gone(sysfs: Path, tmp_path: Path) -> None:
-    kernel.save_record(tmp_path, record(2, pid=None))
+    state_files.save_record(tmp_path, record(2, pid=None))
     result = kernel.detach(URI, state=tmp_path)
     assert (result.detached, result.index, result.backend_id) == (False, 2, BACKEND)
     assert "already disconnected" in result.message
-    assert kernel.load_records(tmp_path) == {}
+    assert state_files.load_records(tmp_path) == {}
 
 
 def test_detach_of_a_connected_device_needs_root(
     sysfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake_device(sysfs, 0, backend=BACKEND, pid=1)
-    monkeypatch.setattr(kernel, "has_cap_sys_admin", lambda: False)
+    monkeypatch.setattr(sysfs_module, "has_cap_sys_admin", lambda: False)
     with pytest.raises(kernel.NotPermittedError, match="root"):
         kernel.detach("/dev/nbd0", state=tmp_path)
 
 
 def test_attach_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(kernel, "has_cap_sys_admin", lambda: False)
+    monkeypatch.setattr(sysfs_module, "has_cap_sys_admin", lambda: False)
     with pytest.raises(kernel.NotPermittedError, match="CAP_SYS_ADMIN"):
         kernel.attach(URI, state=tmp_path)
 
@@ -453,25 +484,25 @@ def test_supervisor_alive_checks_the_command_line(
     lookalike: Callable[[int], subprocess.Popen[bytes]],
 ) -> None:
     process = lookalike(3)
-    assert kernel.supervisor_alive(process.pid, 3)
-    assert not kernel.supervisor_alive(process.pid, 4)
-    assert not kernel.supervisor_alive(os.getpid(), 3)  # some other process
-    assert not kernel.supervisor_alive(None, 3)
+    assert sysfs_module.supervisor_alive(process.pid, 3)
+    assert not sysfs_module.supervisor_alive(process.pid, 4)
+    assert not sysfs_module.supervisor_alive(os.getpid(), 3)  # some other process
+    assert not sysfs_module.supervisor_alive(None, 3)
 
 
 def test_stop_supervisor_stops_only_the_recorded_supervisor(
     lookalike: Callable[[int], subprocess.Popen[bytes]],
 ) -> None:
     process = lookalike(1)
-    assert not kernel._stop_supervisor(process.pid, 2)
+    assert not supervision.stop_supervisor(process.pid, 2)
     assert process.poll() is None
-    assert kernel._stop_supervisor(process.pid, 1)
+    assert supervision.stop_supervisor(process.pid, 1)
     assert process.wait(5) in (-signal.SIGTERM, 0)
 
 
 def test_child_env_makes_this_checkout_importable() -> None:
-    root = str(Path(kernel.__file__).resolve().parents[1])
-    assert kernel._child_env()["PYTHONPATH"].split(os.pathsep)[0] == root
+    root = str(Path(__file__).resolve().parents[3])  # the checkout: tests/unit/hypervisor/..
+    assert supervision._child_env()["PYTHONPATH"].split(os.pathsep)[0] == root
 
 
 # -- the supervisor's logic -------------------------------------------------------------------
@@ -487,7 +518,7 @@ class FakeNbd:
 
     def link_dead(self, timeout: float | None) -> list[int]:
         if not self.batches:
-            if timeout == kernel.CHECK_INTERVAL:  # the idle check, not the gathering window
+            if timeout == supervision.CHECK_INTERVAL:  # the idle check, not the gathering window
                 self.on_empty()
             return []
         batch = self.batches.pop(0)
@@ -503,7 +534,7 @@ class FakeNbd:
 
 @pytest.fixture
 def dialled(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
-    """Make kernel.dial hand out local socket pairs; lists the ends it gave."""
+    """Make handshake.dial hand out local socket pairs; lists the ends it gave."""
     given: list[socket.socket] = []
     peers: list[socket.socket] = []
 
@@ -513,7 +544,7 @@ def dialled(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
         peers.append(theirs)
         return ours, ExportInfo(64 << 20, int(SINGLE))
 
-    monkeypatch.setattr(kernel, "dial", dial)
+    monkeypatch.setattr(handshake, "dial", dial)
     yield given
     for peer in peers:
         peer.close()
@@ -521,12 +552,12 @@ def dialled(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
 
 def supervised(
     sysfs: Path, tmp_path: Path, batches: list[list[int] | Exception], **changes: object
-) -> tuple[kernel.Supervisor, FakeNbd]:
+) -> tuple[supervision.Supervisor, FakeNbd]:
     fake_device(sysfs, 0, size=64 << 20, backend=BACKEND, pid=1)
     mine = record(0, pid=os.getpid(), **changes)
-    kernel.save_record(tmp_path, mine)
+    state_files.save_record(tmp_path, mine)
     nl = FakeNbd(batches, on_empty=(sysfs / "nbd0" / "pid").unlink)
-    return kernel.Supervisor(mine, nl, tmp_path), nl  # type: ignore[arg-type]
+    return supervision.Supervisor(mine, nl, tmp_path), nl  # type: ignore[arg-type]
 
 
 def test_supervisor_reconfigures_on_link_dead_and_exits_when_detached(
@@ -536,7 +567,7 @@ def test_supervisor_reconfigures_on_link_dead_and_exits_when_detached(
     assert supervisor.run() == 0
     assert nl.reconfigured == [(0, 1, BACKEND)]
     assert all(s.fileno() == -1 for s in dialled)  # our copies closed after RECONFIGURE
-    assert kernel.load_records(tmp_path) == {}  # it cleaned up after the device went away
+    assert state_files.load_records(tmp_path) == {}  # it cleaned up after the device went away
 
 
 def test_supervisor_dials_one_socket_per_dead_connection(
@@ -559,16 +590,16 @@ def test_supervisor_reconnects_everything_after_lost_notifications(
 def test_supervisor_retries_until_the_server_is_back(
     sysfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dialled: list[socket.socket]
 ) -> None:
-    monkeypatch.setattr(kernel, "BACKOFF_FIRST", 0.001)
+    monkeypatch.setattr(supervision, "BACKOFF_FIRST", 0.001)
     failures = [kernel.ServerDownError("down"), kernel.ExportError("closed")]
-    real_dial = kernel.dial
+    real_dial = handshake.dial
 
     def dial(target: NbdTarget) -> tuple[socket.socket, ExportInfo]:
         if failures:
             raise failures.pop(0)
         return real_dial(target)
 
-    monkeypatch.setattr(kernel, "dial", dial)
+    monkeypatch.setattr(handshake, "dial", dial)
     supervisor, nl = supervised(sysfs, tmp_path, [[0]])
     assert supervisor.run() == 0
     assert nl.reconfigured == [(0, 1, BACKEND)]
@@ -578,17 +609,17 @@ def test_supervisor_retries_until_the_server_is_back(
 def test_supervisor_gives_up_after_its_deadline(
     sysfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kernel, "BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(supervision, "BACKOFF_FIRST", 0.01)
 
     def dial(target: NbdTarget) -> tuple[socket.socket, ExportInfo]:
         raise kernel.ServerDownError("down")
 
-    monkeypatch.setattr(kernel, "dial", dial)
+    monkeypatch.setattr(handshake, "dial", dial)
     supervisor, nl = supervised(sysfs, tmp_path, [[0]])
     supervisor.give_up_after = 0.1
     assert supervisor.run() == 1
     assert nl.reconfigured == []
-    assert set(kernel.load_records(tmp_path)) == {0}  # the device is still there: kept
+    assert set(state_files.load_records(tmp_path)) == {0}  # the device is still there: kept
 
 
 # -- command line ---------------------------------------------------------------------------
