@@ -1,7 +1,7 @@
 """Numbers of the NBD protocol, named as in the spec (doc/proto.md in NetworkBlockDevice/nbd).
 
-Only values live here; what they mean for a connection is decided in ``handshake`` and
-``transmission``.
+Only values live here; what they mean for a connection (handshake and transmission) is
+decided in ``backend.nbd.connection``.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ class Capabilities:
     rotational: bool = False
     min_block: int = 1
     preferred_block: int = 4096
+    # Not advertised and not a bound on requests: the server advertises its max_request and
+    # hands a storage longer requests in pieces of at most 4 MiB (docs/decisions/0020).
     max_block: int = 32 * 1024 * 1024
 
 

@@ -237,8 +237,9 @@ class _Reader:
 
 def parse_max_request(value: object) -> int:
     """The ``max_request`` setting: ``64MiB`` or a number of bytes, a power of two from 1 MiB
-    to 1 GiB.  The spec asks for at least 1 MiB and at least the preferred block size (64 KiB
-    at most here); clients that see no maximum assume 32 MiB.  Raises ValueError."""
+    to 1 GiB.  The spec asks for at least 1 MiB and at least the preferred block size (the
+    core advertises a storage's preferred size clamped to this); clients that see no maximum
+    assume 32 MiB.  Raises ValueError."""
     expected = "a power of two from 1MiB to 1GiB, e.g. 64MiB"
     if not isinstance(value, str | int) or (isinstance(value, str) and len(value) > 20):
         raise ValueError(f"expected {expected}, got {str(value)[:40]!r}")

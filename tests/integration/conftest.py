@@ -214,10 +214,7 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon
     require_tool("libvirtd")
     require_tool("virtlogd")
     require(os.geteuid() == 0, "libvirtd tests need root")
-    try:
-        import libvirt  # noqa: F401, PLC0415 - optional dependency
-    except ImportError:
-        require(False, "libvirt-python is not installed (pip install libvirt-python)")
+    require_module("libvirt")  # libvirt-python, an optional dependency
     daemon = LibvirtDaemon.ensure(tmp_path_factory.mktemp("libvirtd"))
     yield daemon
     daemon.stop()
@@ -282,11 +279,8 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
     start it again.  Under CI missing Ceph binaries or bindings fail instead of skipping."""
     missing = missing_binaries()
     require(not missing, f"Ceph is not installed (missing {', '.join(missing)}; run scripts/setup)")
-    try:
-        import rados  # noqa: F401, PLC0415 - Debian's python3-rados
-        import rbd  # noqa: F401, PLC0415 - Debian's python3-rbd
-    except ImportError as err:
-        require(False, f"python3-rados/python3-rbd are not importable ({err}; run scripts/setup)")
+    require_module("rados")  # Debian's python3-rados
+    require_module("rbd")  # Debian's python3-rbd
     cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
     try:
         cluster.start()

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from images import debian
-from tests.integration.conftest import require, require_tool
+from tests.integration.conftest import require, require_module, require_tool
 from tests.integration.helpers import free_port
 from tests.integration.vm import qemu_accel, stop_qemu
 
@@ -485,11 +485,7 @@ def test_nested_guest_attaches_a_volume_with_the_hypervisor_tooling(
 
 def test_config_change_reloads_and_keeps_clients_connected(provisioned: Provisioned) -> None:
     """Last in the module: it changes the VM's configuration."""
-    try:
-        import nbd  # noqa: PLC0415 - python3-libnbd, a Debian package
-    except ImportError:
-        require(False, "python3-libnbd is not installed (scripts/setup)")
-        raise
+    nbd = require_module("nbd")  # python3-libnbd, a Debian package
     vm = provisioned.vm
     provisioned.create_volume("reload1", 16 << 20)
     handle = nbd.NBD()

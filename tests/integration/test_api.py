@@ -43,7 +43,7 @@ from backend.volumes.model import (
 )
 from backend.volumes.service import Progress, VolumeService
 from tests.integration.conftest import require_module, require_tool
-from tests.unit.api.test_openapi import EXPECTED as EXPECTED_ROUTES
+from tests.unit.api.routes import EXPECTED as EXPECTED_ROUTES
 
 MiB = 1 << 20
 

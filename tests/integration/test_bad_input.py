@@ -7,13 +7,13 @@ data written (and flushed) before the bad client came.
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import struct
 
 import pytest
 
+from tests.integration.conftest import require_module
 from tests.integration.rawnbd import (
     CMD_BLOCK_STATUS,
     CMD_DISC,
@@ -45,12 +45,7 @@ from tests.integration.rawnbd import (
     target,
 )
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 __all__ = ["target"]  # the fixture (tests.integration.rawnbd)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import signal
 import socket
@@ -15,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NBS, NbsServer, require_tool
+from tests.integration.conftest import NBS, NbsServer, require_module, require_tool
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 KiB = 1 << 10
 MiB = 1 << 20

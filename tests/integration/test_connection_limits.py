@@ -20,15 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NbsServer
+from tests.integration.conftest import NbsServer, require_module
 from tests.integration.helpers import free_port, nbs
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 GREETING = 18  # NBDMAGIC, IHAVEOPT, handshake flags
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

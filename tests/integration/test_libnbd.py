@@ -15,15 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import NbsServer
+from tests.integration.conftest import NbsServer, require_module
 from tests.integration.helpers import file_layout, merge
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 KiB = 1 << 10
 MiB = 1 << 20

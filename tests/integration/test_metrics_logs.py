@@ -22,15 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.logs import JSONFormatter
-from tests.integration.conftest import NbsServer, require_tool
+from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import free_port
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -18,16 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import NbsServer, require_tool
+from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import free_port, nbs
-from tests.integration.test_tls import _CA_CONFIG, _SERVER_EXT, _issue, _openssl
+from tests.integration.pki import issue_server, make_ca
 
-try:
-    import nbd
-except ImportError:  # pragma: no cover - depends on the machine
-    if os.environ.get("CI") == "true":
-        raise
-    pytest.skip("python3-libnbd is not installed (run scripts/setup)", allow_module_level=True)
+nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
 MiB = 1 << 20
 
@@ -168,13 +163,8 @@ def make_pki(tmp_path: Path, name: str) -> Path:
     work, out = tmp_path / f"{name}-work", tmp_path / name
     work.mkdir()
     out.mkdir()
-    (work / "ca.cnf").write_text(_CA_CONFIG)
-    _openssl(
-        "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", str(work / "ca-key.pem"), "-out", str(out / "ca-cert.pem"),
-        "-days", "2", "-config", str(work / "ca.cnf"), "-extensions", "ext",
-    )  # fmt: skip
-    _issue(work, out, name="server", subject="/CN=localhost", ext=_SERVER_EXT)
+    make_ca(work, out)
+    issue_server(work, out)
     return out
 
 

@@ -18,57 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import NBS, NbsServer, require_tool
+from tests.integration.pki import issue_client, issue_server, make_ca
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 
-_CA_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = NBS test CA
-[ext]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-"""
-_SERVER_EXT = """\
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost,IP:127.0.0.1
-"""
-_CLIENT_EXT = """\
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
-"""
-
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _openssl(*args: str) -> None:
-    result = run(require_tool("openssl"), *args)
-    assert result.returncode == 0, result.stderr
-
-
-def _issue(work: Path, out: Path, *, name: str, subject: str, ext: str) -> None:
-    key = out / f"{name}-key.pem"
-    csr = work / f"{name}.csr"
-    ext_file = work / f"{name}.ext"
-    ext_file.write_text(ext)
-    _openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(csr), "-subj", subject,
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(out / "ca-cert.pem"),
-        "-CAkey", str(work / "ca-key.pem"), "-CAcreateserial", "-days", "2",
-        "-out", str(out / f"{name}-cert.pem"), "-extfile", str(ext_file),
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +33,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
     work = tmp_path_factory.mktemp("pki-work")
     out = tmp_path_factory.mktemp("pki")
-    (work / "ca.cnf").write_text(_CA_CONFIG)
-    _openssl(
-        "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", str(work / "ca-key.pem"), "-out", str(out / "ca-cert.pem"),
-        "-days", "2", "-config", str(work / "ca.cnf"), "-extensions", "ext",
-    )  # fmt: skip
-    _issue(work, out, name="server", subject="/CN=localhost", ext=_SERVER_EXT)
-    _issue(work, out, name="client", subject="/CN=client", ext=_CLIENT_EXT)
+    make_ca(work, out)
+    issue_server(work, out)
+    issue_client(work, out)
     for name in ("ca-cert", "server-cert", "server-key", "client-cert", "client-key"):
         assert (out / f"{name}.pem").stat().st_size > 0
     return out

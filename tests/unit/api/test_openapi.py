@@ -10,24 +10,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from backend.api.app import NDJSON
-
-EXPECTED = {
-    ("GET", "/healthz"),
-    ("GET", "/v1/volumes"),
-    ("POST", "/v1/volumes"),
-    ("GET", "/v1/volumes/{name}"),
-    ("PATCH", "/v1/volumes/{name}"),
-    ("DELETE", "/v1/volumes/{name}"),
-    ("POST", "/v1/volumes/{name}/import"),
-    ("GET", "/v1/snapshots"),
-    ("GET", "/v1/volumes/{name}/snapshots"),
-    ("POST", "/v1/volumes/{name}/snapshots"),
-    ("DELETE", "/v1/volumes/{name}/snapshots/{snapshot}"),
-    ("POST", "/v1/volumes/{name}/snapshots/{snapshot}/clone"),
-    ("POST", "/v1/gc"),
-    ("GET", "/v1/exports"),
-    ("GET", "/v1/status"),
-}
+from tests.unit.api.routes import EXPECTED
 
 
 @pytest.fixture

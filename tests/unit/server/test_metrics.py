@@ -26,7 +26,7 @@ from backend.server.metrics_endpoint import MetricsEndpoint, MetricsError, NbsCo
 from backend.server.server import Server, TCPAddress
 from backend.storage import MemoryStorage
 from tests.unit.nbd.helpers import request
-from tests.unit.server.test_session import Client, FailingStorage, GatedStorage, port_of
+from tests.unit.server.clients import Client, FailingStorage, GatedStorage, port_of
 
 SIZE = 1 << 20
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -32,7 +32,7 @@ MODEL_SIZE = 3 * 65536 + 5003
 MAX_REQUEST = 100_000
 
 
-def _ranges(size: int) -> st.SearchStrategy[tuple[int, int]]:
+def spans(size: int) -> st.SearchStrategy[tuple[int, int]]:
     """``(offset, length)`` within ``size``, biased to start and end near block boundaries."""
     boundaries = sorted(
         {b for step in (512, 4096, 65536) for b in range(0, size + 1, step)} | {size}
@@ -69,7 +69,7 @@ def make_model_test(
     step_count: int = 30,
 ) -> type[unittest.TestCase]:
     """A TestCase class running the storage from ``factory`` against the model."""
-    ranges = _ranges(size)
+    ranges = spans(size)
 
     class StorageModel(RuleBasedStateMachine):
         def __init__(self) -> None:

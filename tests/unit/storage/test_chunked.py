@@ -9,93 +9,30 @@ import errno
 import os
 import random
 import resource
-import shutil
 import signal
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backend.storage import Extent, StorageError
 from backend.storage.chunked import ChunkedStorage, chunk_key
-from backend.storage.objects import DirectoryObjectStore, FaultyObjectStore, ObjectStore
+from backend.storage.objects import DirectoryObjectStore, FaultyObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
 from tests.unit.storage.model import make_model_test
+from tests.unit.storage.stores import (
+    CHUNK,
+    DisposableDirectoryStore,
+    MemoryObjectStore,
+    directory_chunked,
+)
 
 KIB = 1024
-CHUNK = 64 * KIB
-# tmpfs (where there is one) makes the directory store's fsyncs free.
-SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
-
-
-class MemoryObjectStore(ObjectStore):
-    """A dict of objects with offset writes; counts puts and put_ranges."""
-
-    supports_offset_writes = True
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytearray] = {}
-        self.lock = threading.Lock()
-        self.puts = 0
-        self.put_ranges = 0
-
-    def get(self, key: str) -> bytes | None:
-        with self.lock:
-            data = self.objects.get(key)
-            return None if data is None else bytes(data)
-
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        with self.lock:
-            self.puts += 1
-            self.objects[key] = bytearray(data)
-
-    def put_range(self, key: str, offset: int, data: bytes | bytearray | memoryview) -> None:
-        with self.lock:
-            self.put_ranges += 1
-            obj = self.objects.setdefault(key, bytearray())
-            if len(obj) < offset:
-                obj.extend(bytes(offset - len(obj)))
-            obj[offset : offset + len(data)] = data
-
-    def delete(self, key: str) -> None:
-        with self.lock:
-            self.objects.pop(key, None)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        with self.lock:
-            return iter(sorted(k for k in self.objects if k.startswith(prefix)))
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _DisposableDirectoryStore(DirectoryObjectStore):
-    """Removes its directory on close (the model test has no tmp_path)."""
-
-    def __init__(self, offset_writes: bool = True) -> None:
-        super().__init__(
-            tempfile.mkdtemp(prefix="nbs-chunked-", dir=SCRATCH), offset_writes=offset_writes
-        )
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _directory_chunked(size: int) -> ChunkedStorage:
-    """Without offset writes: the read-modify-write path."""
-    store = _DisposableDirectoryStore(offset_writes=False)
-    return ChunkedStorage(store, size, chunk_size=CHUNK, workers=4)
 
 
 def _directory_offset_chunked(size: int) -> ChunkedStorage:
-    return ChunkedStorage(_DisposableDirectoryStore(), size, chunk_size=CHUNK, workers=4)
+    return ChunkedStorage(DisposableDirectoryStore(), size, chunk_size=CHUNK, workers=4)
 
 
 def _memory_chunked(size: int) -> ChunkedStorage:
@@ -105,7 +42,7 @@ def _memory_chunked(size: int) -> ChunkedStorage:
 @pytest.fixture(params=["directory", "directory-offset-writes", "memory"])
 def storage_factory(request: pytest.FixtureRequest) -> StorageFactory:
     return {
-        "directory": _directory_chunked,
+        "directory": directory_chunked,
         "directory-offset-writes": _directory_offset_chunked,
         "memory": _memory_chunked,
     }[request.param]
@@ -116,7 +53,7 @@ def read_only_storage_factory() -> StorageFactory:
     return lambda size: ChunkedStorage(MemoryObjectStore(), size, chunk_size=CHUNK, read_only=True)
 
 
-TestChunkedDirectoryModel = make_model_test(_directory_chunked, max_examples=30)
+TestChunkedDirectoryModel = make_model_test(directory_chunked, max_examples=30)
 TestChunkedDirectoryOffsetModel = make_model_test(_directory_offset_chunked, max_examples=30)
 TestChunkedMemoryModel = make_model_test(_memory_chunked, max_examples=30)
 
@@ -247,7 +184,7 @@ def _run_threads(count: int, target: object) -> None:
     assert not errors, errors
 
 
-@pytest.mark.parametrize("factory", [_directory_chunked, _memory_chunked])
+@pytest.mark.parametrize("factory", [directory_chunked, _memory_chunked])
 def test_read_modify_write_never_loses_a_write(factory: StorageFactory) -> None:
     storage = factory(4 * CHUNK)
     threads, piece = 8, 512
@@ -272,7 +209,7 @@ def test_read_modify_write_never_loses_a_write(factory: StorageFactory) -> None:
 
 
 def test_overlapping_multi_chunk_writes_apply_in_order() -> None:
-    storage = _directory_chunked(4 * CHUNK)
+    storage = directory_chunked(4 * CHUNK)
     span = (CHUNK // 2, 2 * CHUNK)  # three chunks, partial at both ends
 
     def worker(t: int) -> None:

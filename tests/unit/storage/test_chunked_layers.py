@@ -25,7 +25,7 @@ from backend.storage.chunked import (
 from backend.storage.objects import ObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
-from tests.unit.storage.test_chunked import MemoryObjectStore
+from tests.unit.storage.stores import MemoryObjectStore
 
 KIB = 1024
 CHUNK = 64 * KIB

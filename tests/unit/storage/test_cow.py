@@ -47,7 +47,7 @@ from tests.unit.storage.conformance import (
     collect_extents,
     pattern,
 )
-from tests.unit.storage.model import MODEL_SIZE, _ranges, make_model_test
+from tests.unit.storage.model import MODEL_SIZE, make_model_test, spans
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -228,7 +228,7 @@ class ChainModel(RuleBasedStateMachine):
         count = -(-MODEL_SIZE // MODEL_CHUNK)
         self.history = [[self._content(chunk)] for chunk in range(count)]
 
-    @rule(span=_ranges(MODEL_SIZE), seed=st.integers(0, 2**32), fua=st.booleans())
+    @rule(span=spans(MODEL_SIZE), seed=st.integers(0, 2**32), fua=st.booleans())
     def write(self, span: tuple[int, int], seed: int, fua: bool) -> None:
         offset, length = span
         data = random.Random(seed).randbytes(length)
@@ -236,19 +236,19 @@ class ChainModel(RuleBasedStateMachine):
         self.model[offset : offset + length] = data
         self._changed(offset, length, fua)
 
-    @rule(span=_ranges(MODEL_SIZE))
+    @rule(span=spans(MODEL_SIZE))
     def read(self, span: tuple[int, int]) -> None:
         offset, length = span
         assert self.live.read(offset, length) == self.model[offset : offset + length]
 
-    @rule(span=_ranges(MODEL_SIZE), fua=st.booleans(), may_trim=st.booleans(), fast=st.booleans())
+    @rule(span=spans(MODEL_SIZE), fua=st.booleans(), may_trim=st.booleans(), fast=st.booleans())
     def write_zeroes(self, span: tuple[int, int], fua: bool, may_trim: bool, fast: bool) -> None:
         offset, length = span
         self.live.write_zeroes(offset, length, fua=fua, may_trim=may_trim, fast=fast)
         self.model[offset : offset + length] = bytes(length)
         self._changed(offset, length, fua)
 
-    @rule(span=_ranges(MODEL_SIZE), fua=st.booleans())
+    @rule(span=spans(MODEL_SIZE), fua=st.booleans())
     def trim(self, span: tuple[int, int], fua: bool) -> None:
         offset, length = span
         self.live.trim(offset, length, fua=fua)
@@ -260,7 +260,7 @@ class ChainModel(RuleBasedStateMachine):
         self.live.flush()
         self._flushed()
 
-    @rule(span=_ranges(MODEL_SIZE))
+    @rule(span=spans(MODEL_SIZE))
     def extents(self, span: tuple[int, int]) -> None:
         offset, length = span
         answer = self.live.extents(offset, length)

@@ -14,7 +14,7 @@ from backend.storage.objects import FaultyObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
 from tests.unit.storage.model import make_model_test
-from tests.unit.storage.test_chunked import CHUNK, MemoryObjectStore, _directory_chunked
+from tests.unit.storage.stores import CHUNK, MemoryObjectStore, directory_chunked
 
 KIB = 1024
 
@@ -36,8 +36,8 @@ def _flaky(size: int, fail_rate: float = 0.01) -> RetryingStorage:
 FACTORIES: dict[str, StorageFactory] = {
     "cache-through-memory": _cached(MemoryStorage, False),
     "cache-back-memory": _cached(MemoryStorage, True),
-    "cache-through-chunked": _cached(_directory_chunked, False),
-    "cache-back-chunked": _cached(_directory_chunked, True),
+    "cache-through-chunked": _cached(directory_chunked, False),
+    "cache-back-chunked": _cached(directory_chunked, True),
     "retry-flaky-chunked": _flaky,
 }
 
@@ -56,7 +56,7 @@ def read_only_storage_factory() -> StorageFactory:
 
 TestCacheWriteBackModel = make_model_test(_cached(MemoryStorage, True, 64 * KIB))
 TestCacheWriteThroughChunkedModel = make_model_test(
-    _cached(_directory_chunked, False, 64 * KIB), max_examples=25
+    _cached(directory_chunked, False, 64 * KIB), max_examples=25
 )
 TestRetryFlakyModel = make_model_test(_flaky, max_examples=25)
 
@@ -124,7 +124,7 @@ def test_write_back_eviction_writes_dirty_blocks() -> None:
 
 
 def test_cache_keeps_inner_capabilities() -> None:
-    inner = _directory_chunked(CHUNK)
+    inner = directory_chunked(CHUNK)
     storage = CachingStorage(inner, 64 * KIB, write_back=True)
     assert storage.capabilities == inner.capabilities
     assert storage.capabilities.can_multi_conn

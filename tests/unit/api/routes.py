@@ -1,0 +1,22 @@
+"""Every route of the volume API as (method, path): test_openapi.py checks the app and its
+OpenAPI document against it, tests/integration/test_api.py the running server."""
+
+from __future__ import annotations
+
+EXPECTED = {
+    ("GET", "/healthz"),
+    ("GET", "/v1/volumes"),
+    ("POST", "/v1/volumes"),
+    ("GET", "/v1/volumes/{name}"),
+    ("PATCH", "/v1/volumes/{name}"),
+    ("DELETE", "/v1/volumes/{name}"),
+    ("POST", "/v1/volumes/{name}/import"),
+    ("GET", "/v1/snapshots"),
+    ("GET", "/v1/volumes/{name}/snapshots"),
+    ("POST", "/v1/volumes/{name}/snapshots"),
+    ("DELETE", "/v1/volumes/{name}/snapshots/{snapshot}"),
+    ("POST", "/v1/volumes/{name}/snapshots/{snapshot}/clone"),
+    ("POST", "/v1/gc"),
+    ("GET", "/v1/exports"),
+    ("GET", "/v1/status"),
+}
