@@ -1,1 +1,2 @@
-"""Volumes: configuration and (later) the catalogue of volumes a server exports."""
+"""Volumes: the catalogue (SQLite), VolumeService, storage specs, import/export, and the
+catalogue served as the server's export directory (exports.VolumeExports)."""

@@ -30,9 +30,9 @@ from backend.api.server import ApiServer
 from backend.nbd import TLSPolicy
 from backend.server.server import ServeError, Server, TCPAddress
 from backend.server.tls import TLSFiles
-from backend.server.volume_exports import VolumeExports
 from backend.storage import Storage
 from backend.volumes import transfer
+from backend.volumes.exports import VolumeExports
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,

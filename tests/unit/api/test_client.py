@@ -12,7 +12,7 @@ import pytest
 from backend.api.client import RemoteVolumes, client_for, read_token
 from backend.api.errors import UnauthorizedError, UnsupportedError
 from backend.api.local import socket_path, token_path
-from backend.volumes.client import LocalVolumes
+from backend.volume_clients import LocalVolumes
 from backend.volumes.model import InvalidRequestError
 from backend.volumes.service import VolumeService
 

@@ -1,4 +1,8 @@
-"""How the volume commands reach the catalogue: in this process, or through a server's API."""
+"""How the volume commands reach the catalogue: in this process, or through a server's API.
+
+Part of the composition layer: it chooses between backend.volumes (LocalVolumes) and
+backend.api.client (RemoteVolumes), so it lives above both.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backend.config import load_config
 from backend.storage import StorageError
 from backend.volumes import transfer
-from backend.volumes.config import default_data_dir, load_config
+from backend.volumes.datadir import default_data_dir
 from backend.volumes.model import InvalidRequestError, VolumeInfo
 from backend.volumes.service import Progress, VolumeService
 from backend.volumes.storages import StorageSpec
