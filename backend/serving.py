@@ -101,11 +101,11 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     try:
         service = VolumeService(
             data_dir,
-            serving=True,
             holders=holders,
             profiles=config.storages,
             default_storage=config.default_storage,
         )
+        service.start_serving()
         if not service.catalogue.volumes():
             # On the default storage: a `dir` there must exist (or say create=true).
             service.create(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
