@@ -133,3 +133,17 @@ def test_the_protocol_core_is_stdlib_only_and_io_free() -> None:
         and (name.split(".")[0] not in sys.stdlib_module_names or name.split(".")[0] in io)
     ]
     assert bad == []
+
+
+def test_the_command_line_parses_and_serving_composes() -> None:
+    """backend/cli.py turns arguments into a config; what runs is built in backend/serving.py
+    (issue 11: the command-line module was the composition root)."""
+    builders = {"Server", "VolumeService", "VolumeExports", "ApiServer", "MetricsEndpoint"}
+    cli = {
+        node.id
+        for node in ast.walk(ast.parse((ROOT / "backend" / "cli.py").read_text()))
+        if isinstance(node, ast.Name)
+    }
+    assert cli & (builders | {"signal"}) == set()
+    serving = imports_in(ROOT / "backend" / "serving.py")
+    assert {"backend.server.server", "backend.volumes.service", "signal"} <= set(serving)
