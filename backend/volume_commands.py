@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.volumes.model import InvalidRequestError, SnapshotInfo, VolumeError, VolumeInfo
+from backend.volumes.operations import VolumeOperations
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -218,7 +219,7 @@ def add_commands(sub: Any) -> None:
     sdelete.set_defaults(func=cmd_snapshot_delete)
 
 
-def _service(args: argparse.Namespace) -> Any:
+def _service(args: argparse.Namespace) -> VolumeOperations:
     from backend.volume_clients import open_client  # noqa: PLC0415
 
     client = open_client(args)
@@ -226,7 +227,7 @@ def _service(args: argparse.Namespace) -> Any:
     return client
 
 
-def _local(args: argparse.Namespace) -> Any:
+def _local(args: argparse.Namespace) -> VolumeOperations:
     from backend.volume_clients import LocalVolumes  # noqa: PLC0415
     from backend.volumes.datadir import default_data_dir  # noqa: PLC0415
 
