@@ -42,7 +42,6 @@ from backend.server.tls import TLSConfigError
 from backend.serving import UsageError, serve
 from hypervisor import cli as hypervisor_cli
 
-log = logging.getLogger("nbs")
 EXIT_USAGE = 2
 _T = TypeVar("_T")
 
