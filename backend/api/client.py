@@ -1,6 +1,6 @@
 """The volume operations of a running server, through its management API.
 
-:class:`RemoteVolumes` has LocalVolumes' methods (backend.volumes.client) with their
+:class:`RemoteVolumes` has LocalVolumes' methods (backend.volume_clients) with their
 signatures and results: VolumeInfo and SnapshotInfo, and the VolumeError subclass the server
 answered with (backend.api.errors).  :func:`client_for` decides whether a command talks to a
 server at all.
@@ -23,7 +23,7 @@ import httpx
 
 from backend.api.errors import UnauthorizedError, UnreachableError, UnsupportedError, from_answer
 from backend.api.local import accepts_connections, is_loopback, socket_path, token_path
-from backend.volumes.config import default_data_dir
+from backend.volumes.datadir import default_data_dir
 from backend.volumes.model import (
     Holder,
     InvalidRequestError,

@@ -1,6 +1,6 @@
 """How many connections the server takes, and how long a client may take to pick an export.
 
-A leaf module (stdlib only), so that the YAML config (backend/volumes/config.py) and the
+A leaf module (stdlib only), so that the YAML config (backend/config.py) and the
 command line validate with the same bounds the server applies: one definition per limit.
 docs/decisions/0030-connection-limits.md says why the defaults are what they are.
 """

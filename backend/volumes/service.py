@@ -77,8 +77,8 @@ class ServedElsewhereError(VolumeError):
 class VolumeService:
     """Owns one data directory.  Thread safe; one instance per process.
 
-    ``serving``: this process serves the directory (``nbs serve``); it takes the serving lock,
-    and volumes it opens stay open until deleted or close() is called.
+    Constructing one touches nothing on disk (it opens an existing catalogue); the first
+    change makes the directory, and :meth:`start_serving` makes this process its server.
     ``holders``: the clients that have a volume open (from the server), for delete checks
     and ``info``.
     """
@@ -87,7 +87,6 @@ class VolumeService:
         self,
         data_dir: Path,
         *,
-        serving: bool = False,
         holders: Callable[[str], Sequence[Holder]] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         profiles: Mapping[str, StorageSpec] | None = None,
@@ -113,10 +112,15 @@ class VolumeService:
         # Readers of a data directory that does not exist see an empty catalogue, in memory:
         # the first change creates the real one (_make_writable).
         self.catalogue = Catalogue(catalogue if catalogue.exists() else MEMORY)
-        if serving:
-            self._make_writable()
-            self._serving_fd = self._take_serving_lock()
-            self.gc()
+
+    def start_serving(self) -> None:
+        """Become the server of this data directory (``nbs serve``): make it, take
+        ``serving.lock`` (ServedElsewhereError if another server holds it) and collect what
+        crashes left.  Until :meth:`close`, volume commands elsewhere go through this
+        process's API."""
+        self._make_writable()
+        self._serving_fd = self._take_serving_lock()
+        self.gc()
 
     # ------------------------------------------------------------------ locks
 

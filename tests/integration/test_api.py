@@ -30,9 +30,9 @@ from backend.api.server import ApiServer
 from backend.nbd import TLSPolicy
 from backend.server.server import ServeError, Server, TCPAddress
 from backend.server.tls import TLSFiles
-from backend.server.volume_exports import VolumeExports
 from backend.storage import Storage
 from backend.volumes import transfer
+from backend.volumes.exports import VolumeExports
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
@@ -55,7 +55,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def service(data_dir: Path) -> Iterator[VolumeService]:
-    svc = VolumeService(data_dir, serving=True)
+    svc = VolumeService(data_dir)
+    svc.start_serving()
     yield svc
     svc.close()
 
@@ -413,7 +414,8 @@ def nbd_server(tmp_path: Path) -> Iterator[tuple[VolumeService, Server]]:
     def holders(name: str) -> list[Holder]:
         return [Holder(h.peer, h.writable, h.since) for h in ref[0].holders.of(name)]
 
-    service = VolumeService(tmp_path / "nbd-data", serving=True, holders=holders)
+    service = VolumeService(tmp_path / "nbd-data", holders=holders)
+    service.start_serving()
     server = Server(VolumeExports(service, tls=TLSPolicy.OFF), tcp=[TCPAddress("127.0.0.1", 0)])
     ref.append(server)
     server.bind()

@@ -19,7 +19,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[VolumeService]:
-    svc = VolumeService(tmp_path / "data", serving=True)
+    svc = VolumeService(tmp_path / "data")
+    svc.start_serving()
     yield svc
     svc.close()
 

@@ -12,8 +12,9 @@ import pytest
 from backend.api.client import RemoteVolumes, client_for, read_token
 from backend.api.errors import UnauthorizedError, UnsupportedError
 from backend.api.local import socket_path, token_path
-from backend.volumes.client import LocalVolumes
+from backend.volume_clients import LocalVolumes
 from backend.volumes.model import InvalidRequestError
+from backend.volumes.operations import VolumeOperations
 from backend.volumes.service import VolumeService
 
 SERVICE_METHODS = [
@@ -47,6 +48,26 @@ def test_methods_take_what_the_local_ones_take(name: str) -> None:
 @pytest.mark.parametrize("name", ["import_image", "export_image"])
 def test_image_methods_take_what_the_local_ones_take(name: str) -> None:
     assert parameters(getattr(RemoteVolumes, name)) == parameters(getattr(LocalVolumes, name))
+
+
+DECLARED = sorted(
+    name for name, value in vars(VolumeOperations).items() if callable(value) and name[0] != "_"
+)
+
+
+def test_the_interface_declares_every_operation() -> None:
+    assert set(SERVICE_METHODS) | {"import_image", "export_image", "close"} <= set(DECLARED)
+
+
+@pytest.mark.parametrize("name", DECLARED)
+def test_both_clients_implement_the_declared_interface(tmp_path: Path, name: str) -> None:
+    local = LocalVolumes(tmp_path / "data")
+    try:
+        declared = parameters(getattr(VolumeOperations, name))
+        assert parameters(getattr(RemoteVolumes, name)) == declared
+        assert parameters(getattr(local, name)) == declared
+    finally:
+        local.close()
 
 
 def test_export_is_refused_clearly(tmp_path: Path) -> None:

@@ -254,15 +254,65 @@ def test_commands_that_read_change_nothing(tmp_path: Path) -> None:
 
 
 def test_a_second_server_on_one_data_dir_is_refused(tmp_path: Path) -> None:
-    first = VolumeService(tmp_path / "d", serving=True)
+    first = VolumeService(tmp_path / "d")
+    first.start_serving()
+    second = VolumeService(tmp_path / "d")
     with pytest.raises(ServedElsewhereError):
-        VolumeService(tmp_path / "d", serving=True)
+        second.start_serving()
+    second.close()
     local = VolumeService(tmp_path / "d")
     first.create("v", MiB)
     with pytest.raises(ServedElsewhereError):
         local.snapshot("v", "s")
     local.close()
     first.close()
+
+
+def on_disk(data: Path) -> list[tuple[str, int, int, int]]:
+    """Every file under ``data`` with its mode, size and mtime, and the directory's mode.
+    SQLite's own -wal/-shm files come and go with any open connection (readers too), so they
+    and the directory's mtime are left out."""
+    if not data.exists():
+        return []
+    files = [p for p in sorted(data.rglob("*")) if not p.name.endswith(("-wal", "-shm"))]
+    return [(".", data.stat().st_mode, 0, 0)] + [
+        (str(p.relative_to(data)), p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+    ]
+
+
+def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
+    """Construction has no side effects, even as ``nbs serve`` builds it (holders, profiles,
+    default storage): no mkdir, chmod, lock or gc.  Becoming the server is start_serving()."""
+    data = tmp_path / "d"
+    server_args = {
+        "holders": lambda name: (),
+        "profiles": {"chunks": parse_storage("dir:chunk_size=64KiB")},
+        "default_storage": parse_storage("dir:chunk_size=64KiB"),
+    }
+    VolumeService(data, **server_args).close()  # type: ignore[arg-type]
+    assert not data.exists()
+
+    crashed = VolumeService(data)
+    crashed.create("half", MiB, ready=False)  # its creator dies: gc rolls it back
+    (crashed.layers / "deadbeef.data").write_bytes(b"x")
+    crashed.close()
+    os.chmod(data, 0o750)
+    before = on_disk(data)
+    svc = VolumeService(data, **server_args)  # type: ignore[arg-type]
+    assert on_disk(data) == before
+    svc.start_serving()  # now it is the server: the directory is private, leftovers gone
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert svc.catalogue.volume("half") is None
+    assert not (svc.layers / "deadbeef.data").exists()
+
+    before = on_disk(data)
+    second = VolumeService(data, **server_args)  # another server's: refused only when it starts
+    assert on_disk(data) == before
+    with pytest.raises(ServedElsewhereError):
+        second.start_serving()
+    second.close()
+    svc.close()
 
 
 def test_data_dir_is_private(tmp_path: Path) -> None:

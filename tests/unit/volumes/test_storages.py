@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from backend.config import ConfigError, load_config, parse_config
 from backend.storage.chunked import ChunkedStorage
 from backend.storage.cow import CowStorage
 from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.config import ConfigError, load_config, parse_config
 from backend.volumes.model import InvalidRequestError, StorageFailureError
 from backend.volumes.service import VolumeService
 from backend.volumes.storages import FILE, StorageSpec, parse_storage

@@ -1,7 +1,7 @@
 """``nbs volume …`` and ``nbs snapshot …``: managing the volume catalogue.
 
 Every command acts on the data directory (``--data-dir``, config ``data_dir``, default as in
-backend.volumes.config.default_data_dir) in this process, or, when a server runs there or
+backend.volumes.datadir.default_data_dir) in this process, or, when a server runs there or
 ``--server URL`` is given, through that server's API (backend.api.client).
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.volumes.model import InvalidRequestError, SnapshotInfo, VolumeError, VolumeInfo
+from backend.volumes.operations import VolumeOperations
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -218,17 +219,17 @@ def add_commands(sub: Any) -> None:
     sdelete.set_defaults(func=cmd_snapshot_delete)
 
 
-def _service(args: argparse.Namespace) -> Any:
-    from backend.volumes.client import open_client  # noqa: PLC0415
+def _service(args: argparse.Namespace) -> VolumeOperations:
+    from backend.volume_clients import open_client  # noqa: PLC0415
 
     client = open_client(args)
     args.opened_client = client
     return client
 
 
-def _local(args: argparse.Namespace) -> Any:
-    from backend.volumes.client import LocalVolumes  # noqa: PLC0415
-    from backend.volumes.config import default_data_dir  # noqa: PLC0415
+def _local(args: argparse.Namespace) -> VolumeOperations:
+    from backend.volume_clients import LocalVolumes  # noqa: PLC0415
+    from backend.volumes.datadir import default_data_dir  # noqa: PLC0415
 
     client = LocalVolumes(args.data_dir or default_data_dir())
     args.opened_client = client

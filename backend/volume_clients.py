@@ -1,4 +1,8 @@
-"""How the volume commands reach the catalogue: in this process, or through a server's API."""
+"""How the volume commands reach the catalogue: in this process, or through a server's API.
+
+Part of the composition layer: it chooses between backend.volumes (LocalVolumes) and
+backend.api.client (RemoteVolumes), so it lives above both.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,15 @@ import argparse
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from backend.config import load_config
 from backend.storage import StorageError
 from backend.volumes import transfer
-from backend.volumes.config import default_data_dir, load_config
+from backend.volumes.datadir import default_data_dir
 from backend.volumes.model import InvalidRequestError, VolumeInfo
+from backend.volumes.operations import VolumeOperations
 from backend.volumes.service import Progress, VolumeService
 from backend.volumes.storages import StorageSpec
-
-if TYPE_CHECKING:
-    from backend.api.client import RemoteVolumes
 
 
 class LocalVolumes:
@@ -82,7 +84,7 @@ class LocalVolumes:
                 storage.close()
 
 
-def open_client(args: argparse.Namespace) -> LocalVolumes | RemoteVolumes:
+def open_client(args: argparse.Namespace) -> VolumeOperations:
     """The server named by --server, else the one serving the data directory, else the data
     directory itself (see backend.api.client.client_for)."""
     from backend.api.client import client_for  # noqa: PLC0415 - httpx only when needed

@@ -1,4 +1,6 @@
-"""The server's YAML configuration as frozen dataclasses, and its validation.
+"""The server's YAML configuration (``nbs serve --config``) as frozen dataclasses, and its
+validation: listeners, TLS, exports, API, metrics, logging, limits, and the storage profiles
+the catalogue's volumes may name (parsed by backend.volumes.storages).
 
 Every error names the file, the key and what was expected, e.g.
 ``nbs.yaml: exports[0].tls: expected one of off, allowed, required, got 'yes'``.
@@ -7,7 +9,6 @@ Every error names the file, the key and what was expected, e.g.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,16 +109,6 @@ class ServeConfig:
         if self.tls is None:
             return TLSPolicy.OFF
         return TLSPolicy.REQUIRED if self.tls.required else TLSPolicy.ALLOWED
-
-
-def default_data_dir() -> Path:
-    """/var/lib/nbs as root, else $XDG_DATA_HOME/nbs (~/.local/share/nbs); NBS_DATA_DIR wins."""
-    if "NBS_DATA_DIR" in os.environ:
-        return Path(os.environ["NBS_DATA_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/nbs")
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "nbs"
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

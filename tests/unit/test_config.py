@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.nbd import TLSPolicy
-from backend.server.limits import ConnectionLimits
-from backend.volumes.config import (
+from backend.config import (
     ConfigError,
     ExportConfig,
     load_config,
@@ -16,6 +14,8 @@ from backend.volumes.config import (
     parse_export_spec,
     parse_host_port,
 )
+from backend.nbd import TLSPolicy
+from backend.server.limits import ConnectionLimits
 
 
 def test_full_config_parses(tmp_path: Path) -> None:
