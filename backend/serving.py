@@ -253,6 +253,10 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
     api_clean = api.stop(serving.config.shutdown_grace) if api is not None else True
     clean = server.shutdown(serving.config.shutdown_grace) and api_clean
     log.info("stopped%s", "" if clean else " with errors")
+    # Stopped: a repeated SIGTERM or Ctrl-C must not turn a clean exit into death by signal
+    # (Python restores the default handlers while the interpreter finalizes; ignored ones stay).
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, signal.SIG_IGN)
     return 0 if clean else 1
 
 
