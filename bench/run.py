@@ -25,7 +25,9 @@ How to rerun (from the repository root, on an otherwise idle machine)::
 Options: ``--size 1G``, ``--fill-block 4k`` (see ``make_image``), ``--runtime SECONDS``,
 ``--only nbs|nbdkit``, ``--dir DIR`` (where the image goes; default: a temporary directory),
 ``--connections N`` (default 20), ``--json OUT`` (every raw number, including fio's job
-output), ``--markdown``.
+output), ``--markdown``, ``--baseline REV`` (also run the ``nbs`` of git revision REV of this
+repository, e.g. ``main`` or ``HEAD~1``, as a third server ``nbs@REV`` in the same run, and
+report nbs / nbs@REV: how a change moved the hot path, measured side by side).
 
 Standard library only.  Needs nbdkit (file plugin), fio with its nbd engine, and ``nbs``
 installed next to the interpreter running this script.  Idle connections use the ``nbd``
@@ -211,21 +213,61 @@ def start_nbdkit(image: Path, workdir: Path) -> Server:
     return server
 
 
-def start_nbs(image: Path, workdir: Path) -> Server:
-    log = workdir / "nbs.log"
-    cmd = [*nbs_command(), "serve", "--listen", f"{HOST}:0", "--export", f"{EXPORT}={image}"]
+def start_nbs(
+    image: Path,
+    workdir: Path,
+    *,
+    name: str = "nbs",
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    log = workdir / f"{name}.log"
+    cmd = [*(command or nbs_command()), "serve", "--listen", f"{HOST}:0"]
+    cmd += ["--export", f"{EXPORT}={image}"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            env=env,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads in this script
         )
-    server = Server("nbs", cmd, proc, 0, log)
+    server = Server(name, cmd, proc, 0, log)
     uri = wait_log_line(server, LISTENING)
     server.port = int(uri.rsplit(":", 1)[1].split("/")[0])
     return server
+
+
+def checkout_baseline(revision: str, workdir: Path) -> tuple[str, Path]:
+    """Extract ``backend/`` of ``revision`` of this repository; returns its short id and tree."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(f"bench: --baseline {revision}: not a commit of {repo}") from err
+    tree = workdir / f"baseline-{commit}"
+    tree.mkdir()
+    archive = subprocess.Popen(
+        ["git", "-C", str(repo), "archive", "--format=tar", commit, "backend"],
+        stdout=subprocess.PIPE,
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"bench: git archive {commit} failed")
+    return commit, tree
+
+
+def start_baseline(image: Path, workdir: Path, commit: str, tree: Path) -> Server:
+    """``nbs serve`` from the extracted tree, on this interpreter (same dependencies)."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    command = [sys.executable, "-m", "backend.cli"]
+    return start_nbs(image, workdir, name=f"nbs@{commit}", command=command, env=env)
 
 
 def _check_alive(server: Server) -> None:
@@ -582,9 +624,12 @@ def performance_table(results: list[dict[str, Any]], names: list[str], markdown:
     header = ["workload"]
     for name in names:
         header += [f"{name} IOPS", f"{name} MB/s", f"{name} p50 lat µs"]
-    compare = set(names) == set(SERVERS)
+    compare = set(SERVERS) <= set(names)
     if compare:
         header.append("nbs/nbdkit")
+    baseline = next((n for n in names if n.startswith("nbs@")), None)
+    if baseline is not None:
+        header += [f"IOPS nbs/{baseline}", f"p50 {baseline}/nbs"]
     rows = []
     for workload in WORKLOADS:
         row = [workload.label]
@@ -594,6 +639,10 @@ def performance_table(results: list[dict[str, Any]], names: list[str], markdown:
         if compare:
             ratio = found[(workload.key, "nbs")]["iops"] / found[(workload.key, "nbdkit")]["iops"]
             row.append(f"{ratio:.2f}")
+        if baseline is not None:
+            new, old = found[(workload.key, "nbs")], found[(workload.key, baseline)]
+            row.append(f"{new['iops'] / old['iops']:.2f}")
+            row.append(f"{old['p50_lat_us'] / new['p50_lat_us']:.2f}")
         rows.append(row)
     return _table(header, rows, markdown)
 
@@ -699,7 +748,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=20, help="idle connections for RSS")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write every raw number here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run nbs from this git revision (e.g. main, HEAD~1) and compare",
+    )
+    args = parser.parse_args(argv)
+    if args.baseline and args.only == "nbdkit":
+        parser.error("--baseline compares nbs with an older nbs: not with --only nbdkit")
+    return args
 
 
 def start_servers(
@@ -723,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     names = [args.only] if args.only else list(SERVERS)
     machine = machine_info()
-    config = {
+    config: dict[str, Any] = {
         "size": args.size,
         "fill_block": args.fill_block,
         "runtime": args.runtime,
@@ -737,6 +794,12 @@ def main(argv: list[str] | None = None) -> int:
         servers: list[Server] = []
         stack.callback(keep_log_tails, servers)  # runs after the servers stopped
         servers += start_servers(names, image, workdir, stack)
+        if args.baseline:
+            commit, tree = checkout_baseline(args.baseline, workdir)
+            server = start_baseline(image, workdir, commit, tree)
+            stack.callback(stop_server, server)
+            servers.append(server)
+            config["baseline"] = {"revision": args.baseline, "commit": commit}
         for server in servers:
             measure_idle_memory(server, args.connections)
         results = run_workloads(servers, args.runtime, workdir)
