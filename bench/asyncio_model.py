@@ -11,7 +11,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from backend.nbd import NEED_DATA, ExportSelected, Request, ServerConnection
+from backend.nbd import (
+    NEED_DATA,
+    ExportListRequested,
+    ExportRequested,
+    ExportSelected,
+    Request,
+    ServerConnection,
+)
 from backend.nbd.constants import Cmd
 from backend.server.exports import Export, ExportTable
 from backend.storage import FileStorage
@@ -20,9 +27,9 @@ from backend.storage import FileStorage
 async def serve_client(
     table: ExportTable, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    conn = ServerConnection(table)
+    conn = ServerConnection()
     writer.write(conn.data_to_send())
-    storage = None
+    chosen = storage = None
     while True:
         event = conn.next_event()
         writer.write(conn.data_to_send())
@@ -31,10 +38,17 @@ async def serve_client(
             data = await reader.read(262144)
             conn.receive_data(data)
             continue
-        if isinstance(event, ExportSelected):
-            export = table.get(event.export.name)
-            assert export is not None
-            storage = export.storage
+        if isinstance(event, ExportRequested):
+            chosen = table.get(event.name)
+            if chosen is None:
+                conn.export_refused()
+            else:
+                conn.export_chosen(chosen.describe())
+        elif isinstance(event, ExportListRequested):
+            conn.export_list(table.exports())
+        elif isinstance(event, ExportSelected):
+            assert chosen is not None
+            storage = chosen.storage
         elif isinstance(event, Request) and storage is not None:
             if event.command == Cmd.READ:
                 data = storage.read(event.offset, event.length)

@@ -1,6 +1,6 @@
 """Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
 
-from backend.nbd.connection import DF_MAX, ExportDirectory, ServerConnection, State
+from backend.nbd.connection import DF_MAX, ServerConnection, State
 from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, NBDError, ProtocolError
 from backend.nbd.events import (
     NEED_DATA,
@@ -9,6 +9,8 @@ from backend.nbd.events import (
     Disconnect,
     Event,
     ExportDescription,
+    ExportListRequested,
+    ExportRequested,
     ExportSelected,
     Rejected,
     Request,
@@ -25,7 +27,8 @@ __all__ = [
     "Disconnect",
     "Event",
     "ExportDescription",
-    "ExportDirectory",
+    "ExportListRequested",
+    "ExportRequested",
     "ExportSelected",
     "ExportUnavailableError",
     "LocalProtocolError",

@@ -5,6 +5,10 @@ Rules of this file:
 * It owns no socket, thread or clock: bytes go in through ``receive_data`` (``b""`` is EOF),
   events come out of ``next_event``, handshake bytes come out of ``data_to_send`` and replies
   are built by the ``reply_*`` methods, which are pure and safe to call from any thread.
+* It never calls out.  When an option needs to know an export it emits ``ExportRequested``
+  or ``ExportListRequested`` and waits in EXPORT_PENDING until the server answers with
+  ``export_chosen``, ``export_refused`` or ``export_list``; the next ``next_event`` writes the
+  option's replies (docs/decisions/0012-export-requests-as-events.md).
 * Every state change goes through ``_transition`` and the ``_TRANSITIONS`` table below.
 * Every request is validated here, once, with the error the spec asks for (doc/proto.md,
   "Error values"); the server and the storage behind it may assume valid requests.
@@ -17,13 +21,14 @@ Rules of this file:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import NamedTuple
 
 from backend.nbd import constants as c
 from backend.nbd import wire
-from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, ProtocolError
+from backend.nbd.errors import LocalProtocolError, ProtocolError
 from backend.nbd.events import (
     NEED_DATA,
     Aborted,
@@ -31,6 +36,8 @@ from backend.nbd.events import (
     Disconnect,
     Event,
     ExportDescription,
+    ExportListRequested,
+    ExportRequested,
     ExportSelected,
     Rejected,
     Request,
@@ -48,6 +55,7 @@ TF = c.TransmissionFlag
 class State(enum.Enum):
     AWAIT_CLIENT_FLAGS = "await-client-flags"
     NEGOTIATING = "negotiating"
+    EXPORT_PENDING = "export-pending"  # asked the server about exports; awaiting its answer
     TLS_PENDING = "tls-pending"  # STARTTLS acknowledged; waiting for the server to wrap
     TRANSMISSION = "transmission"
     CLOSED = "closed"
@@ -57,7 +65,9 @@ class Trigger(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     STARTTLS = "starttls"
     TLS_ESTABLISHED = "tls-established"
-    EXPORT_CHOSEN = "export-chosen"  # GO or EXPORT_NAME
+    EXPORT_REQUESTED = "export-requested"  # an option needs an export (or the list of them)
+    EXPORT_ANSWERED = "export-answered"  # its replies are written; negotiation goes on
+    EXPORT_CHOSEN = "export-chosen"  # GO or EXPORT_NAME accepted the answer
     CLOSE = "close"  # ABORT, DISC, EOF or a protocol error
 
 
@@ -65,7 +75,9 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.AWAIT_CLIENT_FLAGS, Trigger.CLIENT_FLAGS): State.NEGOTIATING,
     (State.NEGOTIATING, Trigger.STARTTLS): State.TLS_PENDING,
     (State.TLS_PENDING, Trigger.TLS_ESTABLISHED): State.NEGOTIATING,
-    (State.NEGOTIATING, Trigger.EXPORT_CHOSEN): State.TRANSMISSION,
+    (State.NEGOTIATING, Trigger.EXPORT_REQUESTED): State.EXPORT_PENDING,
+    (State.EXPORT_PENDING, Trigger.EXPORT_ANSWERED): State.NEGOTIATING,
+    (State.EXPORT_PENDING, Trigger.EXPORT_CHOSEN): State.TRANSMISSION,
     **{(state, Trigger.CLOSE): State.CLOSED for state in State},
 }
 
@@ -100,20 +112,20 @@ _HAS_PAYLOAD = int(Cmd.WRITE)
 _DISC = int(Cmd.DISC)
 
 
-class ExportDirectory(Protocol):
-    """Where the handshake looks exports up; the server implements it over its volumes."""
+class _Asked(NamedTuple):
+    """The question the core waits on in EXPORT_PENDING, with what the option asked for."""
 
-    def lookup(self, name: str) -> ExportDescription | None:
-        """The export called ``name`` (``""`` means the default export), or None.  May raise
-        :class:`ExportUnavailableError` for an export that exists but cannot be served now."""
+    event: ExportRequested | ExportListRequested
+    infos: frozenset[int] = frozenset()  # INFO/GO: the NBD_INFO types requested
+    queries: tuple[str, ...] = ()  # LIST_/SET_META_CONTEXT: the context queries
 
-    def exports(self) -> Sequence[ExportDescription]:
-        """Every export, for NBD_OPT_LIST."""
 
-    def select(self, export: ExportDescription) -> ExportDescription:
-        """The client chose ``export`` for transmission (GO or EXPORT_NAME), before it is told
-        so: returns what to serve it (e.g. the export made read-only because another client
-        holds it writable), or raises :class:`ExportUnavailableError` to refuse it."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Refused:
+    reason: str | None  # None: no such export
+
+
+_Answer = ExportDescription | _Refused | list[ExportDescription]
 
 
 class ServerConnection:
@@ -126,7 +138,6 @@ class ServerConnection:
 
     def __init__(
         self,
-        directory: ExportDirectory,
         *,
         tls_available: bool = False,
         max_request: int = c.MAX_PAYLOAD,
@@ -134,7 +145,6 @@ class ServerConnection:
     ) -> None:
         if not 0 < piece <= max_request:
             raise LocalProtocolError(f"piece {piece} not within 1..max_request {max_request}")
-        self._directory = directory
         self._max_request = max_request
         self._piece = piece
         self._tls_available = tls_available
@@ -166,6 +176,11 @@ class ServerConnection:
         self._align = 1
         self._max_block = max_request
         self.stopping = False  # set by the server on shutdown: new requests get ESHUTDOWN
+        # Set by the server while no export can be reached without TLS (the spec's "forced
+        # TLS" mode); read as each option arrives, so the server may keep it current.
+        self.tls_forced = False
+        self._asked: _Asked | None = None
+        self._answer: _Answer | None = None
         # Where large WRITE payloads are collected; the server may recycle buffers.
         self.allocate_payload: Callable[[int], bytearray] = bytearray
 
@@ -235,6 +250,8 @@ class ServerConnection:
             return self._next_request()
         if self.state is State.NEGOTIATING:
             return self._next_option()
+        if self.state is State.EXPORT_PENDING:
+            return self._answered()
         if self.state is State.AWAIT_CLIENT_FLAGS:
             return self._client_flags()
         if self.state is State.TLS_PENDING:
@@ -309,10 +326,7 @@ class ServerConnection:
         return self._drain == 0
 
     def _tls_forced(self) -> bool:
-        """No export can be reached without TLS: the spec's "forced TLS" mode."""
-        if self.tls_active or not self._tls_available:
-            return False
-        return all(e.tls is TLSPolicy.REQUIRED for e in self._directory.exports())
+        return self.tls_forced and self._tls_available and not self.tls_active
 
     def _reply(self, option: int, reply: c.Rep, data: bytes = b"") -> None:
         self._out += wire.option_reply(option, reply, data)
@@ -338,44 +352,56 @@ class ServerConnection:
             self._transition(Trigger.CLOSE)
             return Aborted()
         if option == c.Opt.LIST:
-            self._opt_list(data)
-        elif option == c.Opt.STARTTLS:
+            return self._opt_list(data)
+        if option == c.Opt.STARTTLS:
             return self._opt_starttls(data)
-        elif option in (c.Opt.INFO, c.Opt.GO):
+        if option in (c.Opt.INFO, c.Opt.GO):
             return self._opt_info(option, data)
-        elif option == c.Opt.STRUCTURED_REPLY:
+        if option in (c.Opt.LIST_META_CONTEXT, c.Opt.SET_META_CONTEXT):
+            return self._opt_meta_context(option, data)
+        if option == c.Opt.STRUCTURED_REPLY:
             if data:
                 self._error(option, c.Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
             else:
                 self.structured_replies = True
                 self._reply(option, c.Rep.ACK)
-        elif option in (c.Opt.LIST_META_CONTEXT, c.Opt.SET_META_CONTEXT):
-            self._opt_meta_context(option, data)
         else:
             # EXTENDED_HEADERS included: unsupported, and the client falls back.
             self._error(option, c.Rep.ERR_UNSUP, f"option {option} is not supported")
         return None
 
-    def _visible(self, export: ExportDescription) -> bool:
-        return not (self.tls_active and export.tls is TLSPolicy.OFF)
+    def _tls_refusal(self, tls: TLSPolicy) -> c.Rep | None:
+        """The error for an export with policy ``tls`` on this connection now, or None."""
+        if tls is TLSPolicy.REQUIRED and not self.tls_active:
+            return c.Rep.ERR_TLS_REQD
+        if tls is TLSPolicy.OFF and self.tls_active:
+            return c.Rep.ERR_POLICY
+        return None
+
+    def serves(self, tls: TLSPolicy) -> bool:
+        """Whether an export with TLS policy ``tls`` would be accepted on this connection now.
+
+        Lets the server commit to an export for GO / EXPORT_NAME (admit a writer) only when
+        the core will not refuse the answer by its TLS policy.
+        """
+        return self._tls_refusal(tls) is None
 
     def _listed(self, export: ExportDescription) -> bool:
         # Spec (NBD_OPT_LIST): in selective TLS mode a TLS-only export may be left out before
         # TLS.  We leave it out, so a plaintext client does not learn the names TLS protects.
-        if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
-            return False
-        return self._visible(export)
+        return self.serves(export.tls)
 
-    def _opt_list(self, data: bytes) -> None:
+    def _ask(self, asked: _Asked) -> Event:
+        self._asked = asked
+        self._answer = None
+        self._transition(Trigger.EXPORT_REQUESTED)
+        return asked.event
+
+    def _opt_list(self, data: bytes) -> Event | None:
         if data:
             self._error(c.Opt.LIST, c.Rep.ERR_INVALID, "LIST takes no data")
-            return
-        for export in self._directory.exports():
-            if self._listed(export):
-                self._reply(
-                    c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name, export.description)
-                )
-        self._reply(c.Opt.LIST, c.Rep.ACK)
+            return None
+        return self._ask(_Asked(ExportListRequested()))
 
     def _opt_starttls(self, data: bytes) -> Event | None:
         if data:
@@ -395,39 +421,130 @@ class ServerConnection:
             return StartTLS()
         return None
 
-    def _find(self, option: int, name: str) -> ExportDescription | None:
-        """Look an export up for INFO/GO/meta contexts, replying with the error if unusable."""
-        try:
-            export = self._directory.lookup(name)
-        except ExportUnavailableError as err:
-            self._error(option, c.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {err}")
-            return None
-        if export is None:
-            self._error(option, c.Rep.ERR_UNKNOWN, _unknown(name))
-            return None
-        if export.tls is TLSPolicy.REQUIRED and not self.tls_active:
-            self._error(option, c.Rep.ERR_TLS_REQD, f"export {name!r} requires TLS")
-            return None
-        if not self._visible(export):
-            self._error(option, c.Rep.ERR_POLICY, f"export {name!r} is not served over TLS")
-            return None
-        return export
-
     def _opt_info(self, option: int, data: bytes) -> Event | None:
         parsed = _parse_info_request(data)
         if parsed is None:
             self._error(option, c.Rep.ERR_INVALID, "malformed INFO/GO request")
             return None
         name, requests = parsed
-        export = self._find(option, name)
+        return self._ask(_Asked(ExportRequested(c.Opt(option), name), frozenset(requests)))
+
+    def _opt_export_name(self, name_bytes: bytes) -> Event:
+        name = _decode(name_bytes)
+        if name is None:
+            # EXPORT_NAME has no error reply: the spec says to close the connection.
+            raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")
+        return self._ask(_Asked(ExportRequested(c.Opt.EXPORT_NAME, name)))
+
+    def _opt_meta_context(self, option: int, data: bytes) -> Event | None:
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._error(option, c.Rep.ERR_INVALID, "malformed meta context request")
+            return None
+        name, queries = parsed
+        if option == c.Opt.SET_META_CONTEXT and not self.structured_replies:
+            self._error(option, c.Rep.ERR_INVALID, "SET_META_CONTEXT needs structured replies")
+            return None
+        return self._ask(_Asked(ExportRequested(c.Opt(option), name), queries=tuple(queries)))
+
+    # ------------------------------------------------------------------ the server's answers
+
+    def export_chosen(self, export: ExportDescription) -> None:
+        """Answer :class:`ExportRequested`: the name resolves to ``export``.  For GO and
+        EXPORT_NAME it is what transmission serves if the core accepts it (its TLS policy)."""
+        self._answer_with(ExportRequested, export)
+
+    def export_refused(self, reason: str | None = None) -> None:
+        """Answer :class:`ExportRequested`: no export has that name (``reason`` None), or it
+        exists but cannot be served now because of ``reason``.  The client gets
+        NBD_REP_ERR_UNKNOWN with the reason; after EXPORT_NAME the connection closes."""
+        self._answer_with(ExportRequested, _Refused(reason))
+
+    def export_list(self, exports: Iterable[ExportDescription]) -> None:
+        """Answer :class:`ExportListRequested` with every export, in the order to list them."""
+        self._answer_with(ExportListRequested, list(exports))
+
+    def _answer_with(self, kind: type[Event], answer: _Answer) -> None:
+        asked = self._asked
+        if self.state is not State.EXPORT_PENDING or asked is None:
+            raise LocalProtocolError(f"no {kind.__name__} to answer in {self.state.value}")
+        if not isinstance(asked.event, kind):
+            raise LocalProtocolError(f"{type(asked.event).__name__} answered as {kind.__name__}")
+        if self._answer is not None:
+            raise LocalProtocolError(f"{kind.__name__} answered twice")
+        self._answer = answer
+
+    def _answered(self) -> Event | _NeedData:
+        """Write the replies of the option waiting in EXPORT_PENDING, now that it is answered."""
+        asked, answer = self._asked, self._answer
+        if asked is None or answer is None:
+            pending = type(asked.event).__name__ if asked is not None else "question"
+            raise LocalProtocolError(f"next_event() before the {pending} was answered")
+        self._asked = self._answer = None
+        if isinstance(answer, list):
+            self._list(answer)
+        else:
+            assert isinstance(asked.event, ExportRequested)  # checked by _answer_with
+            event = self._requested(asked.event, answer, asked)
+            if event is not None:
+                return event
+        self._transition(Trigger.EXPORT_ANSWERED)
+        return self._next_option()
+
+    def _list(self, exports: list[ExportDescription]) -> None:
+        for export in exports:
+            if self._listed(export):
+                self._reply(
+                    c.Opt.LIST, c.Rep.SERVER, wire.server_entry(export.name, export.description)
+                )
+        self._reply(c.Opt.LIST, c.Rep.ACK)
+
+    def _requested(
+        self, event: ExportRequested, answer: ExportDescription | _Refused, asked: _Asked
+    ) -> Event | None:
+        option, name = event.option, event.name
+        if option == c.Opt.EXPORT_NAME:
+            # EXPORT_NAME has no error reply: the spec says to close the connection.
+            if isinstance(answer, _Refused):
+                if answer.reason is None:
+                    raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")
+                raise ProtocolError(f"EXPORT_NAME for {name!r}, not available: {answer.reason}")
+            if not self.serves(answer.tls):
+                raise ProtocolError(f"EXPORT_NAME for {name!r} refused by its TLS policy")
+            reply = wire.EXPORT_NAME_REPLY.pack(answer.size, self._flags_for(answer))
+            self._out += reply if self.no_zeroes else reply + bytes(c.EXPORT_NAME_ZEROES)
+            return self._enter_transmission(answer)
+        export = self._usable(option, name, answer)
         if export is None:
             return None
-        if option == c.Opt.GO:
-            try:
-                export = self._directory.select(export)
-            except ExportUnavailableError as err:
-                self._error(option, c.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {err}")
-                return None
+        if option in (c.Opt.INFO, c.Opt.GO):
+            return self._info(option, export, asked.infos)
+        self._meta_context(option, export, asked.queries)
+        return None
+
+    def _usable(
+        self, option: int, name: str, answer: ExportDescription | _Refused
+    ) -> ExportDescription | None:
+        """The answered export for INFO/GO/meta contexts, or None after replying the error."""
+        if isinstance(answer, _Refused):
+            if answer.reason is None:
+                self._error(option, c.Rep.ERR_UNKNOWN, _unknown(name))
+            else:
+                message = f"export {name!r} is not available: {answer.reason}"
+                self._error(option, c.Rep.ERR_UNKNOWN, message)
+            return None
+        refusal = self._tls_refusal(answer.tls)
+        if refusal is c.Rep.ERR_TLS_REQD:
+            self._error(option, refusal, f"export {name!r} requires TLS")
+            return None
+        if refusal is c.Rep.ERR_POLICY:
+            self._error(option, refusal, f"export {name!r} is not served over TLS")
+            return None
+        return answer
+
+    def _info(
+        self, option: int, export: ExportDescription, requests: frozenset[int]
+    ) -> Event | None:
         flags = self._flags_for(export)
         self._reply(option, c.Rep.INFO, wire.info_export(export.size, flags))
         if c.Info.NAME in requests:
@@ -449,37 +566,9 @@ class ServerConnection:
         self._block_sizes_agreed = c.Info.BLOCK_SIZE in requests
         return self._enter_transmission(export)
 
-    def _opt_export_name(self, name_bytes: bytes) -> Event:
-        name = _decode(name_bytes)
-        try:
-            export = self._directory.lookup(name) if name is not None else None
-        except ExportUnavailableError as err:
-            raise ProtocolError(f"EXPORT_NAME for {name!r}, not available: {err}") from err
-        # EXPORT_NAME has no error reply: the spec says to close the connection.
-        if export is None:
-            raise ProtocolError(f"EXPORT_NAME for unknown export {name!r}")
-        if (export.tls is TLSPolicy.REQUIRED and not self.tls_active) or not self._visible(export):
-            raise ProtocolError(f"EXPORT_NAME for {name!r} refused by its TLS policy")
-        try:
-            export = self._directory.select(export)
-        except ExportUnavailableError as err:
-            raise ProtocolError(f"EXPORT_NAME for {name!r}, not available: {err}") from err
-        reply = wire.EXPORT_NAME_REPLY.pack(export.size, self._flags_for(export))
-        self._out += reply if self.no_zeroes else reply + bytes(c.EXPORT_NAME_ZEROES)
-        return self._enter_transmission(export)
-
-    def _opt_meta_context(self, option: int, data: bytes) -> None:
-        parsed = _parse_meta_request(data)
-        if parsed is None:
-            self._error(option, c.Rep.ERR_INVALID, "malformed meta context request")
-            return
-        name, queries = parsed
-        if option == c.Opt.SET_META_CONTEXT and not self.structured_replies:
-            self._error(option, c.Rep.ERR_INVALID, "SET_META_CONTEXT needs structured replies")
-            return
-        export = self._find(option, name)
-        if export is None:
-            return
+    def _meta_context(
+        self, option: int, export: ExportDescription, queries: tuple[str, ...]
+    ) -> None:
         # base:allocation is the only context we serve; "base:" asks for every base context.
         wanted = (not queries and option == c.Opt.LIST_META_CONTEXT) or any(
             q in (c.BASE_ALLOCATION, "base:") for q in queries

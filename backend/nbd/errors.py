@@ -2,7 +2,7 @@
 
     NBDError
      ├── ProtocolError       the peer broke the protocol; the connection must close
-     ├── ExportUnavailableError   an export exists but cannot be served now (raised by lookups)
+     ├── ExportUnavailableError   an export exists but cannot be served now (export tables)
      └── LocalProtocolError  our caller misused the core (a bug in the server)
 
 A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
@@ -28,9 +28,10 @@ class ProtocolError(NBDError):
 
 
 class ExportUnavailableError(NBDError):
-    """Raised by an ExportDirectory lookup for an export that exists but cannot be served now
-    (its storage is unreachable, or another server holds it writable).  The client gets
-    NBD_REP_ERR_UNKNOWN ("the requested export is not available") with ``reason``."""
+    """Raised by the server's export tables for an export that exists but cannot be served
+    now (its storage is unreachable, or another server holds it writable).  The core never
+    raises it: the session answers ``ExportRequested`` with ``export_refused(reason)``, and
+    the client gets NBD_REP_ERR_UNKNOWN ("the requested export is not available")."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -1,6 +1,8 @@
 """Events the core hands to the server, named after the spec's own words.
 
-Handshake: :class:`StartTLS`, :class:`ExportSelected`, :class:`Aborted`.
+Handshake: :class:`StartTLS`, :class:`ExportRequested` and :class:`ExportListRequested` (the
+core needs to know an export: answer on the connection before the next ``next_event``),
+:class:`ExportSelected`, :class:`Aborted`.
 Transmission: :class:`Request` (every command but DISC), :class:`Rejected` (a request that
 failed validation: answer it with ``error``), :class:`Disconnect`.
 End of input: :class:`ConnectionClosed`.
@@ -12,7 +14,7 @@ import dataclasses
 import enum
 from typing import NamedTuple
 
-from backend.nbd.constants import Cmd, Error, TransmissionFlag
+from backend.nbd.constants import Cmd, Error, Opt, TransmissionFlag
 
 
 class TLSPolicy(enum.Enum):
@@ -55,6 +57,31 @@ NEED_DATA = _NeedData()
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartTLS(_Event):
     """STARTTLS was acknowledged: send pending data, wrap the socket, call tls_established()."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportRequested(_Event):
+    """The client named an export in ``option`` (INFO, GO, EXPORT_NAME, LIST_META_CONTEXT or
+    SET_META_CONTEXT); ``name`` ``""`` means the default export.
+
+    Answer with ``conn.export_chosen(description)`` or ``conn.export_refused(reason)`` before
+    calling ``next_event`` again; the core then checks the export's TLS policy and writes the
+    option's replies.  When ``selects`` (GO, EXPORT_NAME) an accepted answer starts
+    transmission on exactly that description, so give the one the session will serve.
+    """
+
+    option: Opt
+    name: str
+
+    @property
+    def selects(self) -> bool:
+        return self.option in (Opt.GO, Opt.EXPORT_NAME)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportListRequested(_Event):
+    """NBD_OPT_LIST: answer with ``conn.export_list(descriptions)`` (every export; the core
+    leaves out those the connection's TLS state hides) before calling ``next_event`` again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,6 +152,8 @@ class Disconnect(_Event):
 
 Event = (
     StartTLS
+    | ExportRequested
+    | ExportListRequested
     | ExportSelected
     | Aborted
     | ConnectionClosed

@@ -72,14 +72,14 @@ def transmission_flags(
 
 
 class Exports(Protocol):
-    """What a server serves (also the protocol core's ExportDirectory)."""
+    """What a server serves; sessions answer the protocol core's export questions from it."""
 
     def get(self, name: str) -> Export | None:
-        """The export for ``name`` (``""``: the default one), or None."""
+        """The export for ``name`` (``""``: the default one), or None.  May raise
+        :class:`~backend.nbd.ExportUnavailableError` for one that cannot be served now."""
 
-    def lookup(self, name: str) -> ExportDescription | None: ...
-
-    def exports(self) -> Sequence[ExportDescription]: ...
+    def exports(self) -> Sequence[ExportDescription]:
+        """Every export, for NBD_OPT_LIST."""
 
     def close(self) -> bool:
         """Flush and close every storage; False if a flush failed."""
@@ -115,10 +115,6 @@ class ExportTable:
             if name == "" and "" not in self._exports:
                 name = self._default
             return self._exports.get(name)
-
-    def lookup(self, name: str) -> ExportDescription | None:
-        export = self.get(name)
-        return export.describe() if export is not None else None
 
     def exports(self) -> Sequence[ExportDescription]:
         with self._lock:

@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic, perf_counter_ns
 
@@ -32,7 +32,8 @@ from backend.nbd import (
     Aborted,
     ConnectionClosed,
     Disconnect,
-    ExportDescription,
+    ExportListRequested,
+    ExportRequested,
     ExportSelected,
     ExportUnavailableError,
     ProtocolError,
@@ -40,6 +41,7 @@ from backend.nbd import (
     Request,
     ServerConnection,
     StartTLS,
+    TLSPolicy,
     WritePiece,
 )
 from backend.nbd.constants import MAX_PAYLOAD, PAYLOAD_PIECE, Cmd, CmdFlag, Error, StateFlag
@@ -100,9 +102,10 @@ class Session:
         self._table = table
         self._tls = tls
         self._pool = pool
-        self._choice = _Choice(peer, table, holders or Holders())
+        self._holders = holders or Holders()
+        self._holder: Holder | None = None
+        self._chosen: Export | None = None  # admitted for GO / EXPORT_NAME, served from then
         self.conn = ServerConnection(
-            self._choice,
             tls_available=tls is not None,
             max_request=max_request,
             piece=PAYLOAD_PIECE,
@@ -139,7 +142,8 @@ class Session:
             if self._outbox is not None:
                 self._outbox.close(DRAIN_TIMEOUT)
             self._buffers.clear()
-            self._choice.release()
+            if self._holder is not None:
+                self._holders.release(self._holder)
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -166,6 +170,11 @@ class Session:
         self._time_left(deadline)
         self._sendall(self.conn.data_to_send())
         while True:
+            if self._tls is not None and not self.conn.tls_active:
+                # Kept current per option: in catalogue mode volumes come and go meanwhile.
+                self.conn.tls_forced = all(
+                    e.tls is TLSPolicy.REQUIRED for e in self._table.exports()
+                )
             try:
                 event = self.conn.next_event()
             except ProtocolError:
@@ -185,9 +194,13 @@ class Session:
                 self._time_left(deadline)  # the TLS handshake keeps one deadline itself
                 self.sock = self._tls.wrap_socket(self.sock, server_side=True)
                 self.conn.tls_established()
+            elif isinstance(event, ExportRequested):
+                self._answer(event)
+            elif isinstance(event, ExportListRequested):
+                self.conn.export_list(self._table.exports())
             elif isinstance(event, ExportSelected):
-                export = self._choice.export
-                assert export is not None  # the core selected it through _Choice.select
+                export = self._chosen
+                assert export is not None  # admitted by _answer for the GO just accepted
                 self.export = export
                 if not export.storage.capabilities.thread_safe:
                     self._storage_lock = threading.Lock()
@@ -197,6 +210,30 @@ class Session:
                 return
             elif isinstance(event, Aborted | ConnectionClosed):
                 return
+
+    def _answer(self, event: ExportRequested) -> None:
+        """Answer the core with the export ``event`` names, looked up once.
+
+        For GO / EXPORT_NAME the export is admitted by the server's holders (which serve it
+        read-only to a second would-be writer of an exclusive volume) before the core replies,
+        so a connection is never in use without being counted, and the session serves exactly
+        the export, and storage, the client was told about.  Only an export the core will
+        accept is admitted: one its TLS policy refuses gets previewed like INFO's.
+        """
+        try:
+            export = self._table.get(event.name)
+        except ExportUnavailableError as err:
+            self.conn.export_refused(err.reason)
+            return
+        if export is None:
+            self.conn.export_refused()
+            return
+        if event.selects and self.conn.serves(export.tls):
+            self._holder, export = self._holders.admit(self.peer, export)
+            self._chosen = export
+        else:
+            export = self._holders.preview(export)
+        self.conn.export_chosen(export.describe())
 
     def _time_left(self, deadline: float) -> None:
         """Let the next blocking call wait until ``deadline`` at most (TimeoutError after)."""
@@ -431,42 +468,6 @@ class Session:
     def _sendall(self, data: bytes) -> None:
         if data:
             self.sock.sendall(data)
-
-
-class _Choice:
-    """The protocol core's view of the exports for one session (its ExportDirectory).
-
-    Lookups go to the server's table.  The export the client selects is opened here and
-    admitted by the server's holders (which serve it read-only to a second would-be writer of
-    an exclusive volume) before the core answers, so a connection is never in use without
-    being counted, and the session serves exactly what the client was told about.
-    """
-
-    def __init__(self, peer: str, table: Exports, holders: Holders) -> None:
-        self._peer = peer
-        self._table = table
-        self._holders = holders
-        self.export: Export | None = None
-        self._holder: Holder | None = None
-
-    def lookup(self, name: str) -> ExportDescription | None:
-        export = self._table.get(name)
-        return None if export is None else self._holders.preview(export).describe()
-
-    def exports(self) -> Sequence[ExportDescription]:
-        return self._table.exports()
-
-    def select(self, export: ExportDescription) -> ExportDescription:
-        chosen = self._table.get(export.name)
-        if chosen is None:
-            raise ExportUnavailableError("it was removed")
-        self._holder, self.export = self._holders.admit(self._peer, chosen)
-        return self.export.describe()
-
-    def release(self) -> None:
-        if self._holder is not None:
-            self._holders.release(self._holder)
-            self._holder = None
 
 
 def _read_parts(storage: Storage, offset: int, length: int) -> list[tuple[int, int, bytes | None]]:

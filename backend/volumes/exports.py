@@ -61,10 +61,6 @@ class VolumeExports:
             exclusive=not row.shared,
         )
 
-    def lookup(self, name: str) -> ExportDescription | None:
-        export = self.get(name)
-        return export.describe() if export is not None else None
-
     def exports(self) -> Sequence[ExportDescription]:
         """Every volume, described from the catalogue alone (for NBD_OPT_LIST).
 

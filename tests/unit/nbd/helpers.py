@@ -1,15 +1,20 @@
-"""A minimal client side of the wire for feeding the core in tests (no sockets)."""
+"""A minimal client side of the wire for feeding the core in tests (no sockets), and a
+server side that answers the core's export questions from plain descriptions (no server)."""
 
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Sequence
 
 from backend.nbd import (
     NEED_DATA,
     Event,
     ExportDescription,
+    ExportListRequested,
+    ExportRequested,
     ExportSelected,
+    ExportUnavailableError,
     ServerConnection,
     TLSPolicy,
 )
@@ -30,9 +35,16 @@ SIZE = 1 << 20
 
 
 class Directory:
+    """Answers a connection's ExportRequested / ExportListRequested events the way a server's
+    session does: look the name up once; for GO / EXPORT_NAME of an export the core will
+    accept, ``select`` it (a session admits it as a holder there).  Subclasses override
+    ``lookup`` / ``select``; raising ExportUnavailableError from either refuses with a reason.
+    """
+
     def __init__(self, *exports: ExportDescription) -> None:
         self._exports = {e.name: e for e in exports}
         self.selected: list[str] = []
+        self.asked: list[Event] = []
 
     def lookup(self, name: str) -> ExportDescription | None:
         return self._exports.get(name or next(iter(self._exports)))
@@ -43,6 +55,35 @@ class Directory:
     def select(self, export: ExportDescription) -> ExportDescription:
         self.selected.append(export.name)
         return export
+
+    def answer(self, conn: ServerConnection, event: Event) -> None:
+        self.asked.append(event)
+        if isinstance(event, ExportListRequested):
+            conn.export_list(self.exports())
+            return
+        assert isinstance(event, ExportRequested)
+        try:
+            export = self.lookup(event.name)
+            if export is not None and event.selects and conn.serves(export.tls):
+                export = self.select(export)
+        except ExportUnavailableError as err:
+            conn.export_refused(err.reason)
+            return
+        if export is None:
+            conn.export_refused()
+        else:
+            conn.export_chosen(export)
+
+
+# The Directory answering each connection's questions inside events().
+_ANSWERERS: weakref.WeakKeyDictionary[ServerConnection, Directory] = weakref.WeakKeyDictionary()
+
+
+def connection(directory: Directory, **kwargs: object) -> ServerConnection:
+    """A new connection whose export questions ``directory`` answers inside events()."""
+    conn = ServerConnection(**kwargs)  # type: ignore[arg-type]
+    _ANSWERERS[conn] = directory
+    return conn
 
 
 def export(name: str = "disk", **kwargs: object) -> ExportDescription:
@@ -87,6 +128,8 @@ def parse_option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
 
 
 def events(conn: ServerConnection, data: bytes = b"") -> list[Event]:
+    """Feed ``data`` and collect events until NEED_DATA; the core's export questions are
+    answered by the connection's Directory and left out (``Directory.asked`` has them)."""
     if data:
         conn.receive_data(data)
     out: list[Event] = []
@@ -95,6 +138,9 @@ def events(conn: ServerConnection, data: bytes = b"") -> list[Event]:
         if event is NEED_DATA:
             return out
         assert not isinstance(event, type(NEED_DATA))
+        if isinstance(event, ExportRequested | ExportListRequested):
+            _ANSWERERS[conn].answer(conn, event)
+            continue
         out.append(event)
         if conn.state.value == "closed":
             return out
@@ -111,7 +157,7 @@ def negotiated(
 ) -> ServerConnection:
     """A connection already in transmission on ``name``."""
     directory = Directory(*(exports or (export(),)))
-    conn = ServerConnection(directory, tls_available=tls_available, max_request=max_request)
+    conn = connection(directory, tls_available=tls_available, max_request=max_request)
     conn.data_to_send()
     data = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
     if structured:
@@ -130,4 +176,4 @@ def request(cmd: int, cookie: int = 1, offset: int = 0, length: int = 0, flags: 
     return struct.pack(">IHHQQI", c.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
-__all__ = ["SIZE", "WRITABLE", "Directory", "TLSPolicy", "export"]
+__all__ = ["SIZE", "WRITABLE", "Directory", "TLSPolicy", "connection", "export"]

@@ -24,6 +24,7 @@ from backend.nbd import constants as c
 from tests.unit.nbd.helpers import (
     SIZE,
     Directory,
+    connection,
     events,
     export,
     info_payload,
@@ -38,7 +39,7 @@ FIXED = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZERO
 
 def fresh(*exports: object, tls_available: bool = False) -> ServerConnection:
     directory = Directory(*(exports or (export(),)))  # type: ignore[arg-type]
-    return ServerConnection(directory, tls_available=tls_available)
+    return connection(directory, tls_available=tls_available)
 
 
 def test_greeting_is_fixed_newstyle_with_no_zeroes() -> None:
@@ -104,7 +105,7 @@ class _Unavailable(Directory):
 
 
 def test_an_unavailable_export_is_err_unknown_with_the_reason() -> None:
-    conn = ServerConnection(_Unavailable(export()))
+    conn = connection(_Unavailable(export()))
     conn.data_to_send()
     assert events(conn, FIXED + option(c.Opt.GO, info_payload("held"))) == []
     reply = parse_option_replies(conn.data_to_send())[0]
@@ -123,9 +124,9 @@ class _Busy(Directory):
         return super().select(export)
 
 
-def test_go_asks_the_directory_to_select_and_a_refusal_is_err_unknown() -> None:
+def test_a_go_refused_with_a_reason_is_err_unknown_and_info_only_looks() -> None:
     directory = _Busy(export("held"), export("disk"))
-    conn = ServerConnection(directory)
+    conn = connection(directory)
     conn.data_to_send()
     # INFO only looks: it never selects, so a held export can still be inspected.
     assert events(conn, FIXED + option(c.Opt.INFO, info_payload("held"))) == []
@@ -140,7 +141,7 @@ def test_go_asks_the_directory_to_select_and_a_refusal_is_err_unknown() -> None:
 
 
 def test_the_export_select_returns_is_the_one_served() -> None:
-    conn = ServerConnection(_Busy(export("shared")))
+    conn = connection(_Busy(export("shared")))
     conn.data_to_send()
     got = events(conn, FIXED + option(c.Opt.GO, info_payload("shared")))
     assert isinstance(got[0], ExportSelected)
@@ -153,18 +154,17 @@ def test_the_export_select_returns_is_the_one_served() -> None:
 
 
 def test_export_name_for_a_refused_export_closes() -> None:
-    conn = ServerConnection(_Busy(export("held")))
+    conn = connection(_Busy(export("held")))
     conn.data_to_send()
     with pytest.raises(ProtocolError, match="in use by"):
         events(conn, FIXED + option(c.Opt.EXPORT_NAME, b"held"))
 
 
 def test_export_name_for_an_unavailable_export_closes() -> None:
-    conn = ServerConnection(_Unavailable(export()))
+    conn = connection(_Unavailable(export()))
     conn.data_to_send()
-    conn.receive_data(FIXED + option(c.Opt.EXPORT_NAME, b"held"))
     with pytest.raises(ProtocolError, match="held writable"):
-        conn.next_event()
+        events(conn, FIXED + option(c.Opt.EXPORT_NAME, b"held"))
 
 
 def test_malformed_go_is_err_invalid() -> None:
@@ -216,9 +216,8 @@ def test_export_name_pads_124_zeroes_without_no_zeroes() -> None:
 
 def test_export_name_for_unknown_export_closes() -> None:
     conn = fresh()
-    conn.receive_data(FIXED + option(c.Opt.EXPORT_NAME, b"missing"))
-    with pytest.raises(ProtocolError):
-        conn.next_event()
+    with pytest.raises(ProtocolError, match="unknown export 'missing'"):
+        events(conn, FIXED + option(c.Opt.EXPORT_NAME, b"missing"))
 
 
 def test_abort_acks_and_closes() -> None:
@@ -308,7 +307,7 @@ def test_meta_context_for_the_default_export_is_active(meta_name: str, go_name: 
 
 
 def test_no_default_export_is_err_unknown_saying_so() -> None:
-    conn = ServerConnection(_NoDefault(export("a")))
+    conn = connection(_NoDefault(export("a")))
     conn.data_to_send()
     events(conn, FIXED + option(c.Opt.GO, info_payload("")))
     [(_, kind, message)] = parse_option_replies(conn.data_to_send())
@@ -375,6 +374,7 @@ def test_tls_required_export_refused_in_plaintext() -> None:
 
 def test_forced_tls_refuses_every_option_but_starttls() -> None:
     conn = fresh(export("secure", tls=TLSPolicy.REQUIRED), tls_available=True)
+    conn.tls_forced = True  # the server's decision: every export requires TLS
     conn.data_to_send()
     got = events(conn, FIXED + option(c.Opt.LIST) + option(c.Opt.STARTTLS))
     assert got == [StartTLS()]

@@ -10,6 +10,7 @@ from backend.nbd import constants as c
 from backend.nbd.constants import Cmd, Error
 from tests.unit.nbd.helpers import (
     Directory,
+    connection,
     events,
     export,
     info_payload,
@@ -101,13 +102,13 @@ def test_requests_up_to_max_request_are_accepted() -> None:
 
 
 def test_max_request_is_advertised_as_the_maximum_block_size() -> None:
-    conn = ServerConnection(Directory(export(size=256 * MiB)), max_request=128 * MiB)
+    conn = connection(Directory(export(size=256 * MiB)), max_request=128 * MiB)
     conn.data_to_send()
-    conn.receive_data(
+    events(
+        conn,
         struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE)
-        + option(c.Opt.GO, info_payload("disk", c.Info.BLOCK_SIZE))
+        + option(c.Opt.GO, info_payload("disk", c.Info.BLOCK_SIZE)),
     )
-    conn.next_event()
     replies = parse_option_replies(conn.data_to_send())
     sizes = [r[2] for r in replies if r[1] == c.Rep.INFO and r[2][:2] == b"\0\3"]
     assert struct.unpack(">HIII", sizes[0])[3] == 128 * MiB

@@ -162,3 +162,38 @@ def test_long_simple_read_failing_midway_cuts_the_connection(serve) -> None:  # 
     assert client._recv_exact(4 << 20) == bytes(4 << 20)
     assert client.sock.recv(1) == b""  # no way to report the error: the server hangs up
     client.close()
+
+
+class _CountingTable(ExportTable):
+    """The real table, recording each name looked up."""
+
+    def __init__(self, exports: list[Export]) -> None:
+        super().__init__(exports)
+        self.looked_up: list[str] = []
+
+    def get(self, name: str) -> Export | None:
+        self.looked_up.append(name)
+        return super().get(name)
+
+
+def test_go_looks_the_export_up_once_and_serves_what_holders_admitted() -> None:
+    # Issue 11 item 3: the session answers the core's ExportRequested from one lookup and
+    # keeps that export (and its holder slot) for transmission.
+    table = _CountingTable([Export("disk", MemoryStorage(SIZE), exclusive=True)])
+    server = Server(table, tcp=[TCPAddress("127.0.0.1", 0)])
+    server.bind()
+    server.start()
+    try:
+        first = Client(port_of(server), "disk")
+        second = Client(port_of(server), "disk")  # the one-writer rule serves it read-only
+        assert table.looked_up == ["disk", "disk"]
+        first.send(request(Cmd.WRITE, 1, 0, 4) + b"data")
+        assert first.reply() == (1, 0, b"")
+        second.send(request(Cmd.WRITE, 2, 0, 4) + b"data")
+        assert second.reply() == (2, Error.EPERM, b"")
+        assert server.holders.counts() == {"disk": 2}
+        for client in (first, second):
+            client.send(request(Cmd.DISC))
+            client.close()
+    finally:
+        server.shutdown(grace=5)
