@@ -369,12 +369,14 @@ class Server:
         A session accepted before the export was retired may still be negotiating with the
         old table: until it has picked an export, it could pick this one.
         """
-        busy = {id(s.export) for s in self._sessions if s.export is not None}
+        # By storage, not by export: a session may serve a copy of the export (holders.py
+        # hands later clients a read-only one) that shares the retired export's storage.
+        busy = {id(s.export.storage) for s in self._sessions if s.export is not None}
         negotiating = [self._born[s] for s in self._sessions if s.export is None]
         oldest = min(negotiating, default=self._generation)
         unused, kept = [], []
         for export, generation in self._retired:
-            if id(export) in busy or oldest < generation:
+            if id(export.storage) in busy or oldest < generation:
                 kept.append((export, generation))
             else:
                 unused.append(export)
