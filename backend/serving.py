@@ -96,7 +96,9 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
     def holders(name: str) -> list[Holder]:
         if not server_ref:
             return []
-        return [Holder(h.peer, h.writable, h.since) for h in server_ref[0].holders.of(name)]
+        return [
+            Holder(h.peer, h.writable, h.since, h.epoch) for h in server_ref[0].holders.of(name)
+        ]
 
     try:
         service = VolumeService(

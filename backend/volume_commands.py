@@ -242,17 +242,21 @@ def _show_volume(info: VolumeInfo, as_json: bool) -> None:
         return
     rows = [
         ("name", info.name),
+        ("uid", info.uid),
         ("size", f"{human_size(info.size)} ({info.size} bytes)"),
         ("used", human_size(info.used_bytes)),
         ("read-only", "yes" if info.read_only else "no"),
         ("origin", info.origin or "-"),
         ("snapshots", ", ".join(info.snapshots) or "-"),
         ("shared", "yes" if info.shared else "no"),
+        ("epoch", str(info.epoch)),
         ("connections", str(info.connections)),
         *(
             (
                 "held by",
-                f"{h.peer} {'writable' if h.writable else 'read-only'} since "
+                f"{h.peer} {'writable' if h.writable else 'read-only'}"
+                + ("" if h.epoch is None else f" epoch {h.epoch}")
+                + " since "
                 + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.since)),
             )
             for h in info.holders

@@ -126,6 +126,9 @@ class HolderOut(BaseModel):
     peer: str = Field(description='"HOST:PORT", or "unix pid N"')
     writable: bool = Field(description="false: served read-only, another client holds it")
     since: float = Field(description="Unix time it opened the volume")
+    epoch: int | None = Field(
+        default=None, description="the replication epoch it named; null: a plain connection"
+    )
 
 
 class VolumeOut(BaseModel):
@@ -144,6 +147,8 @@ class VolumeOut(BaseModel):
     storage: str = Field(description="where the data lives (inline storage spec)")
     shared: bool = Field(description="several clients may hold it writable at once")
     holders: list[HolderOut] = Field(description="the NBD clients that have it open now")
+    uid: str = Field(description="tells the volume from an earlier one of the same name")
+    epoch: int = Field(description="the highest replication epoch the volume promised")
 
     @classmethod
     def of(cls, info: VolumeInfo) -> VolumeOut:

@@ -1,7 +1,13 @@
 """Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
 
 from backend.nbd.connection import DF_MAX, ServerConnection, State
-from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, NBDError, ProtocolError
+from backend.nbd.errors import (
+    ExportForbiddenError,
+    ExportUnavailableError,
+    LocalProtocolError,
+    NBDError,
+    ProtocolError,
+)
 from backend.nbd.events import (
     NEED_DATA,
     Aborted,
@@ -27,6 +33,7 @@ __all__ = [
     "Disconnect",
     "Event",
     "ExportDescription",
+    "ExportForbiddenError",
     "ExportListRequested",
     "ExportRequested",
     "ExportSelected",

@@ -123,6 +123,7 @@ class _Asked(NamedTuple):
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Refused:
     reason: str | None  # None: no such export
+    forbidden: bool = False  # NBD_REP_ERR_POLICY: the server's policy refuses this client
 
 
 _Answer = ExportDescription | _Refused | list[ExportDescription]
@@ -454,11 +455,13 @@ class ServerConnection:
         EXPORT_NAME it is what transmission serves if the core accepts it (its TLS policy)."""
         self._answer_with(ExportRequested, export)
 
-    def export_refused(self, reason: str | None = None) -> None:
+    def export_refused(self, reason: str | None = None, *, forbidden: bool = False) -> None:
         """Answer :class:`ExportRequested`: no export has that name (``reason`` None), or it
         exists but cannot be served now because of ``reason``.  The client gets
-        NBD_REP_ERR_UNKNOWN with the reason; after EXPORT_NAME the connection closes."""
-        self._answer_with(ExportRequested, _Refused(reason))
+        NBD_REP_ERR_UNKNOWN with the reason, or NBD_REP_ERR_POLICY when ``forbidden`` (the
+        server's policy refuses this client, e.g. a stale epoch); after EXPORT_NAME the
+        connection closes."""
+        self._answer_with(ExportRequested, _Refused(reason, forbidden))
 
     def export_list(self, exports: Iterable[ExportDescription]) -> None:
         """Answer :class:`ExportListRequested` with every export, in the order to list them."""
@@ -529,6 +532,8 @@ class ServerConnection:
         if isinstance(answer, _Refused):
             if answer.reason is None:
                 self._error(option, c.Rep.ERR_UNKNOWN, _unknown(name))
+            elif answer.forbidden:
+                self._error(option, c.Rep.ERR_POLICY, f"export {name!r} refused: {answer.reason}")
             else:
                 message = f"export {name!r} is not available: {answer.reason}"
                 self._error(option, c.Rep.ERR_UNKNOWN, message)

@@ -3,6 +3,7 @@
     NBDError
      ├── ProtocolError       the peer broke the protocol; the connection must close
      ├── ExportUnavailableError   an export exists but cannot be served now (export tables)
+     │    └── ExportForbiddenError    … nor ever to this client as it asked (a stale epoch)
      └── LocalProtocolError  our caller misused the core (a bug in the server)
 
 A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
@@ -36,6 +37,13 @@ class ExportUnavailableError(NBDError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ExportForbiddenError(ExportUnavailableError):
+    """Raised by the server's export tables when the export exists but the server's policy
+    refuses the client what it asked for (a fenced connection naming an epoch older than the
+    one the volume promised).  The session answers ``export_refused(reason, forbidden=True)``
+    and the client gets NBD_REP_ERR_POLICY, which tells it retrying will not help."""
 
 
 class LocalProtocolError(NBDError):

@@ -6,11 +6,14 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from backend.nbd import ExportDescription, TLSPolicy
 from backend.nbd.constants import TransmissionFlag
 from backend.storage import Capabilities, Storage, StorageError
+
+if TYPE_CHECKING:
+    from backend.server.fencing import Fence
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,10 @@ class Export:
     # At most one connection may hold it writable (backend/server/holders.py); such an
     # export never advertises CAN_MULTI_CONN, as a client's second connection would read only.
     exclusive: bool = False
+    # The volume's epoch fence (catalogue volumes: backend/server/fencing.py), and the epoch
+    # this client named to take it (None: a plain connection).
+    fence: Fence | None = None
+    epoch: int | None = None
 
     def describe(self) -> ExportDescription:
         caps = self.storage.capabilities

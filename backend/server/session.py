@@ -32,6 +32,7 @@ from backend.nbd import (
     Aborted,
     ConnectionClosed,
     Disconnect,
+    ExportForbiddenError,
     ExportListRequested,
     ExportRequested,
     ExportSelected,
@@ -47,6 +48,7 @@ from backend.nbd import (
 from backend.nbd.constants import MAX_PAYLOAD, PAYLOAD_PIECE, Cmd, CmdFlag, Error, StateFlag
 from backend.server.buffers import PayloadBuffers
 from backend.server.exports import Export, Exports
+from backend.server.fencing import Pass
 from backend.server.holders import Holder, Holders
 from backend.server.limits import DEFAULT_HANDSHAKE_TIMEOUT
 from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
@@ -69,6 +71,10 @@ _BULK = frozenset({Cmd.READ, Cmd.WRITE})
 INFLIGHT_BUDGET = 32 * 1024 * 1024
 # Seconds a finished session waits for its client to read the replies still queued.
 DRAIN_TIMEOUT = 30.0
+# Seconds a session whose epoch was fenced out stays open, answering every request with EPERM
+# (a woken engine learns it was fenced, not that the network failed), before it is closed.
+REVOKED_GRACE = 10.0
+_FENCED = "fenced out: the volume has promised a newer epoch"
 
 _WIRE_ERRORS = {int(e) for e in Error}
 _ERRNO_ALIASES = {errno.EDQUOT: Error.ENOSPC, errno.EFBIG: Error.ENOSPC, errno.EROFS: Error.EPERM}
@@ -104,6 +110,7 @@ class Session:
         self._pool = pool
         self._holders = holders or Holders()
         self._holder: Holder | None = None
+        self._ticket: Pass | None = None  # admission to the volume's epoch fence, if fenced
         self._chosen: Export | None = None  # admitted for GO / EXPORT_NAME, served from then
         self.conn = ServerConnection(
             tls_available=tls is not None,
@@ -222,18 +229,30 @@ class Session:
         """
         try:
             export = self._table.get(event.name)
+            if export is None:
+                self.conn.export_refused()
+                return
+            if event.selects and self.conn.serves(export.tls):
+                self._holder, export = self._holders.admit(self.peer, export, self._revoked)
+                self._ticket = self._holder.ticket
+                self._chosen = export
+            else:
+                export = self._holders.preview(export)
+        except ExportForbiddenError as err:
+            self.conn.export_refused(err.reason, forbidden=True)
+            return
         except ExportUnavailableError as err:
             self.conn.export_refused(err.reason)
             return
-        if export is None:
-            self.conn.export_refused()
-            return
-        if event.selects and self.conn.serves(export.tls):
-            self._holder, export = self._holders.admit(self.peer, export)
-            self._chosen = export
-        else:
-            export = self._holders.preview(export)
         self.conn.export_chosen(export.describe())
+
+    def _revoked(self) -> None:
+        """A newer epoch fenced this session out (its requests in flight have finished)."""
+        name = self._chosen.name if self._chosen is not None else "?"
+        log.info("%s: fenced out of %r: closing in %g s", self.peer, name, REVOKED_GRACE)
+        timer = threading.Timer(REVOKED_GRACE, self.stop_reading)
+        timer.daemon = True
+        timer.start()
 
     def _time_left(self, deadline: float) -> None:
         """Let the next blocking call wait until ``deadline`` at most (TimeoutError after)."""
@@ -341,7 +360,27 @@ class Session:
             self._idle.wait_for(lambda: self._inflight == 0)
 
     def _execute(self, storage: Storage, request: Request) -> list[bytes]:
-        """Run one valid request against the storage and build its reply."""
+        """Run one valid request against the storage and build its reply (EPERM, never run,
+        if the session's epoch was fenced out: backend/server/fencing.py)."""
+        ticket = self._ticket
+        if ticket is None:
+            return self._run_request(storage, request)
+        inflight = ticket.inflight
+        inflight.append(None)  # before the epoch check: a take waits for it to finish
+        try:
+            if ticket.epoch >= ticket.fence.epoch:
+                return self._run_request(storage, request)
+        finally:
+            inflight.pop()
+        return [self._fenced_out(request.cookie, request.command)]
+
+    def _fenced_out(self, cookie: int, command: Cmd) -> bytes:
+        """The reply to a request of a fenced-out session; the session then ends."""
+        self.stats.error(command, Error.EPERM)
+        self.stop_reading()  # what was received is answered (EPERM too), then the close
+        return self.conn.reply_error(cookie, command, Error.EPERM, _FENCED)
+
+    def _run_request(self, storage: Storage, request: Request) -> list[bytes]:
         conn = self.conn
         command = request.command
         try:
@@ -409,11 +448,29 @@ class Session:
     def _locked(self) -> contextlib.AbstractContextManager[object]:
         return self._storage_lock if self._storage_lock is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def _fenced(self) -> Iterator[None]:
+        """Run one piece of a long request under the storage lock, if any, and only while the
+        session's epoch is current (StorageError EPERM otherwise; see _execute)."""
+        ticket = self._ticket
+        with self._locked():
+            if ticket is None:
+                yield
+                return
+            ticket.inflight.append(None)
+            try:
+                if not ticket.current():
+                    self.stop_reading()
+                    raise StorageError(errno.EPERM, _FENCED)
+                yield
+            finally:
+                ticket.inflight.pop()
+
     def _write_piece(self, storage: Storage, piece: WritePiece) -> bytes | None:
         """Write one piece of a long WRITE; the reply once its last piece is written."""
         if self._piece_error is None:
             try:
-                with self._locked():
+                with self._fenced():
                     storage.write(piece.offset, piece.data, bool(piece.flags & CmdFlag.FUA))
             except StorageError as err:
                 log.warning("%s: WRITE at %d failed: %s", self.peer, piece.offset, err)
@@ -445,7 +502,7 @@ class Session:
         while pos < end:
             size = min(PAYLOAD_PIECE, end - pos)
             try:
-                with self._locked():
+                with self._fenced():
                     if sparse:
                         parts = _read_parts(storage, pos, size)
                     else:

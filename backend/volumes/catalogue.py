@@ -7,7 +7,11 @@ garbage (removed by VolumeService.gc).
 
 Each volume and layer records its storage (a StorageSpec as JSON, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
-place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time).
+place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time);
+schema 3 ones get each volume's ``uid`` (made at migration) and ``epoch`` 0 (never fenced).
+
+A volume's ``uid`` tells it from an earlier volume of the same name; its ``epoch`` is the
+highest replication epoch it has promised (docs/replication.md, "Replica protocol").
 
 Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
 up volumes created, resized or deleted by another process.
@@ -20,11 +24,12 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,7 +50,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
     created REAL NOT NULL,
     storage TEXT NOT NULL DEFAULT '{"kind": "file", "layers": [], "params": {}}',
-    shared INTEGER NOT NULL DEFAULT 0
+    shared INTEGER NOT NULL DEFAULT 0,
+    uid TEXT NOT NULL DEFAULT '',
+    epoch INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     volume TEXT NOT NULL,
@@ -71,6 +78,8 @@ class VolumeRow:
     created: float
     storage: str = FILE_STORAGE
     shared: bool = False  # several clients may hold it writable at once (multi-attach)
+    uid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    epoch: int = 0  # the highest replication epoch promised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +104,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         created=row["created"],
         storage=row["storage"],
         shared=bool(row["shared"]),
+        uid=row["uid"],
+        epoch=row["epoch"],
     )
 
 
@@ -134,6 +145,13 @@ class Catalogue:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(volumes)")}
             if "shared" not in columns:  # schema 2 → 3
                 db.execute("ALTER TABLE volumes ADD COLUMN shared INTEGER NOT NULL DEFAULT 0")
+            if "uid" not in columns:  # schema 3 → 4
+                db.execute("ALTER TABLE volumes ADD COLUMN uid TEXT NOT NULL DEFAULT ''")
+                db.execute("ALTER TABLE volumes ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
+                for (name,) in db.execute("SELECT name FROM volumes").fetchall():
+                    db.execute(
+                        "UPDATE volumes SET uid = ? WHERE name = ?", (uuid.uuid4().hex, name)
+                    )
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
     def _schema(self) -> str | None:
@@ -236,7 +254,8 @@ class Catalogue:
     def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
         db.execute(
             "INSERT INTO volumes (name, size, description, labels, read_only, top, origin,"
-            " state, created, storage, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " state, created, storage, shared, uid, epoch)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.name,
                 row.size,
@@ -249,5 +268,17 @@ class Catalogue:
                 row.created,
                 row.storage,
                 int(row.shared),
+                row.uid,
+                row.epoch,
             ),
         )
+
+    def promise_epoch(self, uid: str, epoch: int) -> bool:
+        """Raise the epoch of the volume ``uid`` to ``epoch``, committed (synchronous=FULL)
+        before this returns; False, changing nothing, if no volume has that uid or its epoch
+        is already ``epoch`` or higher (a compare-and-set: epochs never go down)."""
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE volumes SET epoch = ? WHERE uid = ? AND epoch < ?", (epoch, uid, epoch)
+            ).rowcount
+        return changed == 1

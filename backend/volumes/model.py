@@ -134,6 +134,7 @@ class Holder:
     peer: str  # "HOST:PORT" (TCP) or "unix pid N"
     writable: bool  # False: served read-only (the volume is held writable by another client)
     since: float  # when it opened the volume (time.time())
+    epoch: int | None = None  # the replication epoch it named (None: a plain connection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,8 @@ class VolumeInfo:
     storage: str = "file"  # where its data lives (backend.volumes.storages, inline form)
     shared: bool = False  # several clients may hold it writable at once
     holders: tuple[Holder, ...] = ()  # who has it open (when asked of a running server)
+    uid: str = ""  # tells it from an earlier volume of the same name
+    epoch: int = 0  # the highest replication epoch it promised (docs/replication.md)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -235,6 +235,8 @@ class VolumeService:
             storage=str(StorageSpec.from_json(row.storage)),
             shared=row.shared,
             holders=holders,
+            uid=row.uid,
+            epoch=row.epoch,
         )
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:

@@ -108,6 +108,19 @@ def test_a_refusal_with_a_reason_says_the_export_is_not_available() -> None:
     assert message == b"export 'held' is not available: its storage is unreachable"
 
 
+def test_a_forbidden_export_is_refused_by_policy() -> None:
+    # Issue 12: a stale replication epoch; ERR_POLICY tells the client retrying won't help.
+    conn, _ = asked(FIXED + option(c.Opt.GO, info_payload("v;epoch=1")))
+    conn.export_refused("volume v promised epoch 2: epoch 1 is fenced out", forbidden=True)
+    conn.next_event()
+    [(_, kind, message)] = parse_option_replies(conn.data_to_send())
+    assert kind == c.Rep.ERR_POLICY
+    assert message == (
+        b"export 'v;epoch=1' refused: volume v promised epoch 2: epoch 1 is fenced out"
+    )
+    assert conn.state is State.NEGOTIATING
+
+
 def test_a_refused_export_name_closes() -> None:
     conn, _ = asked(FIXED + option(c.Opt.EXPORT_NAME, b"held"))
     conn.export_refused("in use")
