@@ -80,6 +80,9 @@ def test_a_newer_epoch_fences_out_the_older_connection(replica: NbsServer, data:
     assert again.pread(BLOCK, 0) == b"2" * BLOCK
     holders = _info(data)["holders"]
     assert [(h["writable"], h["epoch"]) for h in holders] == [(True, 2), (True, 2)]  # type: ignore[attr-defined]
+    text = nbs("volume", "info", "r", "--data-dir", str(data)).stdout
+    assert "epoch:       2" in text
+    assert text.count(" writable epoch 2 since ") == 2
     for handle in (new, again):
         handle.shutdown()
 

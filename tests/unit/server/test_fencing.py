@@ -12,6 +12,7 @@ import pytest
 
 from backend.nbd import ExportForbiddenError, ExportUnavailableError
 from backend.nbd.constants import Cmd, Error
+from backend.server import session
 from backend.server.exports import Export
 from backend.server.fencing import Fence, Pass
 from backend.server.server import Server, TCPAddress
@@ -108,8 +109,8 @@ def test_plain_writers_hold_epoch_zero_and_lose_it_to_the_first_engine() -> None
 class LoggedStorage(MemoryStorage):
     """Records every write it executes, in one log with the fence's take marker."""
 
-    def __init__(self, log: list[object], inline: bool) -> None:
-        super().__init__(SIZE)
+    def __init__(self, log: list[object], inline: bool, size: int = SIZE) -> None:
+        super().__init__(size)
         self.log = log
         self._inline = inline
 
@@ -158,8 +159,8 @@ def fenced_server() -> Iterator[tuple[Server, list[object]]]:
     log: list[object] = []
     servers: list[Server] = []
 
-    def start(inline: bool) -> Server:
-        table = FencedTable(LoggedStorage(log, inline), MarkingFence(log))
+    def start(inline: bool, size: int = SIZE) -> Server:
+        table = FencedTable(LoggedStorage(log, inline, size), MarkingFence(log))
         server = Server(table, tcp=[TCPAddress("127.0.0.1", 0)])  # type: ignore[arg-type]
         server.bind()
         server.start()
@@ -215,6 +216,7 @@ def test_no_request_of_the_old_epoch_runs_after_the_take_returned(  # type: igno
     engine = Client(port, "disk;epoch=2")  # returns once the take has returned
     engine.send(request(Cmd.WRITE, 1, 0, 512) + b"\x22" * 512)
     assert engine.reply() == (1, 0, b"")
+    assert server.holders.of("disk")[-1].epoch == 2
     for writer in writers:
         writer.join(30)
         assert not writer.is_alive()
@@ -226,7 +228,6 @@ def test_no_request_of_the_old_epoch_runs_after_the_take_returned(  # type: igno
     assert late == []  # nothing of epoch 1 ran once the take returned
     for got in replies:
         assert got.count(0) >= 1  # each wrote before the take
-    assert server.holders.of("disk")[-1].epoch == 2
 
 
 def _replies_until_closed(client: Client) -> None:
@@ -251,3 +252,36 @@ def test_a_fenced_out_session_answers_eperm_then_closes(  # type: ignore[no-unty
     assert new.reply() == (4, 0, b"old1")
     old.close()
     new.close()
+
+
+def test_long_requests_of_a_fenced_out_session_never_touch_the_storage(  # type: ignore[no-untyped-def]
+    fenced_server,
+) -> None:
+    # Requests over PAYLOAD_PIECE stream through the connection thread piece by piece.
+    start, log = fenced_server
+    server = start(True, 16 << 20)
+    old = Client(port_of(server), "disk;epoch=1")
+    new = Client(port_of(server), "disk;epoch=2")
+    written = len(log)
+    old.send(request(Cmd.WRITE, 1, 0, 6 << 20) + b"\x11" * (6 << 20))
+    assert old.reply() == (1, Error.EPERM, b"")
+    assert len(log) == written  # not one piece was written
+    new.send(request(Cmd.READ, 2, 0, 4))
+    assert new.reply() == (2, 0, bytes(4))
+    old.close()
+    new.close()
+
+
+def test_a_silent_fenced_out_session_is_closed_after_the_grace(  # type: ignore[no-untyped-def]
+    fenced_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session, "REVOKED_GRACE", 0.2)
+    start, _ = fenced_server
+    server = start(True)
+    old = Client(port_of(server), "disk;epoch=1")
+    new = Client(port_of(server), "disk;epoch=2")
+    old.sock.settimeout(10)
+    with pytest.raises(EOFError):  # closed without the client sending anything
+        old.reply()
+    new.close()
+    old.close()
