@@ -46,6 +46,7 @@ from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
 from backend.volumes.leases import LeaseHeldError, Leases, locked
 from backend.volumes.model import (
     AlreadyExistsError,
+    CreateRequest,
     DependencyError,
     Holder,
     InUseError,
@@ -297,27 +298,16 @@ class VolumeService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def create(
-        self,
-        name: str,
-        size: int | str | None,
-        *,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        ready: bool = True,
-        storage: str | StorageSpec | None = None,
-        shared: bool = False,
-    ) -> VolumeInfo:
-        """A new, empty (sparse) volume on ``storage`` (see :meth:`resolve_storage`).
+    def create(self, request: CreateRequest, *, ready: bool = True) -> VolumeInfo:
+        """A new, empty (sparse) volume on ``request.storage`` (see :meth:`resolve_storage`).
         ``ready=False`` keeps it hidden (``creating``) until :meth:`mark_ready`, for volumes
-        being filled from an image.  ``size`` may be ``None`` only for an adopted RBD image
-        (its size is the image's)."""
-        check_name(name)
-        labels = check_labels(dict(labels or {}))
+        being filled from an image.  ``request.size`` may be ``None`` only for an adopted RBD
+        image (its size is the image's)."""
+        name, size, description = check_name(request.name), request.size, request.description
+        labels = check_labels(dict(request.labels))
         if len(description) > 4096 or "\0" in description:
             raise InvalidRequestError("description must be at most 4096 characters, no NUL")
-        spec = prepare_location(self.resolve_storage(storage))
+        spec = prepare_location(self.resolve_storage(request.storage))
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
@@ -339,13 +329,13 @@ class VolumeService:
                 nbytes,
                 description,
                 labels,
-                read_only,
+                request.read_only,
                 layer,
                 None,
                 "creating",
                 time.time(),
                 spec.to_json(),
-                shared,
+                request.shared,
             )
             self._record_creating(row, None)
             self._make_ready(row, ready, lambda: backend.create(layer, nbytes))
