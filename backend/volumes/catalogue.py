@@ -10,7 +10,9 @@ layers of one chain always share it.  Schema 1 catalogues (before storages) are 
 place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time).
 
 Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
-up volumes created, resized or deleted by another process.
+up volumes created, resized or deleted by another process.  The SQL lives in this module only:
+callers read through :class:`Catalogue`'s methods and change rows through the named methods of
+:class:`Changes`, the transaction :meth:`Catalogue.transaction` hands out.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ class Catalogue:
         self._db.execute("PRAGMA busy_timeout=10000")
         if self._schema() == str(SCHEMA_VERSION):
             return  # opening to read writes nothing (no generation bump for servers to see)
-        with self.transaction() as db:
+        with self._transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -148,8 +150,15 @@ class Catalogue:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locked) transaction that bumps the generation on success."""
+    def transaction(self) -> Iterator[Changes]:
+        """An immediate (write-locked) transaction that bumps the generation on success; its
+        changes are the methods of the :class:`Changes` it yields.  An exception rolls every
+        one of them back."""
+        with self._transaction() as db:
+            yield Changes(db)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -216,25 +225,38 @@ class Catalogue:
             out.append(parent)
         return out[::-1]
 
-    # ------------------------------------------------------------------ writes (in a tx)
-
-    @staticmethod
-    def add_layer(
-        db: sqlite3.Connection, layer: str, parent: str | None, storage: str = FILE_STORAGE
-    ) -> None:
-        db.execute(
-            "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
-            (layer, parent, time.time(), storage),
-        )
-
     def layer_storage(self, layer: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
         return row["storage"] if row else None
 
-    @staticmethod
-    def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
-        db.execute(
+
+class Changes:
+    """The changes one transaction makes (from :meth:`Catalogue.transaction`, which commits
+    them together or not at all); valid inside its ``with`` block only."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------------ layers
+
+    def add_layer(self, layer: str, parent: str | None, storage: str = FILE_STORAGE) -> None:
+        self._db.execute(
+            "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
+            (layer, parent, time.time(), storage),
+        )
+
+    def set_parent(self, layer: str, parent: str | None) -> None:
+        """``None`` cuts the chain below ``layer`` (a flattened clone)."""
+        self._db.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent, layer))
+
+    def remove_layer(self, layer: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+
+    # ------------------------------------------------------------------ volumes
+
+    def add_volume(self, row: VolumeRow) -> None:
+        self._db.execute(
             "INSERT INTO volumes (name, size, description, labels, read_only, top, origin,"
             " state, created, storage, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -251,3 +273,34 @@ class Catalogue:
                 int(row.shared),
             ),
         )
+
+    def set_state(self, volume: str, state: str) -> None:
+        """``state``: creating, ready or deleting (the schema refuses others)."""
+        self._db.execute("UPDATE volumes SET state = ? WHERE name = ?", (state, volume))
+
+    def set_size(self, volume: str, size: int) -> None:
+        self._db.execute("UPDATE volumes SET size = ? WHERE name = ?", (size, volume))
+
+    def set_top(self, volume: str, top: str) -> None:
+        self._db.execute("UPDATE volumes SET top = ? WHERE name = ?", (top, volume))
+
+    def set_origin(self, volume: str, origin: str | None) -> None:
+        self._db.execute("UPDATE volumes SET origin = ? WHERE name = ?", (origin, volume))
+
+    def remove_volume(self, volume: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE name = ?", (volume,))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def add_snapshot(self, row: SnapshotRow) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots (volume, name, layer, size, created) VALUES (?, ?, ?, ?, ?)",
+            (row.volume, row.name, row.layer, row.size, row.created),
+        )
+
+    def remove_snapshot(self, volume: str, name: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
+
+    def remove_snapshots(self, volume: str) -> None:
+        """Every snapshot of ``volume`` (the volume is being deleted)."""
+        self._db.execute("DELETE FROM snapshots WHERE volume = ?", (volume,))

@@ -42,10 +42,11 @@ from pathlib import Path
 from backend.storage import Storage, StorageError
 from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.volumes.backends import Backend, Backends
-from backend.volumes.catalogue import Catalogue, VolumeRow
+from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
 from backend.volumes.leases import LeaseHeldError, Leases, locked
 from backend.volumes.model import (
     AlreadyExistsError,
+    CreateRequest,
     DependencyError,
     Holder,
     InUseError,
@@ -297,27 +298,16 @@ class VolumeService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def create(
-        self,
-        name: str,
-        size: int | str | None,
-        *,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        ready: bool = True,
-        storage: str | StorageSpec | None = None,
-        shared: bool = False,
-    ) -> VolumeInfo:
-        """A new, empty (sparse) volume on ``storage`` (see :meth:`resolve_storage`).
+    def create(self, request: CreateRequest, *, ready: bool = True) -> VolumeInfo:
+        """A new, empty (sparse) volume on ``request.storage`` (see :meth:`resolve_storage`).
         ``ready=False`` keeps it hidden (``creating``) until :meth:`mark_ready`, for volumes
-        being filled from an image.  ``size`` may be ``None`` only for an adopted RBD image
-        (its size is the image's)."""
-        check_name(name)
-        labels = check_labels(dict(labels or {}))
+        being filled from an image.  ``request.size`` may be ``None`` only for an adopted RBD
+        image (its size is the image's)."""
+        name, size, description = check_name(request.name), request.size, request.description
+        labels = check_labels(dict(request.labels))
         if len(description) > 4096 or "\0" in description:
             raise InvalidRequestError("description must be at most 4096 characters, no NUL")
-        spec = prepare_location(self.resolve_storage(storage))
+        spec = prepare_location(self.resolve_storage(request.storage))
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
@@ -339,13 +329,13 @@ class VolumeService:
                 nbytes,
                 description,
                 labels,
-                read_only,
+                request.read_only,
                 layer,
                 None,
                 "creating",
                 time.time(),
                 spec.to_json(),
-                shared,
+                request.shared,
             )
             self._record_creating(row, None)
             self._make_ready(row, ready, lambda: backend.create(layer, nbytes))
@@ -360,9 +350,9 @@ class VolumeService:
         except LeaseHeldError:
             raise AlreadyExistsError(f"volume {row.name!r} is being created") from None
         try:
-            with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, row.top, parent, row.storage)
-                self.catalogue.add_volume(db, row)
+            with self.catalogue.transaction() as changes:
+                changes.add_layer(row.top, parent, row.storage)
+                changes.add_volume(row)
         except BaseException:
             self.leases.release(row.name)
             raise
@@ -386,8 +376,8 @@ class VolumeService:
             self._set_ready(row.name)
 
     def _set_ready(self, name: str) -> None:
-        with self.catalogue.transaction() as db:
-            db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (name,))
+        with self.catalogue.transaction() as changes:
+            changes.set_state(name, "ready")
         self.leases.release(name)
 
     def mark_ready(self, name: str) -> VolumeInfo:
@@ -446,8 +436,8 @@ class VolumeService:
                     self._backend(row.storage).resize(opened.top, nbytes, allow_shrink)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
-                with self.catalogue.transaction() as db:
-                    db.execute("UPDATE volumes SET size = ? WHERE name = ?", (nbytes, name))
+                with self.catalogue.transaction() as changes:
+                    changes.set_size(name, nbytes)
         return self.info(name)
 
     def _check_local_if_closed(self, name: str, what: str) -> None:
@@ -476,9 +466,9 @@ class VolumeService:
                     raise DependencyError(
                         f"snapshot {name}@{snap.name} has clones ({', '.join(dependents)})"
                     )
-            with self.catalogue.transaction() as db:
-                db.execute("UPDATE volumes SET state = 'deleting' WHERE name = ?", (name,))
-                db.execute("DELETE FROM snapshots WHERE volume = ?", (name,))
+            with self.catalogue.transaction() as changes:
+                changes.set_state(name, "deleting")
+                changes.remove_snapshots(name)
             self._remove_volume(row)
         log.info("deleted volume %s", name)
 
@@ -487,8 +477,8 @@ class VolumeService:
         if opened is not None:
             opened.top.close()
         own = self.catalogue.chain(row.top)
-        with self.catalogue.transaction() as db:
-            db.execute("DELETE FROM volumes WHERE name = ?", (row.name,))
+        with self.catalogue.transaction() as changes:
+            changes.remove_volume(row.name)
         if quiet:
             self._collect_layers((), local_only=True)
         else:
@@ -510,16 +500,13 @@ class VolumeService:
                 # Runs while the volume's writes are held: the catalogue points at the new top
                 # before any write can land in it.  On RBD the top stays and the snapshot is
                 # a layer of its own above it (``IMAGE@SNAP``).
-                with self.catalogue.transaction() as db:
+                with self.catalogue.transaction() as changes:
                     if new_top != row.top:
-                        self.catalogue.add_layer(db, new_top, frozen, row.storage)
-                        db.execute("UPDATE volumes SET top = ? WHERE name = ?", (new_top, volume))
+                        changes.add_layer(new_top, frozen, row.storage)
+                        changes.set_top(volume, new_top)
                     else:
-                        self.catalogue.add_layer(db, frozen, row.top, row.storage)
-                    db.execute(
-                        "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?)",
-                        (volume, name, frozen, row.size, time.time()),
-                    )
+                        changes.add_layer(frozen, row.top, row.storage)
+                    changes.add_snapshot(SnapshotRow(volume, name, frozen, row.size, time.time()))
 
             try:
                 opened.top.flush()  # a write-back cache hands its dirty blocks down first
@@ -587,8 +574,8 @@ class VolumeService:
                 )
             for clone in dependents:
                 self._flatten(clone, progress)
-            with self.catalogue.transaction() as db:
-                db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
+            with self.catalogue.transaction() as changes:
+                changes.remove_snapshot(volume, name)
             self._collect_layers([snap.layer])
         log.info("deleted snapshot %s@%s", volume, name)
 
@@ -605,9 +592,9 @@ class VolumeService:
             )
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
-        with self.catalogue.transaction() as db:
-            db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (row.top,))
-            db.execute("UPDATE volumes SET origin = NULL WHERE name = ?", (name,))
+        with self.catalogue.transaction() as changes:
+            changes.set_parent(row.top, None)
+            changes.set_origin(name, None)
         log.info("flattened %s", name)
 
     # ------------------------------------------------------------------ garbage
@@ -669,8 +656,8 @@ class VolumeService:
                     err,
                 )
                 continue
-            with self.catalogue.transaction() as db:
-                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            with self.catalogue.transaction() as changes:
+                changes.remove_layer(layer)
             removed.append(layer)
         files = self.backends.get(FILE.location)
         return removed + [f for f in files.orphans(live) if f.split(".", 1)[0] not in dead]

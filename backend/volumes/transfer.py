@@ -8,6 +8,7 @@ The volume is served for the copy by an in-process NBS server on a private Unix 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from backend.server.server import Server, UnixAddress
 from backend.storage import Capabilities, Extent, Storage
 from backend.volumes.model import (
     SECTOR,
+    ImportRequest,
     InvalidRequestError,
     StorageFailureError,
     VolumeError,
@@ -170,44 +172,26 @@ def export_image(
         _convert(["-f", "raw", "-O", fmt, uri, str(dest)], storage.size, progress)
 
 
-def begin_import(
-    service: VolumeService,
-    name: str,
-    source: str,
-    *,
-    size: int | str | None = None,
-    description: str = "",
-    labels: dict[str, str] | None = None,
-    read_only: bool = False,
-    storage: str | None = None,
-    shared: bool = False,
-) -> None:
+def begin_import(service: VolumeService, request: ImportRequest) -> None:
     """Create the hidden (``creating``) volume an image will be copied into.
 
-    Sized from ``size`` or else the image, rounded up to whole sectors.  Raises the
-    VolumeError of a refused request; then nothing was created.
+    Sized from ``request.volume.size`` or else the image, rounded up to whole sectors.
+    Raises the VolumeError of a refused request; then nothing was created.
     """
-    total = parse_size(size) if size is not None else image_size(source)
+    size = request.volume.size
+    total = parse_size(size) if size is not None else image_size(request.source)
     total += -total % SECTOR
-    service.create(
-        name,
-        total,
-        description=description,
-        labels=labels,
-        read_only=read_only,
-        ready=False,
-        storage=storage,
-        shared=shared,
-    )
+    service.create(dataclasses.replace(request.volume, size=total), ready=False)
 
 
 def finish_import(
-    service: VolumeService, name: str, source: str, progress: Progress | None = None
+    service: VolumeService, request: ImportRequest, progress: Progress | None = None
 ) -> VolumeInfo:
     """Copy the image into the volume begin_import created and make it visible.
 
     On any failure the half-filled volume is removed and the error re-raised.
     """
+    name, source = request.volume.name, request.source
     try:
         storage = service.open_creating(name)
         try:
