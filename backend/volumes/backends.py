@@ -13,6 +13,11 @@ sits on a snapshot's layer.  A :class:`Backend` turns layer ids into storage:
 Snapshots differ in shape: on files and objects the frozen layer is the old top and the volume
 continues in a new top; on RBD the top stays and the snapshot is a new layer under it in name
 only.  :meth:`Backend.snapshot` reports both through ``commit(frozen, new_top)``.
+
+A backend is generic over the storage it opens (``Backend[CowStorage]``...): snapshot and
+flatten are that engine's own abilities, so they take the storage its ``open`` returned, typed,
+and never check what it is (docs/decisions/0080-declared-storage-abilities.md).  Resizing is an
+ability every Storage declares (``Capabilities.can_resize``), so it needs no backend.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from backend.storage.base import Storage, StorageError
 from backend.storage.chunked import (
@@ -50,14 +55,20 @@ from backend.storage.cow import (
 from backend.storage.objects.base import ObjectStore
 from backend.volumes.storages import StorageSpec
 
+if TYPE_CHECKING:
+    from backend.storage.rbd import RbdStorage
+
 Progress = Callable[[int, int], None]
 Commit = Callable[[str, str], None]
 
 DEFAULT_OBJECT_CHUNK = 4 * 1024 * 1024
 
+StorageT = TypeVar("StorageT", bound=Storage)
 
-class Backend(abc.ABC):
-    """One storage location; shared by every volume on it.  Thread safe."""
+
+class Backend(abc.ABC, Generic[StorageT]):
+    """One storage location; shared by every volume on it.  Thread safe.  ``StorageT`` is the
+    storage its ``open`` returns, which ``snapshot`` and ``flatten`` take back."""
 
     def new_layer(self) -> str:
         """An id for a new volume's top layer."""
@@ -80,23 +91,17 @@ class Backend(abc.ABC):
         self.create(layer, size)
 
     @abc.abstractmethod
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> StorageT:
         """The storage of the chain ``chain`` (bottom first, top last)."""
 
     @abc.abstractmethod
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+    def snapshot(self, storage: StorageT, top: str, commit: Commit) -> None:
         """Freeze what ``storage`` (open on ``top``) holds; ``commit(frozen, new_top)`` records
         it while no write can land in between."""
 
-    def resize(self, storage: Storage, size: int, allow_shrink: bool) -> None:
-        resize = getattr(storage, "resize", None)
-        if resize is None:
-            raise StorageError(errno.ENOTSUP, f"{storage!r} cannot be resized")
-        resize(size, allow_shrink=allow_shrink)
-
     @abc.abstractmethod
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: StorageT | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         """Make the top of ``chain`` hold everything (the open ``storage``, if any)."""
 
@@ -112,11 +117,11 @@ class Backend(abc.ABC):
         """Remove data of layers no catalogue row knows (left by a crash); returns names."""
         return []
 
-    def close(self) -> None:  # noqa: B027 - most backends hold nothing
+    def close(self) -> None:
         """Release connections."""
 
 
-class FileBackend(Backend):
+class FileBackend(Backend[CowStorage]):
     """Layers as copy-on-write files in ``directory``."""
 
     def __init__(self, directory: Path, chunk_size: int) -> None:
@@ -129,19 +134,17 @@ class FileBackend(Backend):
     def create(self, layer: str, size: int) -> None:
         create_cow_layer(self._stem(layer), size, self.chunk_size)
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> CowStorage:
         return CowStorage([self._stem(layer) for layer in chain], read_only=read_only)
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
-        assert isinstance(storage, CowStorage)
+    def snapshot(self, storage: CowStorage, top: str, commit: Commit) -> None:
         new_top = uuid.uuid4().hex
         storage.snapshot(self._stem(new_top), commit=lambda frozen: commit(frozen.name, new_top))
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: CowStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         if storage is not None:
-            assert isinstance(storage, CowStorage)
             storage.flatten(progress)
         else:
             flatten_into([self._stem(layer) for layer in chain], progress)
@@ -167,7 +170,7 @@ class FileBackend(Backend):
         return removed
 
 
-class ChunkedBackend(Backend):
+class ChunkedBackend(Backend[ChunkedStorage]):
     """Layers as key prefixes ``LAYER/`` in one object store (shared by its volumes)."""
 
     def __init__(self, store: ObjectStore, chunk_size: int, workers: int = 8) -> None:
@@ -178,26 +181,23 @@ class ChunkedBackend(Backend):
     def create(self, layer: str, size: int) -> None:
         create_chunked_layer(self.store, f"{layer}/", size, self.chunk_size)
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> ChunkedStorage:
         return open_chain(
             self.store, [f"{layer}/" for layer in chain], read_only=read_only, workers=self.workers
         )
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
-        assert isinstance(storage, ChunkedStorage)
+    def snapshot(self, storage: ChunkedStorage, top: str, commit: Commit) -> None:
         new_top = uuid.uuid4().hex
         storage.snapshot(f"{new_top}/", commit=lambda: commit(top, new_top))
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: ChunkedStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         if storage is not None:
-            assert isinstance(storage, ChunkedStorage)
             storage.flatten(progress)
             return
         opened = self.open(chain, read_only=False)
         try:
-            assert isinstance(opened, ChunkedStorage)
             opened.flatten(progress)
         finally:
             opened.close()
@@ -223,7 +223,7 @@ class ChunkedBackend(Backend):
         self.store.close()
 
 
-class RbdBackend(Backend):
+class RbdBackend(Backend["RbdStorage"]):
     """Volumes as RBD images in ``pool``: top layer ``IMAGE``, snapshot layer ``IMAGE@SNAP``.
 
     With ``image`` set, the one volume on this backend is that existing image (adopted: its
@@ -269,9 +269,9 @@ class RbdBackend(Backend):
         image, _, snap = parent[-1].partition("@")
         self._rbd.clone(self.cluster, self.pool, image, snap, layer, **self._where())
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> RbdStorage:
         image, _, snap = chain[-1].partition("@")
-        storage: Storage = self._rbd.RbdStorage(
+        storage: RbdStorage = self._rbd.RbdStorage(
             self.cluster,
             self.pool,
             image,
@@ -281,9 +281,9 @@ class RbdBackend(Backend):
         )
         return storage
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+    def snapshot(self, storage: RbdStorage, top: str, commit: Commit) -> None:
         snap = uuid.uuid4().hex
-        storage.snapshot(snap)  # type: ignore[attr-defined]
+        storage.snapshot(snap)
         try:
             commit(f"{top}@{snap}", top)
         except BaseException:
@@ -292,7 +292,7 @@ class RbdBackend(Backend):
             raise
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: RbdStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         self._rbd.flatten(self.cluster, self.pool, chain[-1], progress, **self._where())
 
@@ -323,10 +323,10 @@ class Backends:
         self.data_dir = data_dir
         self.chunk_size = chunk_size
         self._lock = threading.Lock()
-        self._backends: dict[StorageSpec, Backend] = {}
+        self._backends: dict[StorageSpec, Backend[Any]] = {}
         self._clusters: dict[tuple[str, float], Any] = {}
 
-    def get(self, spec: StorageSpec) -> Backend:
+    def get(self, spec: StorageSpec) -> Backend[Any]:
         location = spec.location  # an adopted RBD image gets a backend of its own
         with self._lock:
             backend = self._backends.get(location)
@@ -338,7 +338,7 @@ class Backends:
                 self._backends[location] = backend
             return backend
 
-    def _make(self, spec: StorageSpec) -> Backend:
+    def _make(self, spec: StorageSpec) -> Backend[Any]:
         if spec.kind == "file":
             return FileBackend(
                 self.data_dir / "layers", int(spec.get("chunk_size", self.chunk_size))
@@ -395,7 +395,7 @@ class Backends:
             self._clusters[key] = cluster
         return cluster
 
-    def __iter__(self) -> Iterator[Backend]:
+    def __iter__(self) -> Iterator[Backend[Any]]:
         with self._lock:
             return iter(list(self._backends.values()))
 

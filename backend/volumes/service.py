@@ -38,10 +38,11 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Generic
 
 from backend.storage import Storage, StorageError
 from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.backends import Backend, Backends
+from backend.volumes.backends import Backend, Backends, StorageT
 from backend.volumes.catalogue import Catalogue, VolumeRow
 from backend.volumes.leases import LeaseHeldError, Leases, locked
 from backend.volumes.model import (
@@ -104,7 +105,7 @@ class VolumeService:
         self.backends = Backends(data_dir, chunk_size)
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
-        self._open: dict[str, _Opened] = {}
+        self._open: dict[str, _Opened[Any]] = {}
         self._serving_fd: int | None = None
         self._writable = False  # the data directory is made and the catalogue open for writes
         self._collected = False  # crash leftovers were collected by this process
@@ -180,13 +181,13 @@ class VolumeService:
 
     # ------------------------------------------------------------------ helpers
 
-    def _backend(self, storage: str) -> Backend:
+    def _backend(self, storage: str) -> Backend[Any]:
         try:
             return self.backends.get(StorageSpec.from_json(storage))
         except StorageError as err:
             raise StorageFailureError(str(err)) from err
 
-    def _layer_backend(self, layer: str) -> Backend:
+    def _layer_backend(self, layer: str) -> Backend[Any]:
         return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
 
     def _remove_layer_data(self, layer: str) -> None:
@@ -202,11 +203,12 @@ class VolumeService:
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
 
-    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
+    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened[Any]:
         """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
         spec = StorageSpec.from_json(storage)
-        base = self._backend(storage).open(self.catalogue.chain(top), read_only)
-        return _Opened(_wrap(base, spec), base)
+        backend = self._backend(storage)
+        base = backend.open(self.catalogue.chain(top), read_only)
+        return _Opened(backend, base, _wrap(base, spec))
 
     def _row(self, name: str) -> VolumeRow:
         row = self.catalogue.volume(check_name(name))
@@ -275,7 +277,7 @@ class VolumeService:
         """The open storage of a volume (shared by every connection to it)."""
         return self._opened(name).top
 
-    def _opened(self, name: str) -> _Opened:
+    def _opened(self, name: str) -> _Opened[Any]:
         with self._lock:
             row = self._row(name)
             opened = self._open.get(name)
@@ -443,7 +445,8 @@ class VolumeService:
                 self._check_local_if_closed(name, "resize")
                 opened = self._opened(name)
                 try:
-                    self._backend(row.storage).resize(opened.top, nbytes, allow_shrink)
+                    # Through the layers: a cache drops what the new size makes stale.
+                    opened.top.resize(nbytes, allow_shrink=allow_shrink)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
                 with self.catalogue.transaction() as db:
@@ -523,7 +526,7 @@ class VolumeService:
 
             try:
                 opened.top.flush()  # a write-back cache hands its dirty blocks down first
-                self._backend(row.storage).snapshot(opened.base, row.top, commit)
+                opened.backend.snapshot(opened.base, row.top, commit)
             except StorageError as err:
                 raise StorageFailureError(f"snapshot of {volume!r} failed: {err}") from err
         log.info("snapshot %s@%s taken", volume, name)
@@ -598,11 +601,12 @@ class VolumeService:
         self._check_local_if_closed(name, "flatten")
         opened = self._open.get(name)
         try:
+            chain = self.catalogue.chain(row.top)
             if opened is not None:
                 opened.top.flush()
-            self._backend(row.storage).flatten(
-                opened.base if opened else None, self.catalogue.chain(row.top), progress
-            )
+                opened.backend.flatten(opened.base, chain, progress)
+            else:
+                self._backend(row.storage).flatten(None, chain, progress)
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
         with self.catalogue.transaction() as db:
@@ -691,15 +695,16 @@ class VolumeService:
                 self._serving_fd = None
 
 
-class _Opened:
-    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (the
-    backend's own storage) takes snapshots and flattens."""
+class _Opened(Generic[StorageT]):
+    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (what
+    ``backend`` opened, typed as that backend's storage) takes snapshots and flattens."""
 
-    __slots__ = ("base", "top")
+    __slots__ = ("backend", "base", "top")
 
-    def __init__(self, top: Storage, base: Storage) -> None:
-        self.top = top
+    def __init__(self, backend: Backend[StorageT], base: StorageT, top: Storage) -> None:
+        self.backend = backend
         self.base = base
+        self.top = top
 
 
 def _wrap(base: Storage, spec: StorageSpec) -> Storage:

@@ -177,8 +177,7 @@ class CachingStorage(ForwardingStorage):
 
     def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
         """Resize the inner storage (if it can be): dirty blocks go first, the cache is emptied."""
-        resize = getattr(self._inner, "resize", None)
-        if resize is None:
+        if not self.capabilities.can_resize:  # refused before the cache is touched
             raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
         self._check_open()
         with self._lock:
@@ -186,7 +185,7 @@ class CachingStorage(ForwardingStorage):
             self._blocks.clear()
             self._dirty.clear()
             self._mutations += 1
-            resize(new_size, allow_shrink=allow_shrink)
+            self._inner.resize(new_size, allow_shrink=allow_shrink)
             self._size = self._inner.size
 
     def extents(self, offset: int, length: int) -> list[Extent]:

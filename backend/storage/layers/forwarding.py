@@ -63,6 +63,9 @@ class ForwardingStorage(Storage):
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self._inner.extents(offset, length)
 
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        self._inner.resize(new_size, allow_shrink=allow_shrink)
+
     def close(self) -> None:
         """Close ``inner`` if owned; a borrowed one stays open for its owner."""
         if self._owns_inner:

@@ -48,7 +48,8 @@ class RetryingStorage(ForwardingStorage):
     """``inner`` with transient errors retried.  Owns ``inner``: ``close`` closes it (once,
     not retried: close must release what it can and be idempotent).
 
-    ``sleep`` is for tests (a fake clock).  Capabilities are the inner storage's.
+    ``sleep`` is for tests (a fake clock).  Capabilities are the inner storage's.  ``resize``
+    is forwarded once, not retried: a resize that half failed is not idempotent.
     """
 
     def __init__(
@@ -104,14 +105,6 @@ class RetryingStorage(ForwardingStorage):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self._retry("extents", lambda: self._inner.extents(offset, length))
-
-    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
-        """Resize the inner storage (if it can be); not retried: a resize is not idempotent
-        when it half failed."""
-        resize = getattr(self._inner, "resize", None)
-        if resize is None:
-            raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
-        resize(new_size, allow_shrink=allow_shrink)
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         give_up_at = time.monotonic() + self._deadline

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 from backend.storage import MemoryStorage, Storage, StorageError
-from backend.storage.chunked import ChunkedStorage
+from backend.storage.chunked import ChunkedStorage, create_layer, open_chain
 from backend.storage.layers import CachingStorage, ForwardingStorage, RetryingStorage
 from backend.storage.objects import FaultyObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
@@ -166,6 +166,53 @@ def test_cache_keeps_inner_capabilities() -> None:
     storage = CachingStorage(inner, 64 * KIB, write_back=True)
     assert storage.capabilities == inner.capabilities
     assert storage.capabilities.can_multi_conn
+    storage.close()
+
+
+def _resizable(size: int) -> ChunkedStorage:
+    store = MemoryObjectStore()
+    create_layer(store, "a/", size, CHUNK)
+    return open_chain(store, ["a/"], owns_store=True)
+
+
+def test_cache_resize_hands_dirty_blocks_down_and_forgets_the_rest() -> None:
+    inner = _resizable(4 * CHUNK)
+    storage = CachingStorage(inner, 256 * KIB, block=16 * KIB, write_back=True)
+    assert storage.capabilities.can_resize
+    storage.write(4 * CHUNK - 3, b"end")  # dirty, in the block the shrink cuts
+    storage.read(0, 64 * KIB)
+    storage.resize(4 * CHUNK - 1, allow_shrink=True)
+    assert (storage.size, storage.cached_blocks, storage.dirty_blocks) == (4 * CHUNK - 1, 0, 0)
+    assert inner.read(4 * CHUNK - 3, 2) == b"en"
+    storage.resize(4 * CHUNK)
+    assert storage.read(4 * CHUNK - 3, 3) == b"en\0"  # not the cached "end"
+    storage.close()
+
+
+def test_cache_refuses_resize_it_cannot_forward_without_touching_the_cache() -> None:
+    storage = CachingStorage(MemoryStorage(256 * KIB), 128 * KIB, block=16 * KIB, write_back=True)
+    assert not storage.capabilities.can_resize
+    storage.write(0, b"dirty")
+    with pytest.raises(StorageError) as excinfo:
+        storage.resize(512 * KIB)
+    assert excinfo.value.errno == errno.ENOTSUP
+    assert storage.dirty_blocks == 1
+    storage.close()
+
+
+def test_retry_forwards_resize_once() -> None:
+    # Not retried: a resize that half failed is not idempotent.
+    store = FaultyObjectStore(MemoryObjectStore(), fail_rate=0.0)
+    create_layer(store, "a/", 4 * CHUNK, CHUNK)
+    storage = RetryingStorage(open_chain(store, ["a/"], owns_store=True), sleep=_no_sleep)
+    store.fail_rate = 1.0
+    with pytest.raises(StorageError) as excinfo:
+        storage.resize(8 * CHUNK)
+    assert excinfo.value.errno == errno.EIO
+    assert storage.retries == 0
+    store.fail_rate = 0.0
+    storage.resize(8 * CHUNK)
+    assert storage.size == 8 * CHUNK
     storage.close()
 
 
