@@ -26,9 +26,8 @@ import abc
 import builtins
 import contextlib
 import errno
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -53,15 +52,12 @@ from backend.storage.cow import (
     create_layer as create_cow_layer,
 )
 from backend.storage.objects.base import ObjectStore
-from backend.volumes.storages import StorageSpec
 
 if TYPE_CHECKING:
     from backend.storage.rbd import RbdStorage
 
 Progress = Callable[[int, int], None]
 Commit = Callable[[str, str], None]
-
-DEFAULT_OBJECT_CHUNK = 4 * 1024 * 1024
 
 StorageT = TypeVar("StorageT", bound=Storage)
 
@@ -313,99 +309,3 @@ class RbdBackend(Backend["RbdStorage"]):
             self._rbd.remove_snapshot(self.cluster, self.pool, image, snap, **self._where())
         elif image != self.image:
             self._rbd.remove_image(self.cluster, self.pool, image, **self._where())
-
-
-class Backends:
-    """The backends of one volume service, made on first use and shared: one per storage
-    location (so one S3 client or one Ceph connection serves every volume there)."""
-
-    def __init__(self, data_dir: Path, chunk_size: int) -> None:
-        self.data_dir = data_dir
-        self.chunk_size = chunk_size
-        self._lock = threading.Lock()
-        self._backends: dict[StorageSpec, Backend[Any]] = {}
-        self._clusters: dict[tuple[str, float], Any] = {}
-
-    def get(self, spec: StorageSpec) -> Backend[Any]:
-        location = spec.location  # an adopted RBD image gets a backend of its own
-        with self._lock:
-            backend = self._backends.get(location)
-            if backend is None:
-                try:
-                    backend = self._make(location)
-                except (ImportError, OSError) as err:
-                    raise StorageError(errno.EIO, f"cannot open storage {location}: {err}") from err
-                self._backends[location] = backend
-            return backend
-
-    def _make(self, spec: StorageSpec) -> Backend[Any]:
-        if spec.kind == "file":
-            return FileBackend(
-                self.data_dir / "layers", int(spec.get("chunk_size", self.chunk_size))
-            )
-        if spec.kind == "rbd":
-            return RbdBackend(
-                self._cluster(spec),
-                spec.get("pool"),
-                spec.get("namespace", ""),
-                spec.get("image", ""),
-            )
-        chunk = int(spec.get("chunk_size", DEFAULT_OBJECT_CHUNK))
-        return ChunkedBackend(self._store(spec), chunk)
-
-    def _store(self, spec: StorageSpec) -> ObjectStore:
-        if spec.kind == "dir":
-            from backend.storage.objects.directory import DirectoryObjectStore  # noqa: PLC0415
-
-            # The data directory's own objects/ is made on first use; a path the user gave
-            # must exist (storages.prepare_location made it, if asked, when the volume was).
-            path = spec.get("path")
-            if path is None:
-                return DirectoryObjectStore(self.data_dir / "objects")
-            return DirectoryObjectStore(path, create=False)
-        if spec.kind == "s3":
-            from backend.storage.objects.s3 import S3ObjectStore  # noqa: PLC0415
-
-            options: dict[str, Any] = {
-                "bucket": spec.get("bucket"),
-                "prefix": spec.get("prefix", ""),
-                "endpoint": spec.get("endpoint"),
-                "region": spec.get("region"),
-            }
-            if spec.get("attempts") is not None:
-                options["attempts"] = spec.get("attempts")
-            if spec.get("timeout") is not None:
-                options["read_timeout"] = spec.get("timeout")
-            return S3ObjectStore(**options)
-        if spec.kind == "rados":
-            from backend.storage.objects.rados import RadosObjectStore  # noqa: PLC0415
-
-            return RadosObjectStore(
-                self._cluster(spec), spec.get("pool"), spec.get("namespace", "")
-            )
-        raise StorageError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
-
-    def _cluster(self, spec: StorageSpec) -> Any:
-        from backend.storage.ceph import RadosCluster  # noqa: PLC0415
-
-        key = (spec.get("conf", "/etc/ceph/ceph.conf"), float(spec.get("timeout", 30.0)))
-        cluster = self._clusters.get(key)
-        if cluster is None:
-            cluster = RadosCluster(key[0], timeout=key[1])
-            self._clusters[key] = cluster
-        return cluster
-
-    def __iter__(self) -> Iterator[Backend[Any]]:
-        with self._lock:
-            return iter(list(self._backends.values()))
-
-    def close(self) -> None:
-        with self._lock:
-            for backend in self._backends.values():
-                with contextlib.suppress(Exception):
-                    backend.close()
-            self._backends.clear()
-            for cluster in self._clusters.values():
-                with contextlib.suppress(Exception):
-                    cluster.close()
-            self._clusters.clear()

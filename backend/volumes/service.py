@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any, Generic
 
 from backend.storage import Storage, StorageError
-from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.backends import Backend, Backends, StorageT
+from backend.volumes.backends import Backend, StorageT
 from backend.volumes.catalogue import Catalogue, VolumeRow
+from backend.volumes.kinds import KINDS, LAYERS
 from backend.volumes.leases import LeaseHeldError, Leases, locked
+from backend.volumes.locations import Backends
 from backend.volumes.model import (
     AlreadyExistsError,
     DependencyError,
@@ -198,7 +199,7 @@ class VolumeService:
         try:
             backend = self.backends.get(spec)
         except StorageError as err:
-            if err.errno == errno.ENOENT and spec.kind in ("s3", "rados"):
+            if err.errno == errno.ENOENT and KINDS[spec.kind].missing_container_is_empty:
                 return
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
@@ -711,18 +712,6 @@ def _wrap(base: Storage, spec: StorageSpec) -> Storage:
     """``base`` wrapped in the spec's layers, the first outermost."""
     storage = base
     for layer in reversed(spec.layers):
-        if layer.kind == "cache":
-            storage = CachingStorage(
-                storage,
-                int(layer.get("size", 256 * 1024 * 1024)),
-                block=int(layer.get("block", 64 * 1024)),
-                write_back=layer.get("mode") == "write-back",
-            )
-        elif layer.kind == "retry":
-            storage = RetryingStorage(
-                storage,
-                attempts=int(layer.get("attempts", 5)),
-                deadline=float(layer.get("deadline", 30.0)),
-                backoff=float(layer.get("backoff", 0.05)),
-            )
+        kind = LAYERS[layer.kind]
+        storage = kind.wrap(storage, kind.resolved(dict(layer.params)))
     return storage
