@@ -182,20 +182,25 @@ class VolumeService:
 
     # ------------------------------------------------------------------ helpers
 
-    def _backend(self, storage: str) -> Backend[Any]:
+    def _backend(self, spec: StorageSpec) -> Backend[Any]:
         try:
-            return self.backends.get(StorageSpec.from_json(storage))
+            return self.backends.get(spec)
         except StorageError as err:
             raise StorageFailureError(str(err)) from err
 
+    def _layer_spec(self, layer: str) -> StorageSpec:
+        """The storage a layer's row records (the catalogue holds specs as JSON)."""
+        recorded = self.catalogue.layer_storage(layer)
+        return StorageSpec.from_json(recorded) if recorded else FILE
+
     def _layer_backend(self, layer: str) -> Backend[Any]:
-        return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+        return self._backend(self._layer_spec(layer))
 
     def _remove_layer_data(self, layer: str) -> None:
         """Remove a layer's data; a layer whose S3 bucket or RADOS pool does not exist is
         gone already (a create that named a wrong one leaves nothing to remove).  A missing
         ``dir`` is not: it may be a disk that is not mounted, and its data comes back."""
-        spec = StorageSpec.from_json(self.catalogue.layer_storage(layer) or FILE.to_json())
+        spec = self._layer_spec(layer)
         try:
             backend = self.backends.get(spec)
         except StorageError as err:
@@ -205,9 +210,10 @@ class VolumeService:
         backend.remove(layer)
 
     def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened[Any]:
-        """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
+        """The chain ending at ``top`` opened on its backend and wrapped in its layers;
+        ``storage`` is the volume row's spec, as the catalogue records it."""
         spec = StorageSpec.from_json(storage)
-        backend = self._backend(storage)
+        backend = self._backend(spec)
         base = backend.open(self.catalogue.chain(top), read_only)
         return _Opened(backend, base, _wrap(base, spec))
 
@@ -324,7 +330,7 @@ class VolumeService:
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
-            backend = self._backend(spec.to_json())
+            backend = self._backend(spec)
             layer = backend.new_layer()
             if self.catalogue.layer_storage(layer) is not None:
                 raise AlreadyExistsError(f"storage {spec} is already a volume's")
@@ -551,7 +557,7 @@ class VolumeService:
             if self.catalogue.volume(new_name) is not None:
                 raise AlreadyExistsError(f"volume {new_name!r} already exists")
             storage = self.catalogue.layer_storage(snap.layer) or FILE.to_json()
-            backend = self._backend(storage)
+            backend = self._backend(StorageSpec.from_json(storage))
             layer = backend.new_clone_layer()
             row = VolumeRow(
                 new_name,
@@ -607,7 +613,7 @@ class VolumeService:
                 opened.top.flush()
                 opened.backend.flatten(opened.base, chain, progress)
             else:
-                self._backend(row.storage).flatten(None, chain, progress)
+                self._backend(StorageSpec.from_json(row.storage)).flatten(None, chain, progress)
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
         with self.catalogue.transaction() as db:
