@@ -30,6 +30,7 @@ from backend.volumes.options import (
     Option,
     choice,
     count,
+    human,
     power_of_two,
     seconds,
     size_up_to,
@@ -209,8 +210,10 @@ KINDS: dict[str, StorageKind] = {
     "file": StorageKind(
         "a chain of copy-on-write layer files in `DATA_DIR/layers`",
         {
+            # Default: the volume service's chunk size (its default is cow's own).
             "chunk_size": Option(
-                power_of_two(cow.MIN_CHUNK_SIZE, cow.MAX_CHUNK_SIZE), shown_default="64KiB"
+                power_of_two(cow.MIN_CHUNK_SIZE, cow.MAX_CHUNK_SIZE),
+                shown_default=human(cow.DEFAULT_CHUNK_SIZE),
             )
         },
         backend=_file_backend,

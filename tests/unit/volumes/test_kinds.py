@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from backend.storage import MemoryStorage
+from backend.storage import MemoryStorage, cow
 from backend.storage.chunked import ChunkedStorage
 from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.volumes.backends import ChunkedBackend, FileBackend
 from backend.volumes.kinds import KINDS, LAYERS, docs_tables
 from backend.volumes.locations import Backends
+from backend.volumes.service import DEFAULT_CHUNK
 from backend.volumes.storages import parse_storage
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -51,6 +52,11 @@ def test_spec_records_only_what_was_given_and_factories_get_defaults(tmp_path: P
         assert backends.get(parse_storage("dir+cache")) is chunked  # one per location
     finally:
         backends.close()
+
+
+def test_the_file_default_shown_is_the_services() -> None:
+    assert DEFAULT_CHUNK == cow.DEFAULT_CHUNK_SIZE
+    assert "`chunk_size` (64KiB;" in KINDS["file"].options["chunk_size"].describe("chunk_size")
 
 
 def test_layers_wrap_in_the_registry_order_with_defaults() -> None:
