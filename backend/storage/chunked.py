@@ -205,11 +205,16 @@ class ChunkedStorage(Storage):
                 can_zero=False,
                 inline=False,
                 cheap_extents=False,
+                can_resize=layered,
                 preferred_block=preferred,
             )
         else:
             self._capabilities = Capabilities(
-                can_fast_zero=True, inline=False, cheap_extents=False, preferred_block=preferred
+                can_fast_zero=True,
+                inline=False,
+                cheap_extents=False,
+                can_resize=layered,
+                preferred_block=preferred,
             )
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunked")
         self._locks = RangeLock()
@@ -495,7 +500,8 @@ class ChunkedStorage(Storage):
         """Change the size (recorded in the top's ``meta``).  Shrinking deletes the chunks past
         the new end, zeroes the tail of the last one and lowers the floor."""
         if not self._layered:
-            raise StorageError(errno.EINVAL, "only a layered chunked storage can be resized")
+            # Declared: Capabilities.can_resize is false, so callers do not ask.
+            raise StorageError(errno.ENOTSUP, "only a layered chunked storage can be resized")
         with self._requests.exclusive():
             self._check_writable()
             _check_geometry(new_size, self._chunk_size)

@@ -237,12 +237,14 @@ class CowStorage(Storage):
                 can_trim=False,
                 can_zero=False,
                 rotational=top.rotational,
+                can_resize=True,
                 preferred_block=block,
             )
         else:
             self._capabilities = Capabilities(
                 can_fast_zero=top.can_fast_zero,
                 rotational=top.rotational,
+                can_resize=True,
                 preferred_block=block,
             )
         self._requests = SharedLock()

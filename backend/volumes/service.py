@@ -38,12 +38,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Generic
 
 from backend.storage import Storage, StorageError
-from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.backends import Backend, Backends
+from backend.volumes.backends import Backend, StorageT
 from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
+from backend.volumes.kinds import KINDS, LAYERS
 from backend.volumes.leases import LeaseHeldError, Leases, locked
+from backend.volumes.locations import Backends
 from backend.volumes.model import (
     AlreadyExistsError,
     CreateRequest,
@@ -105,7 +107,7 @@ class VolumeService:
         self.backends = Backends(data_dir, chunk_size)
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
-        self._open: dict[str, _Opened] = {}
+        self._open: dict[str, _Opened[Any]] = {}
         self._serving_fd: int | None = None
         self._writable = False  # the data directory is made and the catalogue open for writes
         self._collected = False  # crash leftovers were collected by this process
@@ -181,33 +183,40 @@ class VolumeService:
 
     # ------------------------------------------------------------------ helpers
 
-    def _backend(self, storage: str) -> Backend:
+    def _backend(self, spec: StorageSpec) -> Backend[Any]:
         try:
-            return self.backends.get(StorageSpec.from_json(storage))
+            return self.backends.get(spec)
         except StorageError as err:
             raise StorageFailureError(str(err)) from err
 
-    def _layer_backend(self, layer: str) -> Backend:
-        return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+    def _layer_spec(self, layer: str) -> StorageSpec:
+        """The storage a layer's row records (the catalogue holds specs as JSON)."""
+        recorded = self.catalogue.layer_storage(layer)
+        return StorageSpec.from_json(recorded) if recorded else FILE
+
+    def _layer_backend(self, layer: str) -> Backend[Any]:
+        return self._backend(self._layer_spec(layer))
 
     def _remove_layer_data(self, layer: str) -> None:
         """Remove a layer's data; a layer whose S3 bucket or RADOS pool does not exist is
         gone already (a create that named a wrong one leaves nothing to remove).  A missing
         ``dir`` is not: it may be a disk that is not mounted, and its data comes back."""
-        spec = StorageSpec.from_json(self.catalogue.layer_storage(layer) or FILE.to_json())
+        spec = self._layer_spec(layer)
         try:
             backend = self.backends.get(spec)
         except StorageError as err:
-            if err.errno == errno.ENOENT and spec.kind in ("s3", "rados"):
+            if err.errno == errno.ENOENT and KINDS[spec.kind].missing_container_is_empty:
                 return
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
 
-    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
-        """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
+    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened[Any]:
+        """The chain ending at ``top`` opened on its backend and wrapped in its layers;
+        ``storage`` is the volume row's spec, as the catalogue records it."""
         spec = StorageSpec.from_json(storage)
-        base = self._backend(storage).open(self.catalogue.chain(top), read_only)
-        return _Opened(_wrap(base, spec), base)
+        backend = self._backend(spec)
+        base = backend.open(self.catalogue.chain(top), read_only)
+        return _Opened(backend, base, _wrap(base, spec))
 
     def _row(self, name: str) -> VolumeRow:
         row = self.catalogue.volume(check_name(name))
@@ -276,7 +285,7 @@ class VolumeService:
         """The open storage of a volume (shared by every connection to it)."""
         return self._opened(name).top
 
-    def _opened(self, name: str) -> _Opened:
+    def _opened(self, name: str) -> _Opened[Any]:
         with self._lock:
             row = self._row(name)
             opened = self._open.get(name)
@@ -311,7 +320,7 @@ class VolumeService:
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
-            backend = self._backend(spec.to_json())
+            backend = self._backend(spec)
             layer = backend.new_layer()
             if self.catalogue.layer_storage(layer) is not None:
                 raise AlreadyExistsError(f"storage {spec} is already a volume's")
@@ -433,7 +442,8 @@ class VolumeService:
                 self._check_local_if_closed(name, "resize")
                 opened = self._opened(name)
                 try:
-                    self._backend(row.storage).resize(opened.top, nbytes, allow_shrink)
+                    # Through the layers: a cache drops what the new size makes stale.
+                    opened.top.resize(nbytes, allow_shrink=allow_shrink)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
                 with self.catalogue.transaction() as changes:
@@ -510,7 +520,7 @@ class VolumeService:
 
             try:
                 opened.top.flush()  # a write-back cache hands its dirty blocks down first
-                self._backend(row.storage).snapshot(opened.base, row.top, commit)
+                opened.backend.snapshot(opened.base, row.top, commit)
             except StorageError as err:
                 raise StorageFailureError(f"snapshot of {volume!r} failed: {err}") from err
         log.info("snapshot %s@%s taken", volume, name)
@@ -534,7 +544,7 @@ class VolumeService:
             if self.catalogue.volume(new_name) is not None:
                 raise AlreadyExistsError(f"volume {new_name!r} already exists")
             storage = self.catalogue.layer_storage(snap.layer) or FILE.to_json()
-            backend = self._backend(storage)
+            backend = self._backend(StorageSpec.from_json(storage))
             layer = backend.new_clone_layer()
             row = VolumeRow(
                 new_name,
@@ -585,11 +595,12 @@ class VolumeService:
         self._check_local_if_closed(name, "flatten")
         opened = self._open.get(name)
         try:
+            chain = self.catalogue.chain(row.top)
             if opened is not None:
                 opened.top.flush()
-            self._backend(row.storage).flatten(
-                opened.base if opened else None, self.catalogue.chain(row.top), progress
-            )
+                opened.backend.flatten(opened.base, chain, progress)
+            else:
+                self._backend(StorageSpec.from_json(row.storage)).flatten(None, chain, progress)
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
         with self.catalogue.transaction() as changes:
@@ -678,33 +689,22 @@ class VolumeService:
                 self._serving_fd = None
 
 
-class _Opened:
-    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (the
-    backend's own storage) takes snapshots and flattens."""
+class _Opened(Generic[StorageT]):
+    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (what
+    ``backend`` opened, typed as that backend's storage) takes snapshots and flattens."""
 
-    __slots__ = ("base", "top")
+    __slots__ = ("backend", "base", "top")
 
-    def __init__(self, top: Storage, base: Storage) -> None:
-        self.top = top
+    def __init__(self, backend: Backend[StorageT], base: StorageT, top: Storage) -> None:
+        self.backend = backend
         self.base = base
+        self.top = top
 
 
 def _wrap(base: Storage, spec: StorageSpec) -> Storage:
     """``base`` wrapped in the spec's layers, the first outermost."""
     storage = base
     for layer in reversed(spec.layers):
-        if layer.kind == "cache":
-            storage = CachingStorage(
-                storage,
-                int(layer.get("size", 256 * 1024 * 1024)),
-                block=int(layer.get("block", 64 * 1024)),
-                write_back=layer.get("mode") == "write-back",
-            )
-        elif layer.kind == "retry":
-            storage = RetryingStorage(
-                storage,
-                attempts=int(layer.get("attempts", 5)),
-                deadline=float(layer.get("deadline", 30.0)),
-                backoff=float(layer.get("backoff", 0.05)),
-            )
+        kind = LAYERS[layer.kind]
+        storage = kind.wrap(storage, kind.resolved(dict(layer.params)))
     return storage
