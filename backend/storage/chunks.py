@@ -1,0 +1,24 @@
+"""Chunk geometry shared by the storages that cut a volume into fixed-size chunks
+(:class:`~backend.storage.cow.CowStorage` and :class:`~backend.storage.chunked.ChunkedStorage`).
+
+Chunk ``i`` covers ``[i * chunk_size, (i + 1) * chunk_size)``; the volume's last chunk may be
+shorter.  Chunk sizes are powers of two; each storage has its own bounds.
+"""
+
+from __future__ import annotations
+
+
+def check_geometry(size: int, chunk_size: int, minimum: int, maximum: int) -> None:
+    """``ValueError`` unless ``size >= 0`` and ``chunk_size`` is a power of two in
+    ``[minimum, maximum]``."""
+    if size < 0:
+        raise ValueError(f"size must be >= 0, not {size}")
+    if chunk_size < minimum or chunk_size > maximum or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk size must be a power of two in [{minimum}, {maximum}], not {chunk_size}"
+        )
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks ``size`` bytes make (the last one may be short)."""
+    return -(-size // chunk_size)
