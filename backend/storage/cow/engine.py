@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.chains import UNLIMITED, visible_limits, zeroing_drops
+from backend.storage.chunks import chunk_count, chunk_span, whole_chunks
 from backend.storage.cow.bitmap import bit, ranges, run_end
 from backend.storage.cow.format import create_layer, remove_layer
 from backend.storage.cow.layer import Layer
@@ -308,14 +310,12 @@ class CowStorage(Storage):
     # -- Internals: locating chunks ----------------------------------------------------------
 
     def _update_limits(self) -> None:
-        # A lower layer shows bytes only below its own size and the size of every frozen layer
-        # above it (what each snapshot in between could see); the top shows its whole size.
-        cs = self._chunk_size
-        limits = [layer.size for layer in self._layers]
-        for level in range(len(limits) - 3, -1, -1):
-            limits[level] = min(limits[level], limits[level + 1])
-        self._limits = limits
-        self._visible = [-(-limit // cs) for limit in limits]
+        # A layer shows bytes only below its own size (its last chunk may be short) and the
+        # size of every frozen layer above it (what each snapshot in between could see).  The
+        # top cuts nothing: growing it sets the bits of what it must hide (see _grow).
+        sizes = [layer.size for layer in self._layers]
+        self._limits = visible_limits(sizes, [*sizes[:-1], UNLIMITED])
+        self._visible = [chunk_count(limit, self._chunk_size) for limit in self._limits]
 
     def _provider(self, chunk: int, level: int) -> int:
         """The topmost level at or below ``level`` holding ``chunk``; -1 for none."""
@@ -364,17 +364,16 @@ class CowStorage(Storage):
     def _byte_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """``(start, stop, level)`` byte runs covering ``[offset, offset+length)``."""
         cs, end = self._chunk_size, offset + length
-        for first, stop, level in self._merged_providers(
-            len(self._layers) - 1, offset // cs, (end - 1) // cs + 1
-        ):
-            yield max(first * cs, offset), min(stop * cs, end), level
+        first, stop = chunk_span(offset, length, cs)
+        for a, b, level in self._merged_providers(len(self._layers) - 1, first, stop):
+            yield max(a * cs, offset), min(b * cs, end), level
 
     # -- Internals: reading ------------------------------------------------------------------
 
     def _read_levels(self, level: int, start: int, stop: int) -> bytes:
         """Bytes ``[start, stop)`` as seen through the layers at or below ``level``."""
         cs = self._chunk_size
-        first, end_chunk = start // cs, (stop - 1) // cs + 1
+        first, end_chunk = chunk_span(start, stop - start, cs)
         if end_chunk - first == 1:
             return self._read_from(self._provider(first, level), start, stop)
         parts = [
@@ -412,7 +411,7 @@ class CowStorage(Storage):
 
     def _write(self, offset: int, view: memoryview) -> None:
         cs = self._chunk_size
-        first, stop = offset // cs, (offset + len(view) - 1) // cs + 1
+        first, stop = chunk_span(offset, len(view), cs)
         top = self._layers[-1]
         bitmap = top.bitmap.bits
         if bitmap[first >> 3] >> (first & 7) & 1 and (
@@ -430,7 +429,7 @@ class CowStorage(Storage):
         """
         cs = self._chunk_size
         end = offset + len(view)
-        first, stop = offset // cs, (end - 1) // cs + 1
+        first, stop = chunk_span(offset, len(view), cs)
         top = self._layers[-1]
         below = len(self._layers) - 2
         head_start = first * cs
@@ -454,10 +453,8 @@ class CowStorage(Storage):
     def _zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
         cs = self._chunk_size
         end = offset + length
-        first, stop = offset // cs, (end - 1) // cs + 1
-        whole_first = -(-offset // cs)
-        # The volume's last chunk may be short: covering it up to the end covers it whole.
-        whole_stop = stop if end == self._size else end // cs
+        first, stop = chunk_span(offset, length, cs)
+        whole_first, whole_stop = whole_chunks(offset, length, cs, self._size)
         with self._chunk_locks.hold(first, stop):
             if whole_first >= whole_stop:
                 self._write_locked(offset, memoryview(bytes(length)))
@@ -475,9 +472,8 @@ class CowStorage(Storage):
         below = len(self._layers) - 2
         for a, b, level in self._merged_providers(below, first, stop):
             start, end = a * cs, min(b * cs, size)
-            if level < 0 and may_trim:
-                # Nothing below to hide: drop the chunks (a real hole); punching only frees
-                # space, the cleared bits alone make them read as zeroes.
+            if zeroing_drops(may_trim, held_below=level >= 0):
+                # Punching only frees space: the cleared bits alone make them read as zeroes.
                 top.data.trim(start, end - start)
                 top.bitmap.mark(a, b, False)
             else:
@@ -509,7 +505,7 @@ class CowStorage(Storage):
         cs, old_size = self._chunk_size, self._size
         top = self._layers[-1]
         below = len(self._layers) - 2
-        old_chunks, new_chunks = -(-old_size // cs), -(-new_size // cs)
+        old_chunks, new_chunks = chunk_count(old_size, cs), chunk_count(new_size, cs)
         # The bytes past the old end must read as zeroes whatever the lower layers hold there.
         # The top's data file reads zeroes past the old end once truncated there; a boundary
         # chunk the top lacks is copied up, and whole chunks a lower layer holds get their bit
@@ -562,7 +558,7 @@ class CowStorage(Storage):
             piece = max(1, FLATTEN_PIECE // cs)
             if progress is not None:
                 progress(0, total)
-            for first, stop, level in self._merged_providers(top_level, 0, -(-total // cs)):
+            for first, stop, level in self._merged_providers(top_level, 0, chunk_count(total, cs)):
                 if level < 0 or level == top_level:
                     continue
                 for a in range(first, stop, piece):
