@@ -21,10 +21,10 @@ from backend.storage.cow.format import (
     HEADER_SIZE,
     bitmap_bytes,
     open_map,
-    pread_all,
-    pwrite_all,
     read_header,
+    read_map_bytes,
 )
+from backend.storage.fileio import pwrite_all
 
 # The map is written back in pages of this many bitmap bytes (one page: 32768 chunks).
 MAP_PAGE = 4096
@@ -99,7 +99,7 @@ def read_bitmap(fd: int, path: Path, size: int, chunk_size: int) -> bytearray:
     """The bitmap of the map open at ``fd`` whose header says ``size`` and ``chunk_size``;
     ``StorageError(EINVAL)`` if the file is too short to hold it."""
     nbytes = bitmap_bytes(size, chunk_size)
-    bits = bytearray(pread_all(fd, nbytes, HEADER_SIZE))
+    bits = bytearray(read_map_bytes(fd, nbytes, HEADER_SIZE))
     if len(bits) != nbytes:
         raise StorageError(errno.EINVAL, f"{path}: truncated map ({nbytes} bitmap bytes)")
     # A crash during a resize may leave bits past the end: they belong to no chunk.

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from backend.storage.base import StorageError
 from backend.storage.chunks import check_geometry, chunk_count
+from backend.storage.fileio import pread_all, pwrite_all, sync_directory
 
 MAGIC = b"NBSCOWL\0"
 VERSION = 1
@@ -87,7 +88,7 @@ def create_layer(stem: Path, size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
             for temp, final in ((temp_data, data_path), (temp_map, map_path)):
                 os.link(temp, final)
                 published.append(final)
-            _sync_directory(stem.parent)
+            sync_directory(stem.parent)
         except FileExistsError as err:
             raise StorageError(errno.EEXIST, f"layer {stem} already exists") from err
         except OSError as err:
@@ -139,7 +140,7 @@ def write_header(fd: int, chunk_size: int, size: int) -> None:
 def read_header(fd: int, path: Path) -> tuple[int, int]:
     """Parse and check a map's header: ``(chunk_size, size)``; ``StorageError(EINVAL)``
     naming ``path`` if it is not a layer map, is corrupt or of another version."""
-    raw = pread_all(fd, _HEADER_LENGTH, 0)
+    raw = read_map_bytes(fd, _HEADER_LENGTH, 0)
     if len(raw) < _HEADER_LENGTH or raw[: len(MAGIC)] != MAGIC:
         raise StorageError(errno.EINVAL, f"{path} is not a layer map (bad magic)")
     fields = raw[: _FIELDS.size]
@@ -192,29 +193,12 @@ def lock_map(fd: int, path: Path, exclusive: bool) -> None:
         raise StorageError.from_os_error(err, f"cannot lock {path}") from err
 
 
-def pread_all(fd: int, length: int, offset: int) -> bytes:
-    """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
-    parts: list[bytes] = []
-    done = 0
+def read_map_bytes(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes of a map at ``offset``; ``StorageError`` if reading fails."""
     try:
-        while done < length:
-            part = os.pread(fd, length - done, offset + done)
-            if not part:
-                break
-            parts.append(part)
-            done += len(part)
+        return pread_all(fd, length, offset)
     except OSError as err:
         raise StorageError.from_os_error(err, "read map") from err
-    return b"".join(parts)
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written == 0:
-            raise OSError(errno.EIO, f"no progress writing at {offset}")
-        view, offset = view[written:], offset + written
 
 
 def _temporary(final: Path, temporaries: list[str]) -> str:
@@ -230,14 +214,6 @@ def _write_synced(path: str, size: int, head: bytes) -> None:
         os.ftruncate(fd, size)
         if head:
             pwrite_all(fd, head, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
