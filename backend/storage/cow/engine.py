@@ -160,7 +160,7 @@ class CowStorage(Storage):
         may_trim: bool = True,
         fast: bool = False,
     ) -> None:
-        """Zero the range: whole chunks are punched (see the module docstring), the partial
+        """Zero the range: whole chunks are punched (see the package docstring), the partial
         chunks at its edges are written with zeroes through the copy-up path.  Fast whenever
         the top's filesystem can punch holes (``can_fast_zero``)."""
         self._check_writable()
