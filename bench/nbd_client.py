@@ -33,7 +33,7 @@ from backend.storage.nbd import NbdStorage, NbdTarget
 
 KIB = 1024
 MIB = 1024 * KIB
-SIZE = 1024 * MIB
+SIZE = 256 * MIB
 LISTENING = re.compile(r"nbs: listening on (nbd://\S+)")
 
 Op = Callable[[int, bytes], None]
@@ -41,8 +41,11 @@ Op = Callable[[int, bytes], None]
 
 def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     image = directory / "disk.img"
+    # Written, not sparse: block allocation on the server would weigh on whichever client
+    # writes first.
     with image.open("wb") as out:
-        out.truncate(SIZE)
+        for _ in range(SIZE // (4 * MIB)):
+            out.write(random.randbytes(4 * MIB))
     log = directory / "nbs.log"
     cmd = [sys.executable, "-m", "backend.cli", "serve", "--listen", "127.0.0.1:0"]
     cmd += ["--export", f"disk={image}"]

@@ -34,12 +34,14 @@ def nbdkit(tmp_path: Path) -> Iterator[Nbdkit]:
 
     def start(*args: str, read_only: bool = False) -> NbdTarget:
         sock = tmp_path / f"nbdkit-{len(processes)}.sock"
-        cmd = [binary, "-f", "--exit-with-parent", "-U", str(sock)]
+        # nbdkit writes its PID file once it listens (the socket file comes earlier).
+        pidfile = tmp_path / f"nbdkit-{len(processes)}.pid"
+        cmd = [binary, "-f", "--exit-with-parent", "-U", str(sock), "-P", str(pidfile)]
         cmd += ["-r"] if read_only else []
         proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL)
         processes.append(proc)
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not pidfile.exists() or not pidfile.read_text().strip():
             assert proc.poll() is None, f"nbdkit {args} exited {proc.returncode}"
             assert time.monotonic() < deadline, "nbdkit did not start"
             time.sleep(0.02)

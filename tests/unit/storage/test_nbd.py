@@ -210,3 +210,18 @@ def test_uri_parsing() -> None:
     ):
         with pytest.raises(ValueError, match="nbd"):
             parse(bad)
+
+
+def test_a_reply_missing_past_the_request_timeout_kills_the_connection(serve: Serve) -> None:
+    remote = GatedStorage(1 << 20)  # a read at 0 waits for the gate
+    server = serve(Export("vol", remote))
+    storage = NbdStorage(target(server), request_timeout=0.3, reconnect_deadline=0)
+    try:
+        with pytest.raises(StorageError) as excinfo:
+            storage.read(0, 1)
+        assert excinfo.value.errno == errno.ETIMEDOUT
+        assert "stopped answering" in excinfo.value.message
+        assert not storage.connected
+    finally:
+        remote.gate.set()
+        storage.close()
