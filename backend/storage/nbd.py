@@ -89,16 +89,16 @@ class NbdTarget:
         ValueError naming what is wrong."""
         parts = urllib.parse.urlsplit(uri)
         if parts.scheme not in _SCHEMES:
-            raise ValueError(f"{uri!r}: scheme must be one of {', '.join(_SCHEMES)}")
+            raise ValueError(f"scheme must be one of {', '.join(_SCHEMES)}")
         tls, unix = _SCHEMES[parts.scheme]
         query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
         unknown = set(query) - {"socket", "tls-certificates", "tls-hostname", "tls-verify-peer"}
         if unknown:
-            raise ValueError(f"{uri!r}: unknown query key {sorted(unknown)[0]!r}")
+            raise ValueError(f"unknown query key {sorted(unknown)[0]!r}")
         export = urllib.parse.unquote(parts.path.removeprefix("/"))
         verify = query.get("tls-verify-peer", "true").lower()
         if verify not in ("true", "false"):
-            raise ValueError(f"{uri!r}: tls-verify-peer must be true or false")
+            raise ValueError("tls-verify-peer must be true or false")
         options = {
             "export": export,
             "tls": tls,
@@ -108,14 +108,14 @@ class NbdTarget:
         }
         if unix:
             if parts.netloc or not query.get("socket"):
-                raise ValueError(f"{uri!r}: a Unix URI has no host and needs ?socket=PATH")
+                raise ValueError("a Unix URI (nbd+unix://) has no host and needs ?socket=PATH")
             return cls(socket_path=query["socket"], **options)  # type: ignore[arg-type]
         if "socket" in query or not parts.hostname:
-            raise ValueError(f"{uri!r}: a TCP URI needs a host and takes no socket")
+            raise ValueError("a TCP URI (nbd://) needs a host and takes no socket")
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
-            raise ValueError(f"{uri!r}: port must be a number from 1 to 65535") from None
+            raise ValueError("port must be a number from 1 to 65535") from None
         return cls(host=parts.hostname, port=port, **options)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
@@ -390,9 +390,9 @@ def _dial(target: NbdTarget, timeout: float) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
     except TimeoutError as err:
-        raise StorageError(errno.ETIMEDOUT, f"cannot connect to {target}: timed out") from err
+        raise StorageError(errno.ETIMEDOUT, f"cannot connect to {target}") from err
     except OSError as err:
-        raise StorageError.from_os_error(err, f"cannot connect to {target}: {err}") from err
+        raise StorageError.from_os_error(err, f"cannot connect to {target}") from err
 
 
 def _send_parts(sock: socket.socket, header: bytes, payload: memoryview) -> None:
