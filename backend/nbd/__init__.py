@@ -1,7 +1,15 @@
-"""Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
+"""Sans-IO NBD protocol core: the server role (bytes in, events out, replies to bytes) and
+the client role (``ClientConnection``: handshake and request bytes out, replies in)."""
 
+from backend.nbd.client import ClientConnection, ExportInfo, Reply, TLSReady
 from backend.nbd.connection import DF_MAX, ServerConnection, State
-from backend.nbd.errors import ExportUnavailableError, LocalProtocolError, NBDError, ProtocolError
+from backend.nbd.errors import (
+    ExportUnavailableError,
+    LocalProtocolError,
+    NBDError,
+    ProtocolError,
+    RefusedError,
+)
 from backend.nbd.events import (
     NEED_DATA,
     Aborted,
@@ -23,10 +31,12 @@ __all__ = [
     "DF_MAX",
     "NEED_DATA",
     "Aborted",
+    "ClientConnection",
     "ConnectionClosed",
     "Disconnect",
     "Event",
     "ExportDescription",
+    "ExportInfo",
     "ExportListRequested",
     "ExportRequested",
     "ExportSelected",
@@ -34,11 +44,14 @@ __all__ = [
     "LocalProtocolError",
     "NBDError",
     "ProtocolError",
+    "RefusedError",
     "Rejected",
+    "Reply",
     "Request",
     "ServerConnection",
     "StartTLS",
     "State",
     "TLSPolicy",
+    "TLSReady",
     "WritePiece",
 ]

@@ -3,6 +3,7 @@
     NBDError
      ├── ProtocolError       the peer broke the protocol; the connection must close
      ├── ExportUnavailableError   an export exists but cannot be served now (export tables)
+     ├── RefusedError        the server refused an option the client needs (client role)
      └── LocalProtocolError  our caller misused the core (a bug in the server)
 
 A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
@@ -36,6 +37,17 @@ class ExportUnavailableError(NBDError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RefusedError(NBDError):
+    """The server answered an option the client cannot do without (STARTTLS, GO) with an
+    error reply: ``option`` and ``reply`` are the spec's names, ``message`` the server's."""
+
+    def __init__(self, option: str, reply: str, message: str) -> None:
+        super().__init__(f"{option} refused ({reply}){': ' + message if message else ''}")
+        self.option = option
+        self.reply = reply
+        self.message = message
 
 
 class LocalProtocolError(NBDError):
