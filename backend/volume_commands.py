@@ -122,7 +122,8 @@ def _common() -> argparse.ArgumentParser:
 STORAGE_HELP = (
     "where the data lives: a profile from --config's `storages:` or inline, e.g. file"
     " (default), dir:path=DIR, s3:bucket=B,endpoint=URL, rados:pool=P, rbd:pool=P,"
-    " rbd:pool=P,image=EXISTING; layers: +cache:size=256MiB, +retry:attempts=5"
+    " rbd:pool=P,image=EXISTING, nbd:url=nbd://HOST:PORT/EXPORT;"
+    " layers: +cache:size=256MiB, +retry:attempts=5"
     " (docs/storage.md)"
 )
 
@@ -299,7 +300,8 @@ def cmd_create(args: argparse.Namespace) -> int:
             progress=ProgressBar(f"importing {args.name}"),
         )
     else:
-        if not args.size and not (args.storage and "image=" in args.storage):
+        adopted = args.storage and ("image=" in args.storage or "url=" in args.storage)
+        if not args.size and not adopted:
             raise InvalidRequestError("--size is required without --from-image")
         # An empty --size is no size here (an adopted RBD image's own), as it always was.
         info = service.create(dataclasses.replace(request, size=args.size or None))

@@ -9,6 +9,7 @@ sits on a snapshot's layer.  A :class:`Backend` turns layer ids into storage:
   RADOS), with copy-on-write between layers (backend.storage.chunked).
 * :class:`RbdBackend`: a top layer is an RBD image, a snapshot layer ``IMAGE@SNAP`` an RBD
   snapshot, a clone an RBD clone: snapshots and clones are Ceph's own.
+* :class:`NbdBackend`: the one layer is a remote NBD export, adopted (backend.storage.nbd).
 
 Snapshots differ in shape: on files and objects the frozen layer is the old top and the volume
 continues in a new top; on RBD the top stays and the snapshot is a new layer under it in name
@@ -51,7 +52,9 @@ from backend.storage.cow import (
 from backend.storage.cow import (
     create_layer as create_cow_layer,
 )
+from backend.storage.nbd import NbdStorage, NbdTarget
 from backend.storage.objects.base import ObjectStore
+from backend.volumes.model import InvalidRequestError
 
 if TYPE_CHECKING:
     from backend.storage.rbd import RbdStorage
@@ -309,3 +312,51 @@ class RbdBackend(Backend["RbdStorage"]):
             self._rbd.remove_snapshot(self.cluster, self.pool, image, snap, **self._where())
         elif image != self.image:
             self._rbd.remove_image(self.cluster, self.pool, image, **self._where())
+
+
+class NbdBackend(Backend[NbdStorage]):
+    """The one volume on this backend is the remote export at ``url``, adopted: its size is
+    the export's, nbs never removes it, and what only the export's own server could do
+    (snapshots, clones, resizing: NbdStorage declares no resize) is refused."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url = url
+        self.target = NbdTarget.from_uri(url)
+        self.options = options
+
+    def new_layer(self) -> str:
+        return f"nbd:{self.target}"
+
+    def existing_size(self, layer: str) -> int | None:
+        try:
+            probe = NbdStorage(self.target, reconnect_deadline=0)
+        except StorageError as err:
+            # The operator named an export that does not answer: theirs to fix (a 4xx).
+            raise InvalidRequestError(f"{err}") from None
+        try:
+            return probe.size
+        finally:
+            probe.close()
+
+    def create(self, layer: str, size: int) -> None:
+        """Nothing to make: the export exists (existing_size opened it)."""
+
+    def open(self, chain: builtins.list[str], read_only: bool) -> NbdStorage:
+        return NbdStorage(self.target, **self.options)
+
+    def snapshot(self, storage: NbdStorage, top: str, commit: Commit) -> None:
+        raise InvalidRequestError(
+            f"a snapshot is not possible on a volume of kind nbd ({self.target}): do it on the"
+            " server that owns the export"
+        )
+
+    def flatten(
+        self, storage: NbdStorage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        """Nothing under the export to copy up."""
+
+    def used(self, layer: str) -> int:
+        return 0  # unknown here; the export's server knows
+
+    def remove(self, layer: str) -> None:
+        """Never: the export belongs to its server."""

@@ -21,13 +21,21 @@ from typing import Any, Protocol
 from backend.storage import Storage, chunked, cow
 from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.storage.layers.caching import DEFAULT_BLOCK
+from backend.storage.nbd import NbdTarget
 from backend.storage.objects.base import ObjectStore
-from backend.volumes.backends import Backend, ChunkedBackend, FileBackend, RbdBackend
+from backend.volumes.backends import (
+    Backend,
+    ChunkedBackend,
+    FileBackend,
+    NbdBackend,
+    RbdBackend,
+)
 from backend.volumes.model import InvalidRequestError
 from backend.volumes.options import (
     BOOLEAN,
     TEXT,
     Option,
+    Values,
     choice,
     count,
     human,
@@ -186,6 +194,21 @@ def _rbd_backend(params: Params, site: Site) -> Backend[Any]:
     return RbdBackend(cluster, params["pool"], params["namespace"], params["image"])
 
 
+def _nbd_backend(params: Params, site: Site) -> Backend[Any]:
+    options: dict[str, Any] = {"connections": int(params["connections"])}
+    # Not given: NbdStorage's own defaults.
+    if params["timeout"] is not None:
+        options["request_timeout"] = float(params["timeout"])
+    if params["reconnect"] is not None:
+        options["reconnect_deadline"] = float(params["reconnect"])
+    return NbdBackend(params["url"], options)
+
+
+def _nbd_url(value: str) -> str:
+    NbdTarget.from_uri(value)  # its ValueError names what is wrong
+    return value
+
+
 def _cache(storage: Storage, params: Params) -> Storage:
     return CachingStorage(
         storage,
@@ -267,6 +290,31 @@ KINDS: dict[str, StorageKind] = {
             "timeout": _CEPH_TIMEOUT,
         },
         backend=_rbd_backend,
+    ),
+    "nbd": StorageKind(
+        "an existing remote NBD export (another `nbs serve`, nbdkit, qemu-nbd), adopted: its"
+        " size is the export's, deleting the volume never touches it, and snapshots, clones"
+        " and resizing are refused; `NbdStorage` (see [Remote NBD exports](#remote-nbd-exports))",
+        {
+            "url": Option(
+                Values(
+                    _nbd_url,
+                    "an NBD URI: `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,"
+                    " `nbds…` with `tls-certificates=DIR`, `tls-hostname`",
+                ),
+                required=True,
+            ),
+            "connections": Option(count(1, 16), default=1),
+            "timeout": Option(
+                seconds(0, MAX_TIMEOUT, zero=False),
+                shown_default="30 s: a reply missing this long drops the connection",
+            ),
+            "reconnect": Option(
+                seconds(0, MAX_WAIT),
+                shown_default="60 s: how long requests wait for a reconnection",
+            ),
+        },
+        backend=_nbd_backend,
     ),
 }
 

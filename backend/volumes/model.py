@@ -165,8 +165,8 @@ class CreateRequest:
     Built once, where the request comes in (`nbs volume create`, or the API server from the
     body of ``POST /v1/volumes``); the volume clients pass it through unchanged (the API
     client sends :meth:`to_json` as that body), and VolumeService.create checks it.
-    ``size``: bytes or text such as ``10GiB``; None only for an adopted RBD image (its size
-    is the image's).  ``storage``: ``--storage`` text, a profile name or an inline spec
+    ``size``: bytes or text such as ``10GiB``; None only for an adopted RBD image or NBD
+    export (its size is theirs).  ``storage``: ``--storage`` text, a profile name or an inline spec
     (backend.volumes.storages); None is the default storage.
     """
 

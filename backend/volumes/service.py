@@ -441,6 +441,11 @@ class VolumeService:
             if nbytes != row.size:
                 self._check_local_if_closed(name, "resize")
                 opened = self._opened(name)
+                if not opened.top.capabilities.can_resize:
+                    raise InvalidRequestError(
+                        f"resizing is not possible on volume {name!r}: its storage cannot be"
+                        " resized (docs/storage.md)"
+                    )
                 try:
                     # Through the layers: a cache drops what the new size makes stale.
                     opened.top.resize(nbytes, allow_shrink=allow_shrink)

@@ -15,6 +15,8 @@ Inline (``nbs volume create --storage``)::
     rados:pool=nbs,namespace=prod,conf=/etc/ceph/ceph.conf
     rbd:pool=rbd                             one RBD image per volume (native snapshots, clones)
     rbd:pool=rbd,image=vm1                   an existing RBD image (never removed by nbs)
+    nbd:url=nbd://10.0.0.5:10809/vol         an existing remote NBD export (never removed by
+                                             nbs; nbd+unix:///vol?socket=PATH, nbds://…)
     s3:bucket=nbs+cache:size=256MiB+retry:attempts=5,deadline=30
 
 Layers wrap the storage in the order written: the first is the outermost (nearest the client).
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -187,6 +190,10 @@ def prepare_location(spec: StorageSpec) -> StorageSpec:
     return dataclasses.replace(spec, params=params)
 
 
+# "+" starts a layer, except in an NBD URI's scheme (nbd+unix://, nbds+tcp://).
+_LAYER_SPLIT = re.compile(r"\+(?!(?:unix|tcp|vsock)://)")
+
+
 def _split(part: str, where: str) -> tuple[str, dict[str, str]]:
     kind, _, rest = part.partition(":")
     raw: dict[str, str] = {}
@@ -208,7 +215,7 @@ def parse_storage(
     if text in profiles:
         return profiles[text]
     where = f"storage {shown(text)}"
-    parts = text.split("+")
+    parts = _LAYER_SPLIT.split(text)
     kind, raw = _split(parts[0], where)
     if kind in profiles and not raw:
         profile = profiles[kind]

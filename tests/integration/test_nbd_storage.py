@@ -1,6 +1,7 @@
 """NbdStorage against real servers in other processes: nbdkit's memory plugin (a server
 nobody here wrote) under the storage conformance suite, nbdkit's error filter, ``nbs serve``
-killed with SIGKILL mid-I/O and restarted, TLS and Unix sockets."""
+killed with SIGKILL mid-I/O and restarted, TLS and Unix sockets; and ``nbs serve`` proxying a
+volume of kind ``nbd`` to a second ``nbs serve``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from backend.storage import StorageError
 from backend.storage.nbd import NbdStorage, NbdTarget
 from tests.integration.conftest import NbsServer, require_tool, start_server
-from tests.integration.helpers import free_port
+from tests.integration.helpers import free_port, nbs
 from tests.integration.pki import issue_client, issue_server, make_ca
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
@@ -217,3 +218,52 @@ def test_tls_and_unix_socket(image: Path, tmp_path: Path, pki: Path) -> None:
             NbdStorage(NbdTarget(export="vol", port=server.port))  # no TLS: refused
     finally:
         server.stop()
+
+
+def test_nbs_serve_proxies_a_volume_of_kind_nbd(
+    image: Path, tmp_path: Path, nbs_server: Callable[..., NbsServer]
+) -> None:
+    """qemu-io writes through the first server's volume; the bytes land in the second's file."""
+    qemu_io = require_tool("qemu-io")
+    node = nbs_server("--listen", "127.0.0.1:0", "--export", f"vol={image}")
+    data = tmp_path / "data"
+    nbs(
+        "volume", "create", "px", "--storage", f"nbd:url={node.uri('vol')}", "--data-dir", str(data)
+    )
+    gateway = nbs_server("--listen", "127.0.0.1:0", "--data-dir", str(data))
+    write = subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0x5a 1M 192k", "-c", "flush", gateway.uri("px")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert write.returncode == 0, write.stderr
+    read = subprocess.run(
+        [
+            qemu_io,
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 1M 192k",
+            "-c",
+            "read -P 0 0 1M",
+            gateway.uri("px"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert read.returncode == 0, read.stderr + read.stdout
+    assert "Pattern verification failed" not in read.stdout
+    with image.open("rb") as f:
+        f.seek(MiB)
+        assert f.read(192 * 1024) == b"\x5a" * 192 * 1024
+    # Snapshots of an adopted export are refused in one line, exit 2.
+    refused = nbs("snapshot", "create", "px", "s1", "--data-dir", str(data), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert "not possible on a volume of kind nbd" in refused.stderr
+    # The gateway goes first: its shutdown flushes through to the node.
+    assert gateway.stop() == 0
