@@ -5,7 +5,8 @@ layer, whose ``parent`` is the layer below, and so on.  A snapshot names a froze
 clone is a volume whose top's parent is a snapshot's layer.  Layers no chain reaches are
 garbage (removed by VolumeService.gc).
 
-Each volume and layer records its storage (a StorageSpec as JSON, backend.volumes.storages):
+Each volume and layer records its storage (a StorageSpec, stored as JSON: the one place specs
+become text, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
 place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time).
 
@@ -26,7 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backend.volumes.storages import FILE, StorageSpec
+
 SCHEMA_VERSION = 3
+# The default column value of catalogues older than storages: FILE's JSON (a unit test checks).
 FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,7 +75,7 @@ class VolumeRow:
     origin: str | None
     state: str
     created: float
-    storage: str = FILE_STORAGE
+    storage: StorageSpec = FILE
     shared: bool = False  # several clients may hold it writable at once (multi-attach)
 
 
@@ -95,7 +99,7 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         origin=row["origin"],
         state=row["state"],
         created=row["created"],
-        storage=row["storage"],
+        storage=StorageSpec.from_json(row["storage"]),
         shared=bool(row["shared"]),
     )
 
@@ -225,10 +229,10 @@ class Catalogue:
             out.append(parent)
         return out[::-1]
 
-    def layer_storage(self, layer: str) -> str | None:
+    def layer_storage(self, layer: str) -> StorageSpec | None:
         with self._lock:
             row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
-        return row["storage"] if row else None
+        return StorageSpec.from_json(row["storage"]) if row else None
 
 
 class Changes:
@@ -240,10 +244,10 @@ class Changes:
 
     # ------------------------------------------------------------------ layers
 
-    def add_layer(self, layer: str, parent: str | None, storage: str = FILE_STORAGE) -> None:
+    def add_layer(self, layer: str, parent: str | None, storage: StorageSpec = FILE) -> None:
         self._db.execute(
             "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
-            (layer, parent, time.time(), storage),
+            (layer, parent, time.time(), storage.to_json()),
         )
 
     def set_parent(self, layer: str, parent: str | None) -> None:
@@ -269,7 +273,7 @@ class Changes:
                 row.origin,
                 row.state,
                 row.created,
-                row.storage,
+                row.storage.to_json(),
                 int(row.shared),
             ),
         )

@@ -191,8 +191,7 @@ class VolumeService:
 
     def _layer_spec(self, layer: str) -> StorageSpec:
         """The storage a layer's row records (the catalogue holds specs as JSON)."""
-        recorded = self.catalogue.layer_storage(layer)
-        return StorageSpec.from_json(recorded) if recorded else FILE
+        return self.catalogue.layer_storage(layer) or FILE
 
     def _layer_backend(self, layer: str) -> Backend[Any]:
         return self._backend(self._layer_spec(layer))
@@ -210,10 +209,9 @@ class VolumeService:
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
 
-    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened[Any]:
-        """The chain ending at ``top`` opened on its backend and wrapped in its layers;
-        ``storage`` is the volume row's spec, as the catalogue records it."""
-        spec = StorageSpec.from_json(storage)
+    def _open_chain(self, spec: StorageSpec, top: str, read_only: bool) -> _Opened[Any]:
+        """The chain ending at ``top`` opened on its backend and wrapped in ``spec``'s layers
+        (the volume row's spec)."""
         backend = self._backend(spec)
         base = backend.open(self.catalogue.chain(top), read_only)
         return _Opened(backend, base, _wrap(base, spec))
@@ -242,7 +240,7 @@ class VolumeService:
             origin=row.origin,
             snapshots=tuple(s.name for s in self.catalogue.snapshots(row.name)),
             connections=len(holders := tuple(self.holders(row.name))),
-            storage=str(StorageSpec.from_json(row.storage)),
+            storage=str(row.storage),
             shared=row.shared,
             holders=holders,
         )
@@ -343,7 +341,7 @@ class VolumeService:
                 None,
                 "creating",
                 time.time(),
-                spec.to_json(),
+                spec,
                 request.shared,
             )
             self._record_creating(row, None)
@@ -548,8 +546,8 @@ class VolumeService:
                 raise NotFoundError(f"no snapshot {volume}@{snapshot}")
             if self.catalogue.volume(new_name) is not None:
                 raise AlreadyExistsError(f"volume {new_name!r} already exists")
-            storage = self.catalogue.layer_storage(snap.layer) or FILE.to_json()
-            backend = self._backend(StorageSpec.from_json(storage))
+            storage = self.catalogue.layer_storage(snap.layer) or FILE
+            backend = self._backend(storage)
             layer = backend.new_clone_layer()
             row = VolumeRow(
                 new_name,
@@ -605,7 +603,7 @@ class VolumeService:
                 opened.top.flush()
                 opened.backend.flatten(opened.base, chain, progress)
             else:
-                self._backend(StorageSpec.from_json(row.storage)).flatten(None, chain, progress)
+                self._backend(row.storage).flatten(None, chain, progress)
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
         with self.catalogue.transaction() as changes:
@@ -660,7 +658,7 @@ class VolumeService:
         # goes after its snapshots); data first, then the row, so a crash between leaves a
         # dead row to remove again.
         for layer in sorted(dead, key=lambda x: -len(self.catalogue.chain(x))):
-            if local_only and self.catalogue.layer_storage(layer) != FILE.to_json():
+            if local_only and self.catalogue.layer_storage(layer) != FILE:
                 continue
             try:
                 self._remove_layer_data(layer)

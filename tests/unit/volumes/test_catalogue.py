@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
+from backend.volumes.catalogue import FILE_STORAGE, Catalogue, SnapshotRow, VolumeRow
+from backend.volumes.storages import FILE, parse_storage
 
 ROOT = Path(__file__).resolve().parents[3]
 SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|PRAGMA|BEGIN|COMMIT)\s")
@@ -140,3 +141,12 @@ def test_the_check_sees_the_catalogue_s_sql() -> None:
     found = sql_in(CATALOGUE)
     assert any("UPDATE volumes SET size" in line for line in found)
     assert any("DELETE FROM snapshots" in line for line in found)
+
+
+def test_specs_are_typed_and_the_schema_default_is_file_s_json(catalogue: Catalogue) -> None:
+    assert FILE.to_json() == FILE_STORAGE
+    spec = parse_storage("dir:path=/srv/x,chunk_size=1MiB+retry:attempts=3")
+    with catalogue.transaction() as changes:
+        changes.add_layer("base", None, spec)
+    assert catalogue.layer_storage("base") == spec
+    assert catalogue.layer_storage("none") is None
