@@ -1,0 +1,8 @@
+"""Replicated volumes: what the engine keeps to fan writes out to N replicas safely.
+
+    bitmap.py       bit operations on a bytearray bitmap (set, clear, count, runs)
+    mapfile.py      the region map's file format: two headers, plane slots
+    tracking.py     RegionMap: persistent change tracking (in-doubt and missed planes)
+
+Why the tracking is in the engine: docs/decisions/0095-engine-side-change-tracking.md.
+"""
