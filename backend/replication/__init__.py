@@ -3,6 +3,7 @@
     bitmap.py       bit operations on a bytearray bitmap (set, clear, count, runs)
     mapfile.py      the region map's file format: two headers, plane slots
     tracking.py     RegionMap: persistent change tracking (in-doubt and missed planes)
+    membership.py   Membership, its transitions, and the compare-and-swap store interface
 
 Why the tracking is in the engine: docs/decisions/0095-engine-side-change-tracking.md.
 """
