@@ -5,5 +5,6 @@
     tracking.py     RegionMap: persistent change tracking (in-doubt and missed planes)
     membership.py   Membership, its transitions, and the compare-and-swap store interface
 
-Why the tracking is in the engine: docs/decisions/0095-engine-side-change-tracking.md.
+The design, and what of it is built so far: docs/replication.md.  Why the tracking is in
+the engine: docs/decisions/0095-engine-side-change-tracking.md.
 """

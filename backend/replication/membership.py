@@ -2,7 +2,7 @@
 
 ``Membership`` {volume_id, epoch, generation, members, in_sync, resyncing} is committed to a
 ``MembershipStore`` with compare-and-swap on the generation; the engine commits a member's
-failure *before* it acknowledges the write that member missed.
+failure *before* it acknowledges the write that member missed (docs/replication.md).
 
 * ``epoch`` grows by one with every attachment (``take_epoch``); replicas refuse requests of
   an older epoch, which fences an engine that lost the volume.
