@@ -17,9 +17,10 @@ Rules this module keeps (docs/decisions/0095-engine-side-change-tracking.md):
 * ``mark`` returns only once every bit it asked for is durable.  A bit already durable costs
   no I/O; marks that set new bits at the same time share one sync (group commit: the first
   waiter writes every dirty page and syncs, the others wait for it and piggy-back).
-* Bits are only ever set in place: a page written to disk holds every bit that was durable
-  in it before, so a torn page write cannot lose a set bit (either half holds it).  Headers
-  are never overwritten in place (backend/replication/mapfile.py).
+* Bits change in place, and every version of a page that is written holds every bit that
+  was durable in it and not cleared since (only a checkpoint clears, once the regions are
+  equal): whatever mix of old and new sectors a torn write leaves, a set bit is there.
+  Headers are never overwritten in place (backend/replication/mapfile.py).
 * Clearing is lazy: cleared pages are written with the next group commit, ``sync`` or
   ``close``, never synced on their own.  A clear that a crash loses leaves a stale set bit,
   which costs one region copy, never correctness.
