@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from backend.server.exports import Export, ExportTable
-from backend.server.server import Server, TCPAddress
+from backend.server.exports import Export
+from backend.server.server import Server
 from backend.storage import MemoryStorage, StorageError
 from backend.storage.nbd import NbdStorage, NbdTarget
-from tests.unit.server.clients import FailingStorage, GatedStorage, port_of
+from tests.unit.server.clients import FailingStorage, GatedStorage, in_process_servers, port_of
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
 
@@ -24,19 +24,8 @@ Serve = Callable[..., Server]
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    servers: list[Server] = []
-
-    def start(*exports: Export, port: int = 0, **options: int) -> Server:
-        address = [TCPAddress("127.0.0.1", port)]
-        server = Server(ExportTable(list(exports)), tcp=address, **options)  # type: ignore[arg-type]
-        server.bind()
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown(grace=5)
+    with in_process_servers() as start:
+        yield start
 
 
 def target(server: Server, name: str = "vol") -> NbdTarget:
