@@ -19,10 +19,10 @@ import yaml
 from backend.nbd import TLSPolicy
 from backend.nbd.constants import MAX_PAYLOAD
 from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
+from backend.volumes.kinds import KINDS
 from backend.volumes.model import InvalidRequestError, parse_size, shown
 from backend.volumes.storages import (
     FILE,
-    KINDS,
     StorageSpec,
     parse_storage,
     parse_storage_mapping,

@@ -32,7 +32,7 @@ from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.storage import FileStorage, Storage, StorageError
 from backend.volumes.datadir import default_data_dir
 from backend.volumes.exports import DEFAULT_VOLUME, VolumeExports
-from backend.volumes.model import Holder, VolumeError
+from backend.volumes.model import CreateRequest, Holder, VolumeError
 from backend.volumes.service import VolumeService
 
 if TYPE_CHECKING:
@@ -110,7 +110,9 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
         service.start_serving()
         if not service.catalogue.volumes():
             # On the default storage: a `dir` there must exist (or say create=true).
-            service.create(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
+            service.create(
+                CreateRequest(DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE, description="NBS default volume")
+            )
             log.info(
                 "created volume %r (%d bytes, sparse) in %s",
                 DEFAULT_VOLUME,

@@ -15,7 +15,7 @@ from backend.config import load_config
 from backend.storage import StorageError
 from backend.volumes import transfer
 from backend.volumes.datadir import default_data_dir
-from backend.volumes.model import InvalidRequestError, VolumeInfo
+from backend.volumes.model import ImportRequest, InvalidRequestError, VolumeInfo
 from backend.volumes.operations import VolumeOperations
 from backend.volumes.service import Progress, VolumeService
 from backend.volumes.storages import StorageSpec
@@ -40,31 +40,12 @@ class LocalVolumes:
         self.close = self.service.close
 
     def import_image(
-        self,
-        name: str,
-        source: str,
-        *,
-        size: str | int | None = None,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-        progress: Progress | None = None,
+        self, request: ImportRequest, *, progress: Progress | None = None
     ) -> VolumeInfo:
-        """A new volume holding the image at ``source`` (hidden until the copy is complete)."""
-        transfer.begin_import(
-            self.service,
-            name,
-            source,
-            size=size,
-            description=description,
-            labels=labels,
-            read_only=read_only,
-            storage=storage,
-            shared=shared,
-        )
-        return transfer.finish_import(self.service, name, source, progress)
+        """A new volume holding the image at ``request.source`` (hidden until the copy is
+        complete)."""
+        transfer.begin_import(self.service, request)
+        return transfer.finish_import(self.service, request, progress)
 
     def export_image(
         self, name: str, dest: Path, *, fmt: str = "raw", progress: Progress | None = None

@@ -8,6 +8,7 @@ backend.volumes.datadir.default_data_dir) in this process, or, when a server run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backend.volumes.model import InvalidRequestError, SnapshotInfo, VolumeError, VolumeInfo
+from backend.volumes.model import (
+    CreateRequest,
+    ImportRequest,
+    InvalidRequestError,
+    SnapshotInfo,
+    VolumeError,
+    VolumeInfo,
+)
 from backend.volumes.operations import VolumeOperations
 
 EXIT_FAILURE = 1
@@ -114,7 +122,8 @@ def _common() -> argparse.ArgumentParser:
 STORAGE_HELP = (
     "where the data lives: a profile from --config's `storages:` or inline, e.g. file"
     " (default), dir:path=DIR, s3:bucket=B,endpoint=URL, rados:pool=P, rbd:pool=P,"
-    " rbd:pool=P,image=EXISTING; layers: +cache:size=256MiB, +retry:attempts=5"
+    " rbd:pool=P,image=EXISTING, nbd:url=nbd://HOST:PORT/EXPORT;"
+    " layers: +cache:size=256MiB, +retry:attempts=5"
     " (docs/storage.md)"
 )
 
@@ -280,31 +289,26 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     service = _service(args)
-    labels = _labels(args.label)
+    request = CreateRequest(
+        args.name,
+        args.size,
+        description=args.description,
+        labels=_labels(args.label),
+        read_only=args.read_only,
+        storage=args.storage,
+        shared=args.shared,
+    )
     if args.from_image:
         info = service.import_image(
-            args.name,
-            args.from_image,
-            size=args.size,
-            description=args.description,
-            labels=labels,
-            read_only=args.read_only,
-            storage=args.storage,
-            shared=args.shared,
+            ImportRequest(request, args.from_image),
             progress=ProgressBar(f"importing {args.name}"),
         )
     else:
-        if not args.size and not (args.storage and "image=" in args.storage):
+        adopted = args.storage and ("image=" in args.storage or "url=" in args.storage)
+        if not args.size and not adopted:
             raise InvalidRequestError("--size is required without --from-image")
-        info = service.create(
-            args.name,
-            args.size or None,
-            description=args.description,
-            labels=labels,
-            read_only=args.read_only,
-            storage=args.storage,
-            shared=args.shared,
-        )
+        # An empty --size is no size here (an adopted RBD image's own), as it always was.
+        info = service.create(dataclasses.replace(request, size=args.size or None))
     if args.json:
         _show_volume(info, True)
     else:
@@ -314,13 +318,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     service = _service(args)
+    request = CreateRequest(
+        args.name, args.size, description=args.description, storage=args.storage
+    )
     info = service.import_image(
-        args.name,
-        args.source,
-        size=args.size,
-        description=args.description,
-        storage=args.storage,
-        progress=ProgressBar(f"importing {args.name}"),
+        ImportRequest(request, args.source), progress=ProgressBar(f"importing {args.name}")
     )
     print(f"imported {args.source} into volume {info.name} ({human_size(info.size)})")
     return 0

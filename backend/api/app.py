@@ -36,7 +36,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend.api.errors import UnauthorizedError, code_for_status, error_body
 from backend.api.imports import Import, Imports
-from backend.volumes.model import NAME_RULE, SnapshotInfo, VolumeError, VolumeInfo
+from backend.volumes.model import (
+    NAME_RULE,
+    CreateRequest,
+    ImportRequest,
+    SnapshotInfo,
+    VolumeError,
+    VolumeInfo,
+)
 from backend.volumes.service import VolumeService
 
 PREFIX = "/v1"
@@ -90,6 +97,9 @@ class VolumeCreate(_Request):
     storage: StorageField = None
     shared: bool = Field(False, description="let several clients hold it writable at once")
 
+    def request(self) -> CreateRequest:
+        return CreateRequest(**self.model_dump())
+
 
 class VolumeResize(_Request):
     size: Size
@@ -108,6 +118,11 @@ class VolumeImport(_Request):
     read_only: bool = False
     storage: StorageField = None
     shared: bool = Field(False, description="let several clients hold it writable at once")
+
+    def request(self, name: str) -> ImportRequest:
+        """The import into a new volume ``name`` (from the path)."""
+        options = self.model_dump(exclude={"source"})
+        return ImportRequest(CreateRequest(name, **options), self.source)
 
 
 class SnapshotCreate(_Request):
@@ -407,15 +422,7 @@ def create_app(
     @app.post("/v1/volumes", status_code=201, tags=["volumes"], responses=_errors(409))
     def create_volume(body: VolumeCreate, response: Response) -> VolumeOut:
         """A new, empty (sparse) volume."""
-        info = service.create(
-            body.name,
-            body.size,
-            description=body.description,
-            labels=body.labels,
-            read_only=body.read_only,
-            storage=body.storage,
-            shared=body.shared,
-        )
+        info = service.create(body.request())
         response.headers["Location"] = f"{PREFIX}/volumes/{quote(info.name)}"
         return VolumeOut.of(info)
 
@@ -461,17 +468,7 @@ def create_app(
         """A new volume holding an image the server reads: refusals are answered with their
         status; once the copy started, progress streams as NDJSON.  Disconnecting does not
         cancel the copy."""
-        job = imports.start(
-            service,
-            name,
-            body.source,
-            size=body.size,
-            description=body.description,
-            labels=body.labels,
-            read_only=body.read_only,
-            storage=body.storage,
-            shared=body.shared,
-        )
+        job = imports.start(service, body.request(name))
         return NDJSONResponse(_ndjson(job))
 
     @app.get("/v1/snapshots", tags=["snapshots"])

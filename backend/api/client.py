@@ -9,6 +9,7 @@ server at all.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,9 @@ from backend.api.errors import UnauthorizedError, UnreachableError, UnsupportedE
 from backend.api.local import accepts_connections, is_loopback, socket_path, token_path
 from backend.volumes.datadir import default_data_dir
 from backend.volumes.model import (
+    CreateRequest,
     Holder,
+    ImportRequest,
     InvalidRequestError,
     SnapshotInfo,
     VolumeError,
@@ -164,27 +167,8 @@ class RemoteVolumes:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def create(
-        self,
-        name: str,
-        size: int | str | None,
-        *,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-    ) -> VolumeInfo:
-        body = {
-            "name": name,
-            "size": size,
-            "description": description,
-            "labels": labels or {},
-            "read_only": read_only,
-            "storage": storage,
-            "shared": shared,
-        }
-        return _volume(self._call("POST", "/volumes", body=body))
+    def create(self, request: CreateRequest) -> VolumeInfo:
+        return _volume(self._call("POST", "/volumes", body=request.to_json()))
 
     def resize(self, name: str, size: int | str, *, allow_shrink: bool = False) -> VolumeInfo:
         body = {"size": size, "allow_shrink": allow_shrink}
@@ -232,32 +216,14 @@ class RemoteVolumes:
     # ------------------------------------------------------------------ images
 
     def import_image(
-        self,
-        name: str,
-        source: str,
-        *,
-        size: str | int | None = None,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-        progress: Progress | None = None,
+        self, request: ImportRequest, *, progress: Progress | None = None
     ) -> VolumeInfo:
-        """A new volume holding the image at ``source``, read by the server: a path on the
-        server's machine or an NBD URI.  Over the local socket a relative path is taken
-        relative to this process's directory, as the local command would."""
-        if self._uds is not None and "://" not in source:
-            source = str(Path(source).absolute())
-        body = {
-            "source": source,
-            "size": size,
-            "description": description,
-            "labels": labels or {},
-            "read_only": read_only,
-            "storage": storage,
-            "shared": shared,
-        }
+        """A new volume holding the image at ``request.source``, read by the server: a path
+        on the server's machine or an NBD URI.  Over the local socket a relative path is
+        taken relative to this process's directory, as the local command would."""
+        if self._uds is not None and "://" not in request.source:
+            request = dataclasses.replace(request, source=str(Path(request.source).absolute()))
+        name, body = request.volume.name, request.to_json()
         path = f"{_volume_path(name)}/import"
         still_running = (
             f"the import of {name!r} may still be running on the server (see `nbs volume list`)"

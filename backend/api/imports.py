@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from backend.volumes import transfer
 from backend.volumes.model import (
+    ImportRequest,
     InvalidRequestError,
     StorageFailureError,
     VolumeError,
@@ -68,40 +69,21 @@ class Import:
     :meth:`next_event` hands out the copy's events, each once.
     """
 
-    def __init__(
-        self,
-        service: VolumeService,
-        name: str,
-        source: str,
-        *,
-        size: int | str | None = None,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-    ) -> None:
+    def __init__(self, service: VolumeService, request: ImportRequest) -> None:
         self.service = service
-        self.name = check_name(name)
-        self.source = check_source(source)
-        transfer.begin_import(
-            service,
-            name,
-            self.source,
-            size=size,
-            description=description,
-            labels=labels,
-            read_only=read_only,
-            storage=storage,
-            shared=shared,
-        )
+        self.request = request
+        self.name = check_name(request.volume.name)
+        self.source = check_source(request.source)
+        transfer.begin_import(service, request)
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._copy, name=f"nbs-import-{name}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._copy, name=f"nbs-import-{self.name}", daemon=True
+        )
         self.thread.start()
 
     def _copy(self) -> None:
         try:
-            info = transfer.finish_import(self.service, self.name, self.source, self._progress)
+            info = transfer.finish_import(self.service, self.request, self._progress)
         except BaseException as err:
             if not isinstance(err, VolumeError):
                 log.exception("import of %s into %s failed", self.source, self.name)
@@ -133,9 +115,9 @@ class Imports:
         self._lock = threading.Lock()
         self._running: set[Import] = set()
 
-    def start(self, service: VolumeService, name: str, source: str, **options: Any) -> Import:
+    def start(self, service: VolumeService, request: ImportRequest) -> Import:
         """A started :class:`Import` (raises what its constructor raises)."""
-        job = Import(service, name, source, **options)
+        job = Import(service, request)
         with self._lock:
             self._running = {j for j in self._running if j.thread.is_alive()} | {job}
         return job

@@ -1,5 +1,7 @@
-"""Sans-IO NBD protocol core (server role): bytes in, events out, replies to bytes."""
+"""Sans-IO NBD protocol core: the server role (bytes in, events out, replies to bytes) and
+the client role (``ClientConnection``: handshake and request bytes out, replies in)."""
 
+from backend.nbd.client import ClientConnection, ExportInfo, Reply, TLSReady
 from backend.nbd.connection import DF_MAX, ServerConnection, State
 from backend.nbd.errors import (
     ExportForbiddenError,
@@ -7,6 +9,7 @@ from backend.nbd.errors import (
     LocalProtocolError,
     NBDError,
     ProtocolError,
+    RefusedError,
 )
 from backend.nbd.events import (
     NEED_DATA,
@@ -29,11 +32,13 @@ __all__ = [
     "DF_MAX",
     "NEED_DATA",
     "Aborted",
+    "ClientConnection",
     "ConnectionClosed",
     "Disconnect",
     "Event",
     "ExportDescription",
     "ExportForbiddenError",
+    "ExportInfo",
     "ExportListRequested",
     "ExportRequested",
     "ExportSelected",
@@ -41,11 +46,14 @@ __all__ = [
     "LocalProtocolError",
     "NBDError",
     "ProtocolError",
+    "RefusedError",
     "Rejected",
+    "Reply",
     "Request",
     "ServerConnection",
     "StartTLS",
     "State",
     "TLSPolicy",
+    "TLSReady",
     "WritePiece",
 ]

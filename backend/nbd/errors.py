@@ -4,6 +4,7 @@
      ├── ProtocolError       the peer broke the protocol; the connection must close
      ├── ExportUnavailableError   an export exists but cannot be served now (export tables)
      │    └── ExportForbiddenError    … nor ever to this client as it asked (a stale epoch)
+     ├── RefusedError        the server refused an option the client needs (client role)
      └── LocalProtocolError  our caller misused the core (a bug in the server)
 
 A request the spec lets us refuse (bad range, bad flags, …) is not an exception: it becomes a
@@ -44,6 +45,17 @@ class ExportForbiddenError(ExportUnavailableError):
     refuses the client what it asked for (a fenced connection naming an epoch older than the
     one the volume promised).  The session answers ``export_refused(reason, forbidden=True)``
     and the client gets NBD_REP_ERR_POLICY, which tells it retrying will not help."""
+
+
+class RefusedError(NBDError):
+    """The server answered an option the client cannot do without (STARTTLS, GO) with an
+    error reply: ``option`` and ``reply`` are the spec's names, ``message`` the server's."""
+
+    def __init__(self, option: str, reply: str, message: str) -> None:
+        super().__init__(f"{option} refused ({reply}){': ' + message if message else ''}")
+        self.option = option
+        self.reply = reply
+        self.message = message
 
 
 class LocalProtocolError(NBDError):

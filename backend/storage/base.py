@@ -51,6 +51,10 @@ class Capabilities:
     # of the backing store (object stores, RBD): large reads then just read.
     cheap_extents: bool = True
     can_cache: bool = True
+    # resize() changes the size (Storage.resize); layers forward it, and a storage without it
+    # refuses with ENOTSUP.  Not an NBD flag: the protocol has no resize (NBD_CMD_RESIZE is an
+    # extension nobody implements), only the volume service asks.
+    can_resize: bool = False
     # True when every connection sees every other connection's completed writes and a FLUSH
     # on one connection covers writes completed on all of them (NBD_FLAG_CAN_MULTI_CONN).
     can_multi_conn: bool = True
@@ -135,6 +139,15 @@ class Storage(abc.ABC):
         The first extent starts at ``offset``; together they cover at least one byte and at
         most the requested range, without gaps.
         """
+
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Change the size to ``new_size``: growing reads as zeroes, shrinking (only with
+        ``allow_shrink``) drops what lies past the new end.
+
+        An optional ability, declared by ``Capabilities.can_resize``; without it this raises
+        ``StorageError(ENOTSUP)``, as here.
+        """
+        raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot be resized")
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -40,6 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.chains import UNLIMITED, visible_limits, zeroing_drops
+from backend.storage.chunks import (
+    check_geometry,
+    chunk_count,
+    chunk_pieces,
+    chunk_span,
+    whole_chunks,
+)
 from backend.storage.objects.base import ObjectStore
 from backend.storage.ranges import RangeLock, SharedLock
 
@@ -142,13 +150,7 @@ def remove_layer(store: ObjectStore, prefix: str) -> None:
 
 
 def _check_geometry(size: int, chunk_size: int) -> None:
-    if size < 0:
-        raise ValueError(f"size must be >= 0, not {size}")
-    if chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        raise ValueError(
-            f"chunk size must be a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], "
-            f"not {chunk_size}"
-        )
+    check_geometry(size, chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
 
 
 def _write_meta(store: ObjectStore, prefix: str, size: int, chunk_size: int, floor: int) -> None:
@@ -205,11 +207,16 @@ class ChunkedStorage(Storage):
                 can_zero=False,
                 inline=False,
                 cheap_extents=False,
+                can_resize=layered,
                 preferred_block=preferred,
             )
         else:
             self._capabilities = Capabilities(
-                can_fast_zero=True, inline=False, cheap_extents=False, preferred_block=preferred
+                can_fast_zero=True,
+                inline=False,
+                cheap_extents=False,
+                can_resize=layered,
+                preferred_block=preferred,
             )
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunked")
         self._locks = RangeLock()
@@ -245,7 +252,7 @@ class ChunkedStorage(Storage):
         with self._request():
             if length <= 0:
                 return b""
-            pieces = list(self._pieces(offset, length))
+            pieces = list(chunk_pieces(offset, length, self._chunk_size))
             return b"".join(self._map(lambda p: self._read_piece(*p), pieces))
 
     def _read_piece(self, index: int, start: int, length: int) -> bytes:
@@ -276,7 +283,7 @@ class ChunkedStorage(Storage):
             view = memoryview(data).cast("B")
             if not view:
                 return
-            pieces = list(self._pieces(offset, len(view)))
+            pieces = list(chunk_pieces(offset, len(view), self._chunk_size))
             base = offset
 
             def one(piece: tuple[int, int, int]) -> None:
@@ -372,11 +379,10 @@ class ChunkedStorage(Storage):
             return
         cs = self._chunk_size
         end = offset + length
-        first, stop = offset // cs, (end - 1) // cs + 1
+        first, stop = chunk_span(offset, length, cs)
         # Whole chunks: only those that exist are touched, found with one list(), so that a
         # trim of a huge sparse volume costs its objects, not its size.
-        whole_first = -(-offset // cs)
-        whole_stop = stop if end == self._size else end // cs
+        whole_first, whole_stop = whole_chunks(offset, length, cs, self._size)
         edges = [
             (index, max(offset, index * cs) - index * cs, min(end, (index + 1) * cs))
             for index in sorted({first, stop - 1})
@@ -385,14 +391,14 @@ class ChunkedStorage(Storage):
 
         def one(index: int) -> None:
             key = self._key(index)
-            if keep:
-                self._store.put(key, bytes(self._chunk_length(index)))
-            elif index in below:
-                self._store.put(key, b"")  # a whiteout: reads as zeroes, hides the layers below
-                self._note_in_top(index)
-            else:
+            if zeroing_drops(not keep, held_below=index in below):
                 self._store.delete(key)
                 self._in_top.discard(index)
+            elif keep:
+                self._store.put(key, bytes(self._chunk_length(index)))
+            else:
+                self._store.put(key, b"")  # a whiteout: reads as zeroes, hides the layers below
+                self._note_in_top(index)
 
         def edge(piece: tuple[int, int, int]) -> None:
             index, start, piece_end = piece
@@ -495,7 +501,8 @@ class ChunkedStorage(Storage):
         """Change the size (recorded in the top's ``meta``).  Shrinking deletes the chunks past
         the new end, zeroes the tail of the last one and lowers the floor."""
         if not self._layered:
-            raise StorageError(errno.EINVAL, "only a layered chunked storage can be resized")
+            # Declared: Capabilities.can_resize is false, so callers do not ask.
+            raise StorageError(errno.ENOTSUP, "only a layered chunked storage can be resized")
         with self._requests.exclusive():
             self._check_writable()
             _check_geometry(new_size, self._chunk_size)
@@ -505,7 +512,7 @@ class ChunkedStorage(Storage):
             old_size = self._size
             floor = min(self._floor, new_size)
             end = min(new_size, old_size)
-            keep = -(-end // cs)
+            keep = chunk_count(end, cs)
             # Chunks past the smaller end go (also when growing: a crash during an earlier
             # shrink may have left some), and the last partial chunk loses its tail.
             for key in self._store.list(self._prefix):
@@ -533,7 +540,7 @@ class ChunkedStorage(Storage):
         with self._requests.exclusive():
             self._check_writable()
             cs = self._chunk_size
-            total = -(-self._size // cs)
+            total = chunk_count(self._size, cs)
             done = 0
             step = EXTENT_CHUNKS
             for first in range(0, total, step):
@@ -554,11 +561,12 @@ class ChunkedStorage(Storage):
         self._store.put(self._key(index), data or b"")
 
     def _set_limits(self) -> None:
-        limit = self._floor
-        self._lower = []
-        for prefix, floor in self._lower_floors:
-            self._lower.append((prefix, limit))
-            limit = min(limit, floor)
+        # Every layer, the top too, cuts the layers below it at its floor; a layer's own chunks
+        # past its floor were written after it grew again, so they count.
+        floors = [self._floor, *(floor for _, floor in self._lower_floors)]  # top first
+        limits = visible_limits([UNLIMITED] * len(floors), floors[::-1])[::-1]
+        prefixes = [prefix for prefix, _ in self._lower_floors]
+        self._lower = list(zip(prefixes, limits[1:], strict=True))
 
     # -- Internals ---------------------------------------------------------------------------
 
@@ -581,7 +589,7 @@ class ChunkedStorage(Storage):
         """The chunks of ``[first, stop)`` some lower layer holds within its limit."""
         present: set[int] = set()
         for prefix, limit in self._lower:
-            limit_stop = min(stop, -(-limit // self._chunk_size))
+            limit_stop = min(stop, chunk_count(limit, self._chunk_size))
             if limit_stop > first:
                 present |= self._present(first, limit_stop, prefix)
         return present
@@ -612,16 +620,6 @@ class ChunkedStorage(Storage):
 
     def _chunk_length(self, index: int) -> int:
         return min(self._chunk_size, self._size - index * self._chunk_size)
-
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(chunk index, start in chunk, length)`` for each chunk ``[offset, +length)``
-        touches, in order."""
-        end = offset + length
-        while offset < end:
-            index, start = divmod(offset, self._chunk_size)
-            piece = min(self._chunk_size - start, end - offset)
-            yield index, start, piece
-            offset += piece
 
     def _map(self, func: Callable[[P], T], pieces: Sequence[P]) -> list[T]:
         """``func`` over ``pieces``, in parallel when there are several; results in order.

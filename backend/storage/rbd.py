@@ -121,10 +121,17 @@ class RbdStorage(Storage):
             raise
         if self._read_only:
             self._capabilities = Capabilities(
-                read_only=True, can_trim=False, can_zero=False, inline=False, cheap_extents=False
+                read_only=True,
+                can_trim=False,
+                can_zero=False,
+                inline=False,
+                cheap_extents=False,
+                can_resize=True,
             )
         else:
-            self._capabilities = Capabilities(can_fast_zero=True, inline=False, cheap_extents=False)
+            self._capabilities = Capabilities(
+                can_fast_zero=True, inline=False, cheap_extents=False, can_resize=True
+            )
         self._gate = UseGate(f"rbd image {self.spec}")
 
     def _acquire_lock(self) -> None:

@@ -9,10 +9,16 @@ sits on a snapshot's layer.  A :class:`Backend` turns layer ids into storage:
   RADOS), with copy-on-write between layers (backend.storage.chunked).
 * :class:`RbdBackend`: a top layer is an RBD image, a snapshot layer ``IMAGE@SNAP`` an RBD
   snapshot, a clone an RBD clone: snapshots and clones are Ceph's own.
+* :class:`NbdBackend`: the one layer is a remote NBD export, adopted (backend.storage.nbd).
 
 Snapshots differ in shape: on files and objects the frozen layer is the old top and the volume
 continues in a new top; on RBD the top stays and the snapshot is a new layer under it in name
 only.  :meth:`Backend.snapshot` reports both through ``commit(frozen, new_top)``.
+
+A backend is generic over the storage it opens (``Backend[CowStorage]``...): snapshot and
+flatten are that engine's own abilities, so they take the storage its ``open`` returned, typed,
+and never check what it is (docs/decisions/0080-declared-storage-abilities.md).  Resizing is an
+ability every Storage declares (``Capabilities.can_resize``), so it needs no backend.
 """
 
 from __future__ import annotations
@@ -21,11 +27,10 @@ import abc
 import builtins
 import contextlib
 import errno
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from backend.storage.base import Storage, StorageError
 from backend.storage.chunked import (
@@ -47,17 +52,22 @@ from backend.storage.cow import (
 from backend.storage.cow import (
     create_layer as create_cow_layer,
 )
+from backend.storage.nbd import NbdStorage, NbdTarget
 from backend.storage.objects.base import ObjectStore
-from backend.volumes.storages import StorageSpec
+from backend.volumes.model import InvalidRequestError
+
+if TYPE_CHECKING:
+    from backend.storage.rbd import RbdStorage
 
 Progress = Callable[[int, int], None]
 Commit = Callable[[str, str], None]
 
-DEFAULT_OBJECT_CHUNK = 4 * 1024 * 1024
+StorageT = TypeVar("StorageT", bound=Storage)
 
 
-class Backend(abc.ABC):
-    """One storage location; shared by every volume on it.  Thread safe."""
+class Backend(abc.ABC, Generic[StorageT]):
+    """One storage location; shared by every volume on it.  Thread safe.  ``StorageT`` is the
+    storage its ``open`` returns, which ``snapshot`` and ``flatten`` take back."""
 
     def new_layer(self) -> str:
         """An id for a new volume's top layer."""
@@ -80,23 +90,17 @@ class Backend(abc.ABC):
         self.create(layer, size)
 
     @abc.abstractmethod
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> StorageT:
         """The storage of the chain ``chain`` (bottom first, top last)."""
 
     @abc.abstractmethod
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+    def snapshot(self, storage: StorageT, top: str, commit: Commit) -> None:
         """Freeze what ``storage`` (open on ``top``) holds; ``commit(frozen, new_top)`` records
         it while no write can land in between."""
 
-    def resize(self, storage: Storage, size: int, allow_shrink: bool) -> None:
-        resize = getattr(storage, "resize", None)
-        if resize is None:
-            raise StorageError(errno.ENOTSUP, f"{storage!r} cannot be resized")
-        resize(size, allow_shrink=allow_shrink)
-
     @abc.abstractmethod
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: StorageT | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         """Make the top of ``chain`` hold everything (the open ``storage``, if any)."""
 
@@ -112,11 +116,11 @@ class Backend(abc.ABC):
         """Remove data of layers no catalogue row knows (left by a crash); returns names."""
         return []
 
-    def close(self) -> None:  # noqa: B027 - most backends hold nothing
+    def close(self) -> None:
         """Release connections."""
 
 
-class FileBackend(Backend):
+class FileBackend(Backend[CowStorage]):
     """Layers as copy-on-write files in ``directory``."""
 
     def __init__(self, directory: Path, chunk_size: int) -> None:
@@ -129,19 +133,17 @@ class FileBackend(Backend):
     def create(self, layer: str, size: int) -> None:
         create_cow_layer(self._stem(layer), size, self.chunk_size)
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> CowStorage:
         return CowStorage([self._stem(layer) for layer in chain], read_only=read_only)
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
-        assert isinstance(storage, CowStorage)
+    def snapshot(self, storage: CowStorage, top: str, commit: Commit) -> None:
         new_top = uuid.uuid4().hex
         storage.snapshot(self._stem(new_top), commit=lambda frozen: commit(frozen.name, new_top))
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: CowStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         if storage is not None:
-            assert isinstance(storage, CowStorage)
             storage.flatten(progress)
         else:
             flatten_into([self._stem(layer) for layer in chain], progress)
@@ -167,7 +169,7 @@ class FileBackend(Backend):
         return removed
 
 
-class ChunkedBackend(Backend):
+class ChunkedBackend(Backend[ChunkedStorage]):
     """Layers as key prefixes ``LAYER/`` in one object store (shared by its volumes)."""
 
     def __init__(self, store: ObjectStore, chunk_size: int, workers: int = 8) -> None:
@@ -178,26 +180,23 @@ class ChunkedBackend(Backend):
     def create(self, layer: str, size: int) -> None:
         create_chunked_layer(self.store, f"{layer}/", size, self.chunk_size)
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> ChunkedStorage:
         return open_chain(
             self.store, [f"{layer}/" for layer in chain], read_only=read_only, workers=self.workers
         )
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
-        assert isinstance(storage, ChunkedStorage)
+    def snapshot(self, storage: ChunkedStorage, top: str, commit: Commit) -> None:
         new_top = uuid.uuid4().hex
         storage.snapshot(f"{new_top}/", commit=lambda: commit(top, new_top))
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: ChunkedStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         if storage is not None:
-            assert isinstance(storage, ChunkedStorage)
             storage.flatten(progress)
             return
         opened = self.open(chain, read_only=False)
         try:
-            assert isinstance(opened, ChunkedStorage)
             opened.flatten(progress)
         finally:
             opened.close()
@@ -223,7 +222,7 @@ class ChunkedBackend(Backend):
         self.store.close()
 
 
-class RbdBackend(Backend):
+class RbdBackend(Backend["RbdStorage"]):
     """Volumes as RBD images in ``pool``: top layer ``IMAGE``, snapshot layer ``IMAGE@SNAP``.
 
     With ``image`` set, the one volume on this backend is that existing image (adopted: its
@@ -269,9 +268,9 @@ class RbdBackend(Backend):
         image, _, snap = parent[-1].partition("@")
         self._rbd.clone(self.cluster, self.pool, image, snap, layer, **self._where())
 
-    def open(self, chain: builtins.list[str], read_only: bool) -> Storage:
+    def open(self, chain: builtins.list[str], read_only: bool) -> RbdStorage:
         image, _, snap = chain[-1].partition("@")
-        storage: Storage = self._rbd.RbdStorage(
+        storage: RbdStorage = self._rbd.RbdStorage(
             self.cluster,
             self.pool,
             image,
@@ -281,9 +280,9 @@ class RbdBackend(Backend):
         )
         return storage
 
-    def snapshot(self, storage: Storage, top: str, commit: Commit) -> None:
+    def snapshot(self, storage: RbdStorage, top: str, commit: Commit) -> None:
         snap = uuid.uuid4().hex
-        storage.snapshot(snap)  # type: ignore[attr-defined]
+        storage.snapshot(snap)
         try:
             commit(f"{top}@{snap}", top)
         except BaseException:
@@ -292,7 +291,7 @@ class RbdBackend(Backend):
             raise
 
     def flatten(
-        self, storage: Storage | None, chain: builtins.list[str], progress: Progress | None
+        self, storage: RbdStorage | None, chain: builtins.list[str], progress: Progress | None
     ) -> None:
         self._rbd.flatten(self.cluster, self.pool, chain[-1], progress, **self._where())
 
@@ -315,97 +314,49 @@ class RbdBackend(Backend):
             self._rbd.remove_image(self.cluster, self.pool, image, **self._where())
 
 
-class Backends:
-    """The backends of one volume service, made on first use and shared: one per storage
-    location (so one S3 client or one Ceph connection serves every volume there)."""
+class NbdBackend(Backend[NbdStorage]):
+    """The one volume on this backend is the remote export at ``url``, adopted: its size is
+    the export's, nbs never removes it, and what only the export's own server could do
+    (snapshots, clones, resizing: NbdStorage declares no resize) is refused."""
 
-    def __init__(self, data_dir: Path, chunk_size: int) -> None:
-        self.data_dir = data_dir
-        self.chunk_size = chunk_size
-        self._lock = threading.Lock()
-        self._backends: dict[StorageSpec, Backend] = {}
-        self._clusters: dict[tuple[str, float], Any] = {}
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url = url
+        self.target = NbdTarget.from_uri(url)
+        self.options = options
 
-    def get(self, spec: StorageSpec) -> Backend:
-        location = spec.location  # an adopted RBD image gets a backend of its own
-        with self._lock:
-            backend = self._backends.get(location)
-            if backend is None:
-                try:
-                    backend = self._make(location)
-                except (ImportError, OSError) as err:
-                    raise StorageError(errno.EIO, f"cannot open storage {location}: {err}") from err
-                self._backends[location] = backend
-            return backend
+    def new_layer(self) -> str:
+        return f"nbd:{self.target}"
 
-    def _make(self, spec: StorageSpec) -> Backend:
-        if spec.kind == "file":
-            return FileBackend(
-                self.data_dir / "layers", int(spec.get("chunk_size", self.chunk_size))
-            )
-        if spec.kind == "rbd":
-            return RbdBackend(
-                self._cluster(spec),
-                spec.get("pool"),
-                spec.get("namespace", ""),
-                spec.get("image", ""),
-            )
-        chunk = int(spec.get("chunk_size", DEFAULT_OBJECT_CHUNK))
-        return ChunkedBackend(self._store(spec), chunk)
+    def existing_size(self, layer: str) -> int | None:
+        try:
+            probe = NbdStorage(self.target, reconnect_deadline=0)
+        except StorageError as err:
+            # The operator named an export that does not answer: theirs to fix (a 4xx).
+            raise InvalidRequestError(f"{err}") from None
+        try:
+            return probe.size
+        finally:
+            probe.close()
 
-    def _store(self, spec: StorageSpec) -> ObjectStore:
-        if spec.kind == "dir":
-            from backend.storage.objects.directory import DirectoryObjectStore  # noqa: PLC0415
+    def create(self, layer: str, size: int) -> None:
+        """Nothing to make: the export exists (existing_size opened it)."""
 
-            # The data directory's own objects/ is made on first use; a path the user gave
-            # must exist (storages.prepare_location made it, if asked, when the volume was).
-            path = spec.get("path")
-            if path is None:
-                return DirectoryObjectStore(self.data_dir / "objects")
-            return DirectoryObjectStore(path, create=False)
-        if spec.kind == "s3":
-            from backend.storage.objects.s3 import S3ObjectStore  # noqa: PLC0415
+    def open(self, chain: builtins.list[str], read_only: bool) -> NbdStorage:
+        return NbdStorage(self.target, **self.options)
 
-            options: dict[str, Any] = {
-                "bucket": spec.get("bucket"),
-                "prefix": spec.get("prefix", ""),
-                "endpoint": spec.get("endpoint"),
-                "region": spec.get("region"),
-            }
-            if spec.get("attempts") is not None:
-                options["attempts"] = spec.get("attempts")
-            if spec.get("timeout") is not None:
-                options["read_timeout"] = spec.get("timeout")
-            return S3ObjectStore(**options)
-        if spec.kind == "rados":
-            from backend.storage.objects.rados import RadosObjectStore  # noqa: PLC0415
+    def snapshot(self, storage: NbdStorage, top: str, commit: Commit) -> None:
+        raise InvalidRequestError(
+            f"a snapshot is not possible on a volume of kind nbd ({self.target}): do it on the"
+            " server that owns the export"
+        )
 
-            return RadosObjectStore(
-                self._cluster(spec), spec.get("pool"), spec.get("namespace", "")
-            )
-        raise StorageError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
+    def flatten(
+        self, storage: NbdStorage | None, chain: builtins.list[str], progress: Progress | None
+    ) -> None:
+        """Nothing under the export to copy up."""
 
-    def _cluster(self, spec: StorageSpec) -> Any:
-        from backend.storage.ceph import RadosCluster  # noqa: PLC0415
+    def used(self, layer: str) -> int:
+        return 0  # unknown here; the export's server knows
 
-        key = (spec.get("conf", "/etc/ceph/ceph.conf"), float(spec.get("timeout", 30.0)))
-        cluster = self._clusters.get(key)
-        if cluster is None:
-            cluster = RadosCluster(key[0], timeout=key[1])
-            self._clusters[key] = cluster
-        return cluster
-
-    def __iter__(self) -> Iterator[Backend]:
-        with self._lock:
-            return iter(list(self._backends.values()))
-
-    def close(self) -> None:
-        with self._lock:
-            for backend in self._backends.values():
-                with contextlib.suppress(Exception):
-                    backend.close()
-            self._backends.clear()
-            for cluster in self._clusters.values():
-                with contextlib.suppress(Exception):
-                    cluster.close()
-            self._clusters.clear()
+    def remove(self, layer: str) -> None:
+        """Never: the export belongs to its server."""

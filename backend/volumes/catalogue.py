@@ -5,7 +5,8 @@ layer, whose ``parent`` is the layer below, and so on.  A snapshot names a froze
 clone is a volume whose top's parent is a snapshot's layer.  Layers no chain reaches are
 garbage (removed by VolumeService.gc).
 
-Each volume and layer records its storage (a StorageSpec as JSON, backend.volumes.storages):
+Each volume and layer records its storage (a StorageSpec, stored as JSON: the one place specs
+become text, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
 place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time);
 schema 3 ones get each volume's ``uid`` (made at migration) and ``epoch`` 0 (never fenced).
@@ -14,7 +15,9 @@ A volume's ``uid`` tells it from an earlier volume of the same name; its ``epoch
 highest replication epoch it has promised (docs/replication.md, "Replica protocol").
 
 Every change is one SQLite transaction and bumps ``generation``, which servers watch to pick
-up volumes created, resized or deleted by another process.
+up volumes created, resized or deleted by another process.  The SQL lives in this module only:
+callers read through :class:`Catalogue`'s methods and change rows through the named methods of
+:class:`Changes`, the transaction :meth:`Catalogue.transaction` hands out.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backend.volumes.storages import FILE, StorageSpec
+
 SCHEMA_VERSION = 4
+# The default column value of catalogues older than storages: FILE's JSON (a unit test checks).
 FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,7 +82,7 @@ class VolumeRow:
     origin: str | None
     state: str
     created: float
-    storage: str = FILE_STORAGE
+    storage: StorageSpec = FILE
     shared: bool = False  # several clients may hold it writable at once (multi-attach)
     uid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     epoch: int = 0  # the highest replication epoch promised
@@ -102,7 +108,7 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         origin=row["origin"],
         state=row["state"],
         created=row["created"],
-        storage=row["storage"],
+        storage=StorageSpec.from_json(row["storage"]),
         shared=bool(row["shared"]),
         uid=row["uid"],
         epoch=row["epoch"],
@@ -127,7 +133,7 @@ class Catalogue:
         self._db.execute("PRAGMA busy_timeout=10000")
         if self._schema() == str(SCHEMA_VERSION):
             return  # opening to read writes nothing (no generation bump for servers to see)
-        with self.transaction() as db:
+        with self._transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -166,8 +172,15 @@ class Catalogue:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locked) transaction that bumps the generation on success."""
+    def transaction(self) -> Iterator[Changes]:
+        """An immediate (write-locked) transaction that bumps the generation on success; its
+        changes are the methods of the :class:`Changes` it yields.  An exception rolls every
+        one of them back."""
+        with self._transaction() as db:
+            yield Changes(db)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -234,25 +247,45 @@ class Catalogue:
             out.append(parent)
         return out[::-1]
 
-    # ------------------------------------------------------------------ writes (in a tx)
+    def promise_epoch(self, uid: str, epoch: int) -> bool:
+        """Raise the epoch of the volume ``uid`` to ``epoch``, committed (synchronous=FULL)
+        before this returns; False, changing nothing, if no volume has that uid or its epoch
+        is already ``epoch`` or higher (a compare-and-set: epochs never go down)."""
+        with self.transaction() as changes:
+            return changes.raise_epoch(uid, epoch)
 
-    @staticmethod
-    def add_layer(
-        db: sqlite3.Connection, layer: str, parent: str | None, storage: str = FILE_STORAGE
-    ) -> None:
-        db.execute(
-            "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
-            (layer, parent, time.time(), storage),
-        )
-
-    def layer_storage(self, layer: str) -> str | None:
+    def layer_storage(self, layer: str) -> StorageSpec | None:
         with self._lock:
             row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
-        return row["storage"] if row else None
+        return StorageSpec.from_json(row["storage"]) if row else None
 
-    @staticmethod
-    def add_volume(db: sqlite3.Connection, row: VolumeRow) -> None:
-        db.execute(
+
+class Changes:
+    """The changes one transaction makes (from :meth:`Catalogue.transaction`, which commits
+    them together or not at all); valid inside its ``with`` block only."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    # ------------------------------------------------------------------ layers
+
+    def add_layer(self, layer: str, parent: str | None, storage: StorageSpec = FILE) -> None:
+        self._db.execute(
+            "INSERT INTO layers (id, parent, created, storage) VALUES (?, ?, ?, ?)",
+            (layer, parent, time.time(), storage.to_json()),
+        )
+
+    def set_parent(self, layer: str, parent: str | None) -> None:
+        """``None`` cuts the chain below ``layer`` (a flattened clone)."""
+        self._db.execute("UPDATE layers SET parent = ? WHERE id = ?", (parent, layer))
+
+    def remove_layer(self, layer: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+
+    # ------------------------------------------------------------------ volumes
+
+    def add_volume(self, row: VolumeRow) -> None:
+        self._db.execute(
             "INSERT INTO volumes (name, size, description, labels, read_only, top, origin,"
             " state, created, storage, shared, uid, epoch)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -266,19 +299,47 @@ class Catalogue:
                 row.origin,
                 row.state,
                 row.created,
-                row.storage,
+                row.storage.to_json(),
                 int(row.shared),
                 row.uid,
                 row.epoch,
             ),
         )
 
-    def promise_epoch(self, uid: str, epoch: int) -> bool:
-        """Raise the epoch of the volume ``uid`` to ``epoch``, committed (synchronous=FULL)
-        before this returns; False, changing nothing, if no volume has that uid or its epoch
-        is already ``epoch`` or higher (a compare-and-set: epochs never go down)."""
-        with self.transaction() as db:
-            changed = db.execute(
-                "UPDATE volumes SET epoch = ? WHERE uid = ? AND epoch < ?", (epoch, uid, epoch)
-            ).rowcount
-        return changed == 1
+    def set_state(self, volume: str, state: str) -> None:
+        """``state``: creating, ready or deleting (the schema refuses others)."""
+        self._db.execute("UPDATE volumes SET state = ? WHERE name = ?", (state, volume))
+
+    def set_size(self, volume: str, size: int) -> None:
+        self._db.execute("UPDATE volumes SET size = ? WHERE name = ?", (size, volume))
+
+    def set_top(self, volume: str, top: str) -> None:
+        self._db.execute("UPDATE volumes SET top = ? WHERE name = ?", (top, volume))
+
+    def set_origin(self, volume: str, origin: str | None) -> None:
+        self._db.execute("UPDATE volumes SET origin = ? WHERE name = ?", (origin, volume))
+
+    def raise_epoch(self, uid: str, epoch: int) -> bool:
+        """Set the epoch of the volume ``uid`` if it is lower; whether it was."""
+        cursor = self._db.execute(
+            "UPDATE volumes SET epoch = ? WHERE uid = ? AND epoch < ?", (epoch, uid, epoch)
+        )
+        return cursor.rowcount == 1
+
+    def remove_volume(self, volume: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE name = ?", (volume,))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def add_snapshot(self, row: SnapshotRow) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots (volume, name, layer, size, created) VALUES (?, ?, ?, ?, ?)",
+            (row.volume, row.name, row.layer, row.size, row.created),
+        )
+
+    def remove_snapshot(self, volume: str, name: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
+
+    def remove_snapshots(self, volume: str) -> None:
+        """Every snapshot of ``volume`` (the volume is being deleted)."""
+        self._db.execute("DELETE FROM snapshots WHERE volume = ?", (volume,))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 NAME_RULE = "1-255 characters of letters, digits, '.', '_', '-', starting with a letter or digit"
@@ -157,3 +158,45 @@ class VolumeInfo:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateRequest:
+    """A new volume as asked for: the parameters of ``create`` (and, inside
+    :class:`ImportRequest`, of ``import_image``).
+
+    Built once, where the request comes in (`nbs volume create`, or the API server from the
+    body of ``POST /v1/volumes``); the volume clients pass it through unchanged (the API
+    client sends :meth:`to_json` as that body), and VolumeService.create checks it.
+    ``size``: bytes or text such as ``10GiB``; None only for an adopted RBD image or NBD
+    export (its size is theirs).  ``storage``: ``--storage`` text, a profile name or an inline spec
+    (backend.volumes.storages); None is the default storage.
+    """
+
+    name: str
+    size: int | str | None
+    _: dataclasses.KW_ONLY
+    description: str = ""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    read_only: bool = False
+    storage: str | None = None
+    shared: bool = False  # several clients may hold it writable at once
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``POST /v1/volumes``: every field, under its own name."""
+        return {**dataclasses.asdict(self), "labels": dict(self.labels)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportRequest:
+    """A new volume filled from the image at ``source`` (a file or an NBD URI, read on the
+    machine that does the copy); ``volume.size`` None means the image's virtual size."""
+
+    volume: CreateRequest
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``POST /v1/volumes/NAME/import``: the name is in the path."""
+        options = self.volume.to_json()
+        del options["name"]
+        return {"source": self.source, **options}

@@ -4,7 +4,9 @@
 backend.volume_clients.LocalVolumes (this process, over VolumeService) or
 backend.api.client.RemoteVolumes (a running server's API).  Both implement this Protocol, and
 mypy checks them against it where backend.volume_clients.open_client returns one; the
-parameters match VolumeService's (tests/unit/api/test_client.py compares them).
+parameters match VolumeService's (tests/unit/api/test_client.py compares them).  What a new
+volume is to be travels as one CreateRequest (ImportRequest for an image), never as a copy
+of its argument list.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import builtins
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from backend.volumes.model import SnapshotInfo, VolumeInfo
+from backend.volumes.model import CreateRequest, ImportRequest, SnapshotInfo, VolumeInfo
 
 if TYPE_CHECKING:
     from backend.volumes.service import Progress
@@ -29,17 +31,7 @@ class VolumeOperations(Protocol):
 
     def snapshots(self, volume: str | None = None) -> builtins.list[SnapshotInfo]: ...
 
-    def create(
-        self,
-        name: str,
-        size: int | str | None,
-        *,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-    ) -> VolumeInfo: ...
+    def create(self, request: CreateRequest) -> VolumeInfo: ...
 
     def resize(self, name: str, size: int | str, *, allow_shrink: bool = False) -> VolumeInfo: ...
 
@@ -69,17 +61,7 @@ class VolumeOperations(Protocol):
     def gc(self) -> builtins.list[str]: ...
 
     def import_image(
-        self,
-        name: str,
-        source: str,
-        *,
-        size: str | int | None = None,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        storage: str | None = None,
-        shared: bool = False,
-        progress: Progress | None = None,
+        self, request: ImportRequest, *, progress: Progress | None = None
     ) -> VolumeInfo: ...
 
     def export_image(

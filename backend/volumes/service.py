@@ -38,14 +38,17 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Generic
 
 from backend.storage import Storage, StorageError
-from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.backends import Backend, Backends
-from backend.volumes.catalogue import Catalogue, VolumeRow
+from backend.volumes.backends import Backend, StorageT
+from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
+from backend.volumes.kinds import KINDS, LAYERS
 from backend.volumes.leases import LeaseHeldError, Leases, locked
+from backend.volumes.locations import Backends
 from backend.volumes.model import (
     AlreadyExistsError,
+    CreateRequest,
     DependencyError,
     Holder,
     InUseError,
@@ -104,7 +107,7 @@ class VolumeService:
         self.backends = Backends(data_dir, chunk_size)
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
-        self._open: dict[str, _Opened] = {}
+        self._open: dict[str, _Opened[Any]] = {}
         self._serving_fd: int | None = None
         self._writable = False  # the data directory is made and the catalogue open for writes
         self._collected = False  # crash leftovers were collected by this process
@@ -180,33 +183,38 @@ class VolumeService:
 
     # ------------------------------------------------------------------ helpers
 
-    def _backend(self, storage: str) -> Backend:
+    def _backend(self, spec: StorageSpec) -> Backend[Any]:
         try:
-            return self.backends.get(StorageSpec.from_json(storage))
+            return self.backends.get(spec)
         except StorageError as err:
             raise StorageFailureError(str(err)) from err
 
-    def _layer_backend(self, layer: str) -> Backend:
-        return self._backend(self.catalogue.layer_storage(layer) or FILE.to_json())
+    def _layer_spec(self, layer: str) -> StorageSpec:
+        """The storage a layer's row records (the catalogue holds specs as JSON)."""
+        return self.catalogue.layer_storage(layer) or FILE
+
+    def _layer_backend(self, layer: str) -> Backend[Any]:
+        return self._backend(self._layer_spec(layer))
 
     def _remove_layer_data(self, layer: str) -> None:
         """Remove a layer's data; a layer whose S3 bucket or RADOS pool does not exist is
         gone already (a create that named a wrong one leaves nothing to remove).  A missing
         ``dir`` is not: it may be a disk that is not mounted, and its data comes back."""
-        spec = StorageSpec.from_json(self.catalogue.layer_storage(layer) or FILE.to_json())
+        spec = self._layer_spec(layer)
         try:
             backend = self.backends.get(spec)
         except StorageError as err:
-            if err.errno == errno.ENOENT and spec.kind in ("s3", "rados"):
+            if err.errno == errno.ENOENT and KINDS[spec.kind].missing_container_is_empty:
                 return
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
 
-    def _open_chain(self, storage: str, top: str, read_only: bool) -> _Opened:
-        """The chain ending at ``top`` opened on its backend and wrapped in its layers."""
-        spec = StorageSpec.from_json(storage)
-        base = self._backend(storage).open(self.catalogue.chain(top), read_only)
-        return _Opened(_wrap(base, spec), base)
+    def _open_chain(self, spec: StorageSpec, top: str, read_only: bool) -> _Opened[Any]:
+        """The chain ending at ``top`` opened on its backend and wrapped in ``spec``'s layers
+        (the volume row's spec)."""
+        backend = self._backend(spec)
+        base = backend.open(self.catalogue.chain(top), read_only)
+        return _Opened(backend, base, _wrap(base, spec))
 
     def _row(self, name: str) -> VolumeRow:
         row = self.catalogue.volume(check_name(name))
@@ -232,7 +240,7 @@ class VolumeService:
             origin=row.origin,
             snapshots=tuple(s.name for s in self.catalogue.snapshots(row.name)),
             connections=len(holders := tuple(self.holders(row.name))),
-            storage=str(StorageSpec.from_json(row.storage)),
+            storage=str(row.storage),
             shared=row.shared,
             holders=holders,
             uid=row.uid,
@@ -277,7 +285,7 @@ class VolumeService:
         """The open storage of a volume (shared by every connection to it)."""
         return self._opened(name).top
 
-    def _opened(self, name: str) -> _Opened:
+    def _opened(self, name: str) -> _Opened[Any]:
         with self._lock:
             row = self._row(name)
             opened = self._open.get(name)
@@ -299,31 +307,20 @@ class VolumeService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def create(
-        self,
-        name: str,
-        size: int | str | None,
-        *,
-        description: str = "",
-        labels: dict[str, str] | None = None,
-        read_only: bool = False,
-        ready: bool = True,
-        storage: str | StorageSpec | None = None,
-        shared: bool = False,
-    ) -> VolumeInfo:
-        """A new, empty (sparse) volume on ``storage`` (see :meth:`resolve_storage`).
+    def create(self, request: CreateRequest, *, ready: bool = True) -> VolumeInfo:
+        """A new, empty (sparse) volume on ``request.storage`` (see :meth:`resolve_storage`).
         ``ready=False`` keeps it hidden (``creating``) until :meth:`mark_ready`, for volumes
-        being filled from an image.  ``size`` may be ``None`` only for an adopted RBD image
-        (its size is the image's)."""
-        check_name(name)
-        labels = check_labels(dict(labels or {}))
+        being filled from an image.  ``request.size`` may be ``None`` only for an adopted RBD
+        image (its size is the image's)."""
+        name, size, description = check_name(request.name), request.size, request.description
+        labels = check_labels(dict(request.labels))
         if len(description) > 4096 or "\0" in description:
             raise InvalidRequestError("description must be at most 4096 characters, no NUL")
-        spec = prepare_location(self.resolve_storage(storage))
+        spec = prepare_location(self.resolve_storage(request.storage))
         with self._mutating():
             if self.catalogue.volume(name) is not None:
                 raise AlreadyExistsError(f"volume {name!r} already exists")
-            backend = self._backend(spec.to_json())
+            backend = self._backend(spec)
             layer = backend.new_layer()
             if self.catalogue.layer_storage(layer) is not None:
                 raise AlreadyExistsError(f"storage {spec} is already a volume's")
@@ -341,13 +338,13 @@ class VolumeService:
                 nbytes,
                 description,
                 labels,
-                read_only,
+                request.read_only,
                 layer,
                 None,
                 "creating",
                 time.time(),
-                spec.to_json(),
-                shared,
+                spec,
+                request.shared,
             )
             self._record_creating(row, None)
             self._make_ready(row, ready, lambda: backend.create(layer, nbytes))
@@ -362,9 +359,9 @@ class VolumeService:
         except LeaseHeldError:
             raise AlreadyExistsError(f"volume {row.name!r} is being created") from None
         try:
-            with self.catalogue.transaction() as db:
-                self.catalogue.add_layer(db, row.top, parent, row.storage)
-                self.catalogue.add_volume(db, row)
+            with self.catalogue.transaction() as changes:
+                changes.add_layer(row.top, parent, row.storage)
+                changes.add_volume(row)
         except BaseException:
             self.leases.release(row.name)
             raise
@@ -388,8 +385,8 @@ class VolumeService:
             self._set_ready(row.name)
 
     def _set_ready(self, name: str) -> None:
-        with self.catalogue.transaction() as db:
-            db.execute("UPDATE volumes SET state = 'ready' WHERE name = ?", (name,))
+        with self.catalogue.transaction() as changes:
+            changes.set_state(name, "ready")
         self.leases.release(name)
 
     def mark_ready(self, name: str) -> VolumeInfo:
@@ -444,12 +441,18 @@ class VolumeService:
             if nbytes != row.size:
                 self._check_local_if_closed(name, "resize")
                 opened = self._opened(name)
+                if not opened.top.capabilities.can_resize:
+                    raise InvalidRequestError(
+                        f"resizing is not possible on volume {name!r}: its storage cannot be"
+                        " resized (docs/storage.md)"
+                    )
                 try:
-                    self._backend(row.storage).resize(opened.top, nbytes, allow_shrink)
+                    # Through the layers: a cache drops what the new size makes stale.
+                    opened.top.resize(nbytes, allow_shrink=allow_shrink)
                 except StorageError as err:
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
-                with self.catalogue.transaction() as db:
-                    db.execute("UPDATE volumes SET size = ? WHERE name = ?", (nbytes, name))
+                with self.catalogue.transaction() as changes:
+                    changes.set_size(name, nbytes)
         return self.info(name)
 
     def _check_local_if_closed(self, name: str, what: str) -> None:
@@ -478,9 +481,9 @@ class VolumeService:
                     raise DependencyError(
                         f"snapshot {name}@{snap.name} has clones ({', '.join(dependents)})"
                     )
-            with self.catalogue.transaction() as db:
-                db.execute("UPDATE volumes SET state = 'deleting' WHERE name = ?", (name,))
-                db.execute("DELETE FROM snapshots WHERE volume = ?", (name,))
+            with self.catalogue.transaction() as changes:
+                changes.set_state(name, "deleting")
+                changes.remove_snapshots(name)
             self._remove_volume(row)
         log.info("deleted volume %s", name)
 
@@ -489,8 +492,8 @@ class VolumeService:
         if opened is not None:
             opened.top.close()
         own = self.catalogue.chain(row.top)
-        with self.catalogue.transaction() as db:
-            db.execute("DELETE FROM volumes WHERE name = ?", (row.name,))
+        with self.catalogue.transaction() as changes:
+            changes.remove_volume(row.name)
         if quiet:
             self._collect_layers((), local_only=True)
         else:
@@ -512,20 +515,17 @@ class VolumeService:
                 # Runs while the volume's writes are held: the catalogue points at the new top
                 # before any write can land in it.  On RBD the top stays and the snapshot is
                 # a layer of its own above it (``IMAGE@SNAP``).
-                with self.catalogue.transaction() as db:
+                with self.catalogue.transaction() as changes:
                     if new_top != row.top:
-                        self.catalogue.add_layer(db, new_top, frozen, row.storage)
-                        db.execute("UPDATE volumes SET top = ? WHERE name = ?", (new_top, volume))
+                        changes.add_layer(new_top, frozen, row.storage)
+                        changes.set_top(volume, new_top)
                     else:
-                        self.catalogue.add_layer(db, frozen, row.top, row.storage)
-                    db.execute(
-                        "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?)",
-                        (volume, name, frozen, row.size, time.time()),
-                    )
+                        changes.add_layer(frozen, row.top, row.storage)
+                    changes.add_snapshot(SnapshotRow(volume, name, frozen, row.size, time.time()))
 
             try:
                 opened.top.flush()  # a write-back cache hands its dirty blocks down first
-                self._backend(row.storage).snapshot(opened.base, row.top, commit)
+                opened.backend.snapshot(opened.base, row.top, commit)
             except StorageError as err:
                 raise StorageFailureError(f"snapshot of {volume!r} failed: {err}") from err
         log.info("snapshot %s@%s taken", volume, name)
@@ -548,7 +548,7 @@ class VolumeService:
                 raise NotFoundError(f"no snapshot {volume}@{snapshot}")
             if self.catalogue.volume(new_name) is not None:
                 raise AlreadyExistsError(f"volume {new_name!r} already exists")
-            storage = self.catalogue.layer_storage(snap.layer) or FILE.to_json()
+            storage = self.catalogue.layer_storage(snap.layer) or FILE
             backend = self._backend(storage)
             layer = backend.new_clone_layer()
             row = VolumeRow(
@@ -589,8 +589,8 @@ class VolumeService:
                 )
             for clone in dependents:
                 self._flatten(clone, progress)
-            with self.catalogue.transaction() as db:
-                db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, name))
+            with self.catalogue.transaction() as changes:
+                changes.remove_snapshot(volume, name)
             self._collect_layers([snap.layer])
         log.info("deleted snapshot %s@%s", volume, name)
 
@@ -600,16 +600,17 @@ class VolumeService:
         self._check_local_if_closed(name, "flatten")
         opened = self._open.get(name)
         try:
+            chain = self.catalogue.chain(row.top)
             if opened is not None:
                 opened.top.flush()
-            self._backend(row.storage).flatten(
-                opened.base if opened else None, self.catalogue.chain(row.top), progress
-            )
+                opened.backend.flatten(opened.base, chain, progress)
+            else:
+                self._backend(row.storage).flatten(None, chain, progress)
         except StorageError as err:
             raise StorageFailureError(f"flattening {name!r} failed: {err}") from err
-        with self.catalogue.transaction() as db:
-            db.execute("UPDATE layers SET parent = NULL WHERE id = ?", (row.top,))
-            db.execute("UPDATE volumes SET origin = NULL WHERE name = ?", (name,))
+        with self.catalogue.transaction() as changes:
+            changes.set_parent(row.top, None)
+            changes.set_origin(name, None)
         log.info("flattened %s", name)
 
     # ------------------------------------------------------------------ garbage
@@ -659,7 +660,7 @@ class VolumeService:
         # goes after its snapshots); data first, then the row, so a crash between leaves a
         # dead row to remove again.
         for layer in sorted(dead, key=lambda x: -len(self.catalogue.chain(x))):
-            if local_only and self.catalogue.layer_storage(layer) != FILE.to_json():
+            if local_only and self.catalogue.layer_storage(layer) != FILE:
                 continue
             try:
                 self._remove_layer_data(layer)
@@ -671,8 +672,8 @@ class VolumeService:
                     err,
                 )
                 continue
-            with self.catalogue.transaction() as db:
-                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            with self.catalogue.transaction() as changes:
+                changes.remove_layer(layer)
             removed.append(layer)
         files = self.backends.get(FILE.location)
         return removed + [f for f in files.orphans(live) if f.split(".", 1)[0] not in dead]
@@ -693,33 +694,22 @@ class VolumeService:
                 self._serving_fd = None
 
 
-class _Opened:
-    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (the
-    backend's own storage) takes snapshots and flattens."""
+class _Opened(Generic[StorageT]):
+    """An open volume: ``top`` (its layers over the base) serves requests; ``base`` (what
+    ``backend`` opened, typed as that backend's storage) takes snapshots and flattens."""
 
-    __slots__ = ("base", "top")
+    __slots__ = ("backend", "base", "top")
 
-    def __init__(self, top: Storage, base: Storage) -> None:
-        self.top = top
+    def __init__(self, backend: Backend[StorageT], base: StorageT, top: Storage) -> None:
+        self.backend = backend
         self.base = base
+        self.top = top
 
 
 def _wrap(base: Storage, spec: StorageSpec) -> Storage:
     """``base`` wrapped in the spec's layers, the first outermost."""
     storage = base
     for layer in reversed(spec.layers):
-        if layer.kind == "cache":
-            storage = CachingStorage(
-                storage,
-                int(layer.get("size", 256 * 1024 * 1024)),
-                block=int(layer.get("block", 64 * 1024)),
-                write_back=layer.get("mode") == "write-back",
-            )
-        elif layer.kind == "retry":
-            storage = RetryingStorage(
-                storage,
-                attempts=int(layer.get("attempts", 5)),
-                deadline=float(layer.get("deadline", 30.0)),
-                backoff=float(layer.get("backoff", 0.05)),
-            )
+        kind = LAYERS[layer.kind]
+        storage = kind.wrap(storage, kind.resolved(dict(layer.params)))
     return storage

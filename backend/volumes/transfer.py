@@ -8,6 +8,7 @@ The volume is served for the copy by an in-process NBS server on a private Unix 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -21,9 +22,11 @@ from pathlib import Path
 from backend.nbd import TLSPolicy
 from backend.server.exports import Export, ExportTable
 from backend.server.server import Server, UnixAddress
-from backend.storage import Capabilities, Extent, Storage
+from backend.storage import Storage
+from backend.storage.layers import ForwardingStorage
 from backend.volumes.model import (
     SECTOR,
+    ImportRequest,
     InvalidRequestError,
     StorageFailureError,
     VolumeError,
@@ -57,58 +60,15 @@ def image_size(source: str) -> int:
     return int(json.loads(result.stdout)["virtual-size"])
 
 
-class _Borrowed(Storage):
-    """A storage lent to the temporary server: closing the export must not close it."""
-
-    def __init__(self, inner: Storage) -> None:
-        self._inner = inner
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._inner.capabilities
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._inner.read(offset, length)
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        self._inner.write(offset, data, fua)
-
-    def write_zeroes(
-        self,
-        offset: int,
-        length: int,
-        fua: bool = False,
-        may_trim: bool = True,
-        fast: bool = False,
-    ) -> None:
-        self._inner.write_zeroes(offset, length, fua, may_trim, fast)
-
-    def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._inner.trim(offset, length, fua)
-
-    def flush(self) -> None:
-        self._inner.flush()
-
-    def cache(self, offset: int, length: int) -> None:
-        self._inner.cache(offset, length)
-
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        return self._inner.extents(offset, length)
-
-    def close(self) -> None:
-        """The owner closes the real storage."""
-
-
 @contextmanager
 def serve_privately(name: str, storage: Storage, read_only: bool) -> Iterator[str]:
     """Serve ``storage`` as ``name`` on a private Unix socket; yields its NBD URI."""
     with tempfile.TemporaryDirectory(prefix="nbs-transfer-") as tmp:
         socket_path = Path(tmp) / "nbd.sock"
-        export = Export(name, _Borrowed(storage), tls=TLSPolicy.OFF, read_only=read_only)
+        # Borrowed: shutting the private server down closes its export's storage, and the
+        # volume's storage belongs to its owner, who goes on using it.
+        borrowed = ForwardingStorage(storage, owns_inner=False)
+        export = Export(name, borrowed, tls=TLSPolicy.OFF, read_only=read_only)
         server = Server(ExportTable([export]), unix=[UnixAddress(socket_path)])
         server.bind()
         server.start()
@@ -170,44 +130,26 @@ def export_image(
         _convert(["-f", "raw", "-O", fmt, uri, str(dest)], storage.size, progress)
 
 
-def begin_import(
-    service: VolumeService,
-    name: str,
-    source: str,
-    *,
-    size: int | str | None = None,
-    description: str = "",
-    labels: dict[str, str] | None = None,
-    read_only: bool = False,
-    storage: str | None = None,
-    shared: bool = False,
-) -> None:
+def begin_import(service: VolumeService, request: ImportRequest) -> None:
     """Create the hidden (``creating``) volume an image will be copied into.
 
-    Sized from ``size`` or else the image, rounded up to whole sectors.  Raises the
-    VolumeError of a refused request; then nothing was created.
+    Sized from ``request.volume.size`` or else the image, rounded up to whole sectors.
+    Raises the VolumeError of a refused request; then nothing was created.
     """
-    total = parse_size(size) if size is not None else image_size(source)
+    size = request.volume.size
+    total = parse_size(size) if size is not None else image_size(request.source)
     total += -total % SECTOR
-    service.create(
-        name,
-        total,
-        description=description,
-        labels=labels,
-        read_only=read_only,
-        ready=False,
-        storage=storage,
-        shared=shared,
-    )
+    service.create(dataclasses.replace(request.volume, size=total), ready=False)
 
 
 def finish_import(
-    service: VolumeService, name: str, source: str, progress: Progress | None = None
+    service: VolumeService, request: ImportRequest, progress: Progress | None = None
 ) -> VolumeInfo:
     """Copy the image into the volume begin_import created and make it visible.
 
     On any failure the half-filled volume is removed and the error re-raised.
     """
+    name, source = request.volume.name, request.source
     try:
         storage = service.open_creating(name)
         try:

@@ -35,8 +35,10 @@ from backend.volumes import transfer
 from backend.volumes.exports import VolumeExports
 from backend.volumes.model import (
     AlreadyExistsError,
+    CreateRequest,
     DependencyError,
     Holder,
+    ImportRequest,
     InUseError,
     InvalidRequestError,
     NotFoundError,
@@ -160,7 +162,7 @@ MUTATIONS: list[tuple[str, str, dict[str, Any] | None]] = [
 def test_unauthenticated_requests_get_401_and_change_nothing(
     api: ApiServer, service: VolumeService, token: str, authorization: str | None
 ) -> None:
-    service.create("keep", MiB)
+    service.create(CreateRequest("keep", MiB))
     service.snapshot("keep", "s")
     generation = service.generation()
     headers = {"Authorization": authorization} if authorization else {}
@@ -180,7 +182,7 @@ def test_unauthenticated_requests_get_401_and_change_nothing(
 def test_a_wrong_token_raises_unauthorized(api: ApiServer, service: VolumeService) -> None:
     with RemoteVolumes(tcp_url(api), "wrong") as client:
         with pytest.raises(UnauthorizedError, match="wrong API token"):
-            client.create("v", MiB)
+            client.create(CreateRequest("v", MiB))
         with pytest.raises(UnauthorizedError):
             client.list()
     assert service.list() == []
@@ -208,9 +210,9 @@ def test_concurrent_requests(http: httpx.Client, service: VolumeService) -> None
 
 
 def test_remote_volumes_lifecycle(remote: RemoteVolumes, service: VolumeService) -> None:
-    info = remote.create("a", "8MiB", description="first", labels={"env": "test"})
+    info = remote.create(CreateRequest("a", "8MiB", description="first", labels={"env": "test"}))
     assert info == service.info("a")
-    remote.create("b", 4 * MiB, read_only=True)
+    remote.create(CreateRequest("b", 4 * MiB, read_only=True))
     assert [v.name for v in remote.list()] == ["a", "b"]
     assert remote.info("b").read_only
     assert remote.resize("a", "16MiB").size == 16 * MiB
@@ -218,9 +220,9 @@ def test_remote_volumes_lifecycle(remote: RemoteVolumes, service: VolumeService)
         remote.resize("a", "8MiB")
     assert remote.resize("a", "8MiB", allow_shrink=True).size == 8 * MiB
     with pytest.raises(AlreadyExistsError):
-        remote.create("a", MiB)
+        remote.create(CreateRequest("a", MiB))
     with pytest.raises(InvalidRequestError):
-        remote.create("c", "1000")
+        remote.create(CreateRequest("c", "1000"))
     remote.delete("a")
     with pytest.raises(NotFoundError):
         remote.info("a")
@@ -228,7 +230,7 @@ def test_remote_volumes_lifecycle(remote: RemoteVolumes, service: VolumeService)
 
 
 def test_remote_snapshots_and_clones(remote: RemoteVolumes, service: VolumeService) -> None:
-    remote.create("base", "4MiB")
+    remote.create(CreateRequest("base", "4MiB"))
     snap = remote.snapshot("base", "gold")
     assert (snap.volume, snap.name, snap.size, snap.clones) == ("base", "gold", 4 * MiB, ())
     clone = remote.clone("base", "gold", "vm1", description="from gold")
@@ -250,7 +252,7 @@ def test_remote_snapshots_and_clones(remote: RemoteVolumes, service: VolumeServi
 
 
 def test_remote_export_is_not_supported(remote: RemoteVolumes, tmp_path: Path) -> None:
-    remote.create("v", MiB)
+    remote.create(CreateRequest("v", MiB))
     with pytest.raises(UnsupportedError) as refused:
         remote.export_image("v", tmp_path / "v.img")
     assert refused.value.status == 501
@@ -301,7 +303,8 @@ def test_import_with_remote_volumes_feeds_progress(
 ) -> None:
     seen: list[tuple[int, int]] = []
     info = remote.import_image(
-        "img", str(image), size="8MiB", description="d", progress=lambda d, t: seen.append((d, t))
+        ImportRequest(CreateRequest("img", "8MiB", description="d"), str(image)),
+        progress=lambda d, t: seen.append((d, t)),
     )
     assert (info.name, info.size, info.description) == ("img", 8 * MiB, "d")
     assert seen[-1] == (3 * MiB, 3 * MiB)
@@ -315,15 +318,17 @@ def test_a_failed_import_reports_the_error_and_leaves_nothing(
     big = tmp_path / "big.raw"
     big.write_bytes(b"x" * (2 * MiB))
     with pytest.raises(InvalidRequestError, match="larger than the volume"):
-        remote.import_image("img", str(big), size="1MiB")
+        remote.import_image(ImportRequest(CreateRequest("img", "1MiB"), str(big)))
     assert service.catalogue.volume("img") is None
 
 
 def test_import_refusals_are_plain_errors(remote: RemoteVolumes, service: VolumeService) -> None:
     with pytest.raises(InvalidRequestError, match="absolute path"):
-        remote.import_image("img", "relative.raw")
+        remote.import_image(ImportRequest(CreateRequest("img", None), "relative.raw"))
     with pytest.raises(InvalidRequestError, match="unsupported source"):
-        remote.import_image("img", "http://127.0.0.1:9/disk.img")
+        remote.import_image(
+            ImportRequest(CreateRequest("img", None), "http://127.0.0.1:9/disk.img")
+        )
     assert service.catalogue.volume("img") is None
 
 
@@ -374,7 +379,7 @@ def test_stop_is_bounded_while_an_import_runs(
     def run() -> None:
         try:
             with RemoteVolumes(tcp_url(api), token) as remote:
-                remote.import_image("img", str(image_file))
+                remote.import_image(ImportRequest(CreateRequest("img", None), str(image_file)))
         except BaseException as err:
             failures.append(err)
 
@@ -439,7 +444,7 @@ def test_exports_status_and_in_use_with_a_real_nbd_client(
     client = nbd.NBD()
     try:
         with RemoteVolumes(tcp_url(api), token) as remote:
-            remote.create("vm1", "4MiB")
+            remote.create(CreateRequest("vm1", "4MiB"))
             client.connect_uri(f"{server.uris[0]}/vm1")
             with httpx.Client(
                 base_url=tcp_url(api), headers={"Authorization": f"Bearer {token}"}
@@ -501,7 +506,7 @@ def test_tls(
     url = tcp_url(api)
     assert url.startswith("https://127.0.0.1:")
     with RemoteVolumes(url, token, verify=str(certificate.cert)) as trusted:
-        trusted.create("secure", MiB)
+        trusted.create(CreateRequest("secure", MiB))
         assert [v.name for v in trusted.list()] == ["secure"]
     # The system's CAs do not know a self-signed certificate.
     with RemoteVolumes(url, token) as untrusting, pytest.raises(UnreachableError, match="CERT"):
@@ -529,7 +534,7 @@ def test_unix_socket(api: ApiServer, service: VolumeService, token: str) -> None
     assert remote is not None
     with remote:
         assert remote.url == f"unix:{path}"
-        remote.create("local", MiB)
+        remote.create(CreateRequest("local", MiB))
         assert service.info("local").size == MiB
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(path))) as raw:
         assert raw.get("http://nbs/v1/volumes").status_code == 401

@@ -9,6 +9,7 @@ An import is slowed down legitimately: its source is an nbdkit ``pattern`` disk 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -95,8 +96,9 @@ def storage_of(data_dir: Path, name: str = "v") -> str:
 def wait_for_row(data_dir: Path, name: str, state: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (data_dir / "catalogue.sqlite3").exists() and rows(data_dir).get(name) == state:
-            return
+        with contextlib.suppress(sqlite3.OperationalError):  # made, but no tables yet
+            if (data_dir / "catalogue.sqlite3").exists() and rows(data_dir).get(name) == state:
+                return
         time.sleep(0.1)
     raise AssertionError(f"volume {name} never became {state}")
 

@@ -23,7 +23,7 @@ WORKER = r"""
 import json, os, sys, random
 from pathlib import Path
 from backend.volumes.service import VolumeService
-from backend.volumes.model import VolumeError
+from backend.volumes.model import CreateRequest, VolumeError
 
 data, journal = Path(sys.argv[1]), Path(sys.argv[2])
 svc = VolumeService(data)
@@ -35,7 +35,7 @@ while True:
     try:
         names = [v.name for v in svc.list()]
         if name not in names:
-            svc.create(name, "4MiB")
+            svc.create(CreateRequest(name, "4MiB"))
             continue
         storage = svc.storage(name)
         mark = f"{name}-{i}".encode().ljust(32, b".")

@@ -21,7 +21,7 @@ PATH = re.compile(rf"(?<![\w/.-])((?:{FOLDERS})/[\w./-]*\w\.(?:py|md))\b")
 MODULE = re.compile(r"`((?:backend|hypervisor|images)(?:\.\w+)+)")
 # A package docstring's module map: lines "    name.py   what it holds".
 MAP_LINE = re.compile(r"^\s{4}(\w+\.py)\s{2,}\S", re.MULTILINE)
-MAPPED_PACKAGES = ["backend/api", "backend/volumes"]
+MAPPED_PACKAGES = ["backend/api", "backend/replication", "backend/storage/cow", "backend/volumes"]
 FILE_SUFFIXES = {"py", "md", "yml", "yaml", "json", "toml"}  # `hypervisor.yml` is a file
 
 

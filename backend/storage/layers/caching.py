@@ -26,14 +26,15 @@ import errno
 import threading
 from collections.abc import Callable
 
-from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.base import Extent, Storage, StorageError
+from backend.storage.layers.forwarding import ForwardingStorage
 
 DEFAULT_BLOCK = 64 * 1024
 
 _Buffer = bytes | bytearray | memoryview
 
 
-class CachingStorage(Storage):
+class CachingStorage(ForwardingStorage):
     """Caches up to ``capacity_bytes`` of ``inner`` in ``block``-byte blocks (LRU).
 
     Owns ``inner``: ``close`` closes it.  ``block`` must be a power of two; a capacity smaller
@@ -52,7 +53,7 @@ class CachingStorage(Storage):
             raise ValueError(f"block must be a power of two >= 512, not {block}")
         if capacity_bytes < 0:
             raise ValueError(f"capacity must be >= 0, not {capacity_bytes}")
-        self._inner = inner
+        super().__init__(inner)
         self._block = block
         self._capacity = capacity_bytes // block
         self._write_back = write_back
@@ -68,14 +69,6 @@ class CachingStorage(Storage):
     @property
     def size(self) -> int:
         return self._size
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._inner.capabilities
-
-    @property
-    def inner(self) -> Storage:
-        return self._inner
 
     @property
     def cached_blocks(self) -> int:
@@ -184,8 +177,7 @@ class CachingStorage(Storage):
 
     def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
         """Resize the inner storage (if it can be): dirty blocks go first, the cache is emptied."""
-        resize = getattr(self._inner, "resize", None)
-        if resize is None:
+        if not self.capabilities.can_resize:  # refused before the cache is touched
             raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
         self._check_open()
         with self._lock:
@@ -193,7 +185,7 @@ class CachingStorage(Storage):
             self._blocks.clear()
             self._dirty.clear()
             self._mutations += 1
-            resize(new_size, allow_shrink=allow_shrink)
+            self._inner.resize(new_size, allow_shrink=allow_shrink)
             self._size = self._inner.size
 
     def extents(self, offset: int, length: int) -> list[Extent]:
@@ -215,7 +207,7 @@ class CachingStorage(Storage):
             finally:
                 self._blocks.clear()
                 self._dirty.clear()
-                self._inner.close()
+                super().close()
 
     # -- Internals ---------------------------------------------------------------------------
 

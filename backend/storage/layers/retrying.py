@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
-from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.base import Extent, Storage, StorageError
+from backend.storage.layers.forwarding import ForwardingStorage
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,12 @@ TRANSIENT_ERRNOS = frozenset(
 )
 
 
-class RetryingStorage(Storage):
-    """``inner`` with transient errors retried.  Owns ``inner``: ``close`` closes it.
+class RetryingStorage(ForwardingStorage):
+    """``inner`` with transient errors retried.  Owns ``inner``: ``close`` closes it (once,
+    not retried: close must release what it can and be idempotent).
 
-    ``sleep`` is for tests (a fake clock).  Capabilities are the inner storage's.
+    ``sleep`` is for tests (a fake clock).  Capabilities are the inner storage's.  ``resize``
+    is forwarded once, not retried: a resize that half failed is not idempotent.
     """
 
     def __init__(
@@ -62,7 +65,7 @@ class RetryingStorage(Storage):
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, not {attempts}")
-        self._inner = inner
+        super().__init__(inner)
         self._attempts = attempts
         self._backoff = backoff
         self._max_backoff = max_backoff
@@ -71,18 +74,6 @@ class RetryingStorage(Storage):
         self._sleep = sleep
         self._random = random.Random()
         self.retries = 0
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._inner.capabilities
-
-    @property
-    def inner(self) -> Storage:
-        return self._inner
 
     def read(self, offset: int, length: int) -> bytes:
         return self._retry("read", lambda: self._inner.read(offset, length))
@@ -114,18 +105,6 @@ class RetryingStorage(Storage):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         return self._retry("extents", lambda: self._inner.extents(offset, length))
-
-    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
-        """Resize the inner storage (if it can be); not retried: a resize is not idempotent
-        when it half failed."""
-        resize = getattr(self._inner, "resize", None)
-        if resize is None:
-            raise StorageError(errno.ENOTSUP, f"{self._inner!r} cannot be resized")
-        resize(new_size, allow_shrink=allow_shrink)
-
-    def close(self) -> None:
-        # Not retried: close must release what it can and be idempotent.
-        self._inner.close()
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         give_up_at = time.monotonic() + self._deadline

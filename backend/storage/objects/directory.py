@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from backend.storage.base import StorageError
+from backend.storage.fileio import pread_all, sync_directory
 from backend.storage.objects.base import ObjectStore
 
 _KEY = re.compile(r"[A-Za-z0-9._/-]+")
@@ -83,15 +84,7 @@ class DirectoryObjectStore(ObjectStore):
         except OSError as err:
             raise StorageError.from_os_error(err, f"get {key}") from err
         try:
-            parts: list[bytes] = []
-            done = 0
-            while done < length:
-                part = os.pread(fd, length - done, offset + done)
-                if not part:
-                    break
-                parts.append(part)
-                done += len(part)
-            return b"".join(parts)
+            return pread_all(fd, length, offset)
         except IsADirectoryError:
             return None
         except OSError as err:
@@ -116,7 +109,7 @@ class DirectoryObjectStore(ObjectStore):
                 os.close(fd)
             os.replace(temporary, path)
             temporary = None
-            _sync_directory(path.parent)
+            sync_directory(path.parent)
         except OSError as err:
             raise StorageError.from_os_error(err, f"put {key}") from err
         finally:
@@ -161,7 +154,7 @@ class DirectoryObjectStore(ObjectStore):
         except OSError as err:
             raise StorageError.from_os_error(err, f"delete {key}") from err
         try:
-            _sync_directory(path.parent)
+            sync_directory(path.parent)
         except OSError as err:
             raise StorageError.from_os_error(err, f"delete {key}") from err
 
@@ -202,7 +195,7 @@ class DirectoryObjectStore(ObjectStore):
                     os.close(fd)
             for directory in sorted(directories):
                 with contextlib.suppress(FileNotFoundError):
-                    _sync_directory(directory)
+                    sync_directory(directory)
         except OSError as err:
             with self._lock:  # still not durable: the next sync tries again
                 self._dirty |= files
@@ -224,11 +217,3 @@ class DirectoryObjectStore(ObjectStore):
 
     def __repr__(self) -> str:
         return f"DirectoryObjectStore({str(self.root)!r})"
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
 from backend.api.app import BearerAuth, create_app
+from backend.volumes.model import CreateRequest
 from backend.volumes.service import VolumeService
 from tests.unit.api.conftest import TOKEN, MiB
 
@@ -39,7 +40,7 @@ WRONG: list[bytes | None] = [
 
 @pytest.fixture
 def populated(service: VolumeService) -> VolumeService:
-    service.create("v", MiB)
+    service.create(CreateRequest("v", MiB))
     service.snapshot("v", "s")
     return service
 

@@ -15,7 +15,12 @@ from backend.api import imports
 from backend.api.imports import Imports, check_source
 from backend.storage import Storage
 from backend.volumes import transfer
-from backend.volumes.model import InvalidRequestError, StorageFailureError
+from backend.volumes.model import (
+    CreateRequest,
+    ImportRequest,
+    InvalidRequestError,
+    StorageFailureError,
+)
 from backend.volumes.service import Progress, VolumeService
 from tests.unit.api.conftest import MiB
 
@@ -117,7 +122,7 @@ def test_the_volume_is_hidden_until_the_copy_completed(
     api: TestClient, service: VolumeService, image: Path, copy: FakeCopy
 ) -> None:
     copy.release.clear()
-    job = Imports().start(service, "img", str(image))
+    job = Imports().start(service, ImportRequest(CreateRequest("img", None), str(image)))
     assert job.next_event() == {"done": 0, "total": IMAGE_SIZE}
     assert service.list() == []
     assert api.get("/v1/volumes/img").status_code == 404
@@ -135,7 +140,7 @@ def test_the_volume_is_hidden_until_the_copy_completed(
 def test_wait_for_running_imports(service: VolumeService, image: Path, copy: FakeCopy) -> None:
     copy.release.clear()
     running = Imports()
-    running.start(service, "img", str(image))
+    running.start(service, ImportRequest(CreateRequest("img", None), str(image)))
     assert not running.wait(0.05)
     copy.release.set()
     assert running.wait(10)
@@ -174,7 +179,7 @@ def test_refusals_are_answered_before_anything_streams(
 def test_an_existing_name_is_409(
     api: TestClient, service: VolumeService, image: Path, copy: FakeCopy
 ) -> None:
-    service.create("img", MiB)
+    service.create(CreateRequest("img", MiB))
     response = api.post("/v1/volumes/img/import", json={"source": str(image)})
     assert (response.status_code, response.json()["error"]["code"]) == (409, "exists")
     assert service.info("img").size == MiB

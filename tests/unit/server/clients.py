@@ -3,13 +3,16 @@ test_metrics.py): just enough NBD to reach the transmission phase over loopback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import struct
 import threading
+from collections.abc import Callable, Iterator
 
 from backend.nbd import constants as c
-from backend.server.server import Server
+from backend.server.exports import Export, ExportTable
+from backend.server.server import Server, TCPAddress
 from backend.storage import Capabilities, MemoryStorage, StorageError
 from tests.unit.nbd.helpers import info_payload, option
 
@@ -101,3 +104,24 @@ class Client:
 
 def port_of(server: Server) -> int:
     return int(server.uris[0].rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def in_process_servers() -> Iterator[Callable[..., Server]]:
+    """``start(*exports, port=0, **server_options)`` runs a Server on 127.0.0.1 in this
+    process; every server started is shut down on leaving."""
+    servers: list[Server] = []
+
+    def start(*exports: Export, port: int = 0, **options: object) -> Server:
+        address = [TCPAddress("127.0.0.1", port)]
+        server = Server(ExportTable(list(exports)), tcp=address, **options)  # type: ignore[arg-type]
+        server.bind()
+        server.start()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.shutdown(grace=5)

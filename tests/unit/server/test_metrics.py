@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.nbd.constants import Cmd, Error
-from backend.server.exports import Export, ExportTable
+from backend.server.exports import Export
 from backend.server.metrics import (
     BLOCK,
     LATENCY_BOUNDS_NS,
@@ -23,10 +23,16 @@ from backend.server.metrics import (
     record,
 )
 from backend.server.metrics_endpoint import MetricsEndpoint, MetricsError, NbsCollector
-from backend.server.server import Server, TCPAddress
+from backend.server.server import Server
 from backend.storage import MemoryStorage
 from tests.unit.nbd.helpers import request
-from tests.unit.server.clients import Client, FailingStorage, GatedStorage, port_of
+from tests.unit.server.clients import (
+    Client,
+    FailingStorage,
+    GatedStorage,
+    in_process_servers,
+    port_of,
+)
 
 SIZE = 1 << 20
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -53,18 +59,8 @@ def value(found: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(*exports: Export) -> Server:
-        server = Server(ExportTable(list(exports)), tcp=[TCPAddress("127.0.0.1", 0)])
-        server.bind()
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown(grace=5)
+    with in_process_servers() as start:
+        yield start
 
 
 def test_record_counts_into_the_first_bucket_whose_bound_is_not_below() -> None:

@@ -19,25 +19,21 @@ from backend.server.exports import Export, ExportTable
 from backend.server.server import Server, TCPAddress
 from backend.storage import Capabilities, MemoryStorage, StorageError
 from tests.unit.nbd.helpers import request
-from tests.unit.server.clients import Client, FailingStorage, GatedStorage, port_of
+from tests.unit.server.clients import (
+    Client,
+    FailingStorage,
+    GatedStorage,
+    in_process_servers,
+    port_of,
+)
 
 SIZE = 1 << 20
 
 
 @pytest.fixture
 def serve() -> Iterator[object]:
-    servers: list[Server] = []
-
-    def start(*exports: Export) -> Server:
-        server = Server(ExportTable(list(exports)), tcp=[TCPAddress("127.0.0.1", 0)])
-        server.bind()
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown(grace=5)
+    with in_process_servers() as start:
+        yield start
 
 
 def test_replies_leave_out_of_order_when_storage_completes_out_of_order(serve) -> None:  # type: ignore[no-untyped-def]

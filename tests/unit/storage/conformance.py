@@ -317,6 +317,25 @@ def test_cache_keeps_data(storage: Storage) -> None:
     assert storage.read(0, 1234) == bytes(1234)
 
 
+def test_resize_is_declared(storage: Storage) -> None:
+    """``can_resize`` says whether ``resize`` works; without it, ENOTSUP and nothing changes."""
+    tail = pattern(12, 1000)
+    storage.write(SIZE - 1000, tail)
+    if not storage.capabilities.can_resize:
+        with pytest.raises(StorageError) as excinfo:
+            storage.resize(SIZE + 5000)
+        assert excinfo.value.errno == errno.ENOTSUP
+        assert storage.size == SIZE
+        assert storage.read(SIZE - 1000, 1000) == tail
+        return
+    storage.resize(SIZE + 5000)
+    assert storage.size == SIZE + 5000
+    assert storage.read(SIZE - 1000, 6000) == tail + bytes(5000)
+    storage.resize(SIZE - 500, allow_shrink=True)
+    assert storage.size == SIZE - 500
+    assert storage.read(SIZE - 1000, 500) == tail[:500]
+
+
 def test_concurrent_disjoint_writes(storage: Storage) -> None:
     threads_count, writes_per_thread, length = 8, 16, 3001
     # A storage that is not thread safe is serialised by the server; do the same.

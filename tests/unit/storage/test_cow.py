@@ -1,7 +1,9 @@
 """CowStorage: the conformance suite and the model test over one layer and over a chain whose
 lower layers hold data, then what chains add: snapshots (also taken under concurrent writes),
 clones, crash safety (reopen without flush, a simulated power cut at every map write, a writer
-killed with SIGKILL), resizing, space accounting, flattening, locking and corrupt maps."""
+killed with SIGKILL), resizing, space accounting, flattening, locking and mismatched chains.
+The layer format and corrupt maps are tested in test_cow_format.py, the allocation bitmap in
+test_cow_bitmap.py."""
 
 from __future__ import annotations
 
@@ -12,13 +14,11 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -35,10 +35,10 @@ from backend.storage.cow import (
     allocated_bytes,
     create_layer,
     flatten_into,
-    layer_chunk_size,
     layer_files,
     layer_size,
 )
+from backend.storage.cow import engine as cow_engine
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import (
     SIZE,
@@ -315,51 +315,6 @@ ChainModel.TestCase.settings = settings(
 TestChainModel = ChainModel.TestCase
 
 
-# -- Layers -----------------------------------------------------------------------------------
-
-
-def test_create_layer(tmp_path: Path) -> None:
-    stem = _layer(tmp_path / "vol@snap.1", 10 * CHUNK + 1)
-    data, map_ = layer_files(stem)
-    assert data.name == "vol@snap.1.data"
-    assert map_.name == "vol@snap.1.map"
-    assert data.stat().st_size == 10 * CHUNK + 1
-    assert map_.stat().st_size == cow_module.HEADER_SIZE + 2
-    assert layer_size(stem) == 10 * CHUNK + 1
-    assert layer_chunk_size(stem) == CHUNK
-    assert allocated_bytes(stem) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [data.name, map_.name]
-
-
-def test_create_layer_refuses_to_overwrite(tmp_path: Path) -> None:
-    stem = _layer(tmp_path / "vol", CHUNK)
-    before = _hashes([stem])
-    for size in (CHUNK, 2 * CHUNK):
-        with pytest.raises(StorageError) as excinfo:
-            create_layer(stem, size)
-        assert excinfo.value.errno == errno.EEXIST
-    assert _hashes([stem]) == before
-    # Half a layer (a data file left by a crash) is refused too, and left alone.
-    layer_files(stem)[1].unlink()
-    with pytest.raises(StorageError) as excinfo:
-        create_layer(stem, CHUNK)
-    assert excinfo.value.errno == errno.EEXIST
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol.data"]
-
-
-def test_create_layer_rejects_bad_geometry(tmp_path: Path) -> None:
-    for size, chunk_size in [(-1, CHUNK), (CHUNK, 3000), (CHUNK, 256), (CHUNK, 32 * MIB)]:
-        with pytest.raises(ValueError, match="must be"):
-            create_layer(tmp_path / "bad", size, chunk_size)
-    assert not list(tmp_path.iterdir())
-
-
-def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(StorageError) as excinfo:
-        create_layer(tmp_path / "no" / "vol", CHUNK)
-    assert excinfo.value.errno == errno.ENOENT
-
-
 # -- Chains -----------------------------------------------------------------------------------
 
 
@@ -415,7 +370,7 @@ def test_extents_of_a_chain(tmp_path: Path) -> None:
 
 def test_extents_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stem = _layer(tmp_path / "top", 64 * 4096, chunk_size=4096)
-    monkeypatch.setattr(cow_module, "MAX_EXTENTS", 10)
+    monkeypatch.setattr(cow_engine, "MAX_EXTENTS", 10)
     with closing(CowStorage([stem])) as storage:
         for chunk in range(0, 64, 2):
             storage.write(chunk * 4096, b"x")
@@ -926,42 +881,7 @@ def test_flatten_into_refuses_a_top_in_use(tmp_path: Path, base: Path) -> None:
         assert excinfo.value.errno == errno.EBUSY
 
 
-# -- Corrupt and mismatched layers --------------------------------------------------------------
-
-
-def _corrupt(stem: Path, offset: int, data: bytes) -> None:
-    with layer_files(stem)[1].open("r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        (lambda stem: _corrupt(stem, 0, b"NOTALAYR"), "bad magic"),
-        (lambda stem: _corrupt(stem, 20, b"\1"), "checksum"),
-        (lambda stem: os.truncate(layer_files(stem)[1], cow_module.HEADER_SIZE + 1), "truncated"),
-        (lambda stem: os.truncate(layer_files(stem)[0], 100), "its map says"),
-    ],
-)
-def test_corrupt_layer(tmp_path: Path, damage: Callable[[Path], object], message: str) -> None:
-    stem = _layer(tmp_path / "vol", 20 * CHUNK)
-    damage(stem)
-    with pytest.raises(StorageError) as excinfo:
-        CowStorage([stem])
-    assert excinfo.value.errno == errno.EINVAL
-    assert message in str(excinfo.value)
-    assert str(tmp_path / "vol") in str(excinfo.value)
-
-
-def test_unsupported_version(tmp_path: Path) -> None:
-    stem = _layer(tmp_path / "vol", CHUNK)
-    fields = struct.pack("<8sIIQI", cow_module.MAGIC, 2, CHUNK, CHUNK, 0)
-    _corrupt(stem, 0, fields + struct.pack("<I", zlib.crc32(fields)))
-    with pytest.raises(StorageError) as excinfo:
-        layer_size(stem)
-    assert excinfo.value.errno == errno.EINVAL
-    assert "version 2" in str(excinfo.value)
+# -- Mismatched chains --------------------------------------------------------------------------
 
 
 def test_mismatched_chain(tmp_path: Path) -> None:

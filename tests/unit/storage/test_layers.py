@@ -1,5 +1,5 @@
-"""Layers: CachingStorage (write-through and write-back) and RetryingStorage, each through the
-conformance suite and the model test, then what each adds."""
+"""Layers: ForwardingStorage (their base), CachingStorage (write-through and write-back) and
+RetryingStorage, each through the conformance suite and the model test, then what each adds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import errno
 import pytest
 
 from backend.storage import MemoryStorage, Storage, StorageError
-from backend.storage.chunked import ChunkedStorage
-from backend.storage.layers import CachingStorage, RetryingStorage
+from backend.storage.chunked import ChunkedStorage, create_layer, open_chain
+from backend.storage.layers import CachingStorage, ForwardingStorage, RetryingStorage
 from backend.storage.objects import FaultyObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
@@ -33,7 +33,22 @@ def _flaky(size: int, fail_rate: float = 0.01) -> RetryingStorage:
     return RetryingStorage(chunked, attempts=30, sleep=_no_sleep)
 
 
+def _borrowed(size: int) -> Storage:
+    """A borrowed storage over one only it uses: the suite's ``close`` must then reach the
+    inner storage some other way, so this one closes it as its owner would, afterwards."""
+
+    class _Lender(ForwardingStorage):
+        def close(self) -> None:
+            super().close()
+            self.inner.close()
+
+    return _Lender(ForwardingStorage(MemoryStorage(size), owns_inner=False))
+
+
 FACTORIES: dict[str, StorageFactory] = {
+    "forward-memory": lambda size: ForwardingStorage(MemoryStorage(size)),
+    "forward-borrowed-memory": _borrowed,
+    "forward-chunked": lambda size: ForwardingStorage(directory_chunked(size)),
     "cache-through-memory": _cached(MemoryStorage, False),
     "cache-back-memory": _cached(MemoryStorage, True),
     "cache-through-chunked": _cached(directory_chunked, False),
@@ -59,6 +74,29 @@ TestCacheWriteThroughChunkedModel = make_model_test(
     _cached(directory_chunked, False, 64 * KIB), max_examples=25
 )
 TestRetryFlakyModel = make_model_test(_flaky, max_examples=25)
+
+
+# -- ForwardingStorage ------------------------------------------------------------------------
+
+
+def test_forwarding_storage_forwards_every_method_explicitly() -> None:
+    # A method inherited from Storage instead would be a silent fall-through (nbdkit's warning):
+    # a new Storage method must be forwarded here before any layer can exist.
+    public = {name for name in vars(Storage) if not name.startswith("_")}
+    assert public <= set(vars(ForwardingStorage)), public - set(vars(ForwardingStorage))
+
+
+def test_forwarding_storage_closes_inner_only_when_owned() -> None:
+    owned_inner, borrowed_inner = MemoryStorage(4 * KIB), MemoryStorage(4 * KIB)
+    ForwardingStorage(owned_inner).close()
+    borrowed = ForwardingStorage(borrowed_inner, owns_inner=False)
+    borrowed.write(0, b"kept")
+    borrowed.close()
+    assert borrowed_inner.read(0, 4) == b"kept"  # still open for its owner
+    with pytest.raises(StorageError) as excinfo:
+        owned_inner.read(0, 4)
+    assert excinfo.value.errno == errno.EBADF
+    borrowed_inner.close()
 
 
 # -- CachingStorage ----------------------------------------------------------------------------
@@ -128,6 +166,53 @@ def test_cache_keeps_inner_capabilities() -> None:
     storage = CachingStorage(inner, 64 * KIB, write_back=True)
     assert storage.capabilities == inner.capabilities
     assert storage.capabilities.can_multi_conn
+    storage.close()
+
+
+def _resizable(size: int) -> ChunkedStorage:
+    store = MemoryObjectStore()
+    create_layer(store, "a/", size, CHUNK)
+    return open_chain(store, ["a/"], owns_store=True)
+
+
+def test_cache_resize_hands_dirty_blocks_down_and_forgets_the_rest() -> None:
+    inner = _resizable(4 * CHUNK)
+    storage = CachingStorage(inner, 256 * KIB, block=16 * KIB, write_back=True)
+    assert storage.capabilities.can_resize
+    storage.write(4 * CHUNK - 3, b"end")  # dirty, in the block the shrink cuts
+    storage.read(0, 64 * KIB)
+    storage.resize(4 * CHUNK - 1, allow_shrink=True)
+    assert (storage.size, storage.cached_blocks, storage.dirty_blocks) == (4 * CHUNK - 1, 0, 0)
+    assert inner.read(4 * CHUNK - 3, 2) == b"en"
+    storage.resize(4 * CHUNK)
+    assert storage.read(4 * CHUNK - 3, 3) == b"en\0"  # not the cached "end"
+    storage.close()
+
+
+def test_cache_refuses_resize_it_cannot_forward_without_touching_the_cache() -> None:
+    storage = CachingStorage(MemoryStorage(256 * KIB), 128 * KIB, block=16 * KIB, write_back=True)
+    assert not storage.capabilities.can_resize
+    storage.write(0, b"dirty")
+    with pytest.raises(StorageError) as excinfo:
+        storage.resize(512 * KIB)
+    assert excinfo.value.errno == errno.ENOTSUP
+    assert storage.dirty_blocks == 1
+    storage.close()
+
+
+def test_retry_forwards_resize_once() -> None:
+    # Not retried: a resize that half failed is not idempotent.
+    store = FaultyObjectStore(MemoryObjectStore(), fail_rate=0.0)
+    create_layer(store, "a/", 4 * CHUNK, CHUNK)
+    storage = RetryingStorage(open_chain(store, ["a/"], owns_store=True), sleep=_no_sleep)
+    store.fail_rate = 1.0
+    with pytest.raises(StorageError) as excinfo:
+        storage.resize(8 * CHUNK)
+    assert excinfo.value.errno == errno.EIO
+    assert storage.retries == 0
+    store.fail_rate = 0.0
+    storage.resize(8 * CHUNK)
+    assert storage.size == 8 * CHUNK
     storage.close()
 
 

@@ -11,6 +11,7 @@ from backend.nbd import ExportForbiddenError, ExportUnavailableError, TLSPolicy
 from backend.server.holders import Holders
 from backend.volumes.catalogue import SCHEMA_VERSION, Catalogue
 from backend.volumes.exports import ExportName, VolumeExports, parse_export_name
+from backend.volumes.model import CreateRequest
 from backend.volumes.service import VolumeService
 
 MiB = 1 << 20
@@ -57,7 +58,7 @@ def test_malformed_export_names_are_refused(name: str, error: str) -> None:
 @pytest.fixture
 def exports(tmp_path: Path) -> VolumeExports:
     service = VolumeService(tmp_path / "data")
-    service.create("v", MiB)
+    service.create(CreateRequest("v", MiB))
     made = VolumeExports(service, tls=TLSPolicy.ALLOWED)
     yield made  # type: ignore[misc]
     service.close()
@@ -69,7 +70,7 @@ def test_every_volume_gets_its_own_uid_and_epoch_zero(exports: VolumeExports) ->
     assert len(first.uid) == 32
     assert first.epoch == 0
     service.delete("v")
-    service.create("v", MiB)
+    service.create(CreateRequest("v", MiB))
     assert service.info("v").uid != first.uid  # a re-created volume is another volume
 
 
@@ -104,7 +105,7 @@ def test_taking_an_epoch_persists_it_and_older_ones_are_refused(exports: VolumeE
 
 def test_the_promised_epoch_survives_a_restart(tmp_path: Path) -> None:
     service = VolumeService(tmp_path / "data")
-    service.create("v", MiB)
+    service.create(CreateRequest("v", MiB))
     uid = service.info("v").uid
     assert service.catalogue.promise_epoch(uid, 5)
     assert not service.catalogue.promise_epoch(uid, 5)  # never twice
@@ -120,8 +121,8 @@ def test_the_promised_epoch_survives_a_restart(tmp_path: Path) -> None:
 def test_schema_3_catalogue_gets_uids_and_epoch_zero(tmp_path: Path) -> None:
     data = tmp_path / "d"
     service = VolumeService(data)
-    service.create("a", MiB)
-    service.create("b", MiB)
+    service.create(CreateRequest("a", MiB))
+    service.create(CreateRequest("b", MiB))
     service.close()
     db = sqlite3.connect(data / "catalogue.sqlite3")
     db.execute("ALTER TABLE volumes DROP COLUMN uid")

@@ -11,6 +11,7 @@ import pytest
 
 from backend.volumes.model import (
     AlreadyExistsError,
+    CreateRequest,
     DependencyError,
     Holder,
     InUseError,
@@ -44,8 +45,8 @@ def leftovers(svc: VolumeService) -> list[str]:
 
 
 def test_create_list_info(service: VolumeService) -> None:
-    service.create("a", "8MiB", description="first", labels={"env": "test"})
-    service.create("b", 4 * MiB, read_only=True)
+    service.create(CreateRequest("a", "8MiB", description="first", labels={"env": "test"}))
+    service.create(CreateRequest("b", 4 * MiB, read_only=True))
     assert [v.name for v in service.list()] == ["a", "b"]
     info = service.info("a")
     assert (info.size, info.description, info.labels, info.used_bytes) == (
@@ -60,14 +61,14 @@ def test_create_list_info(service: VolumeService) -> None:
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".", "a\0b", "x" * 256, "-lead", "sp ace", "ü"])
 def test_bad_names_are_refused(service: VolumeService, name: str) -> None:
     with pytest.raises(InvalidRequestError):
-        service.create(name, MiB)
+        service.create(CreateRequest(name, MiB))
     assert service.list() == []
 
 
 @pytest.mark.parametrize("size", ["0", "-1", "1000", "12 parsecs", "2EiB", 0, -512, 513])
 def test_bad_sizes_are_refused(service: VolumeService, size: str | int) -> None:
     with pytest.raises(InvalidRequestError):
-        service.create("v", size)
+        service.create(CreateRequest("v", size))
     assert service.list() == []
     assert leftovers(service) == []
 
@@ -80,14 +81,14 @@ def test_size_units() -> None:
 
 
 def test_duplicate_names_are_refused(service: VolumeService) -> None:
-    service.create("v", MiB)
+    service.create(CreateRequest("v", MiB))
     with pytest.raises(AlreadyExistsError):
-        service.create("v", 2 * MiB)
+        service.create(CreateRequest("v", 2 * MiB))
     assert service.info("v").size == MiB
 
 
 def test_write_read_through_the_storage(service: VolumeService) -> None:
-    service.create("v", 8 * MiB)
+    service.create(CreateRequest("v", 8 * MiB))
     storage = service.storage("v")
     storage.write(MiB + 5, b"hello")
     storage.flush()
@@ -96,7 +97,7 @@ def test_write_read_through_the_storage(service: VolumeService) -> None:
 
 
 def test_resize_grows_and_refuses_to_shrink_without_permission(service: VolumeService) -> None:
-    service.create("v", 4 * MiB)
+    service.create(CreateRequest("v", 4 * MiB))
     service.storage("v").write(3 * MiB, b"keep")
     assert service.resize("v", "8MiB").size == 8 * MiB
     assert service.storage("v").size == 8 * MiB
@@ -109,7 +110,7 @@ def test_resize_grows_and_refuses_to_shrink_without_permission(service: VolumeSe
 def test_delete_refused_while_in_use_unless_forced(tmp_path: Path) -> None:
     holder = Holder("127.0.0.1:40000", writable=True, since=0.0)
     svc = VolumeService(tmp_path / "d", holders=lambda n: [holder] if n == "v" else [])
-    svc.create("v", MiB)
+    svc.create(CreateRequest("v", MiB))
     with pytest.raises(InUseError):
         svc.delete("v")
     assert svc.info("v")
@@ -121,7 +122,7 @@ def test_delete_refused_while_in_use_unless_forced(tmp_path: Path) -> None:
 
 
 def test_snapshot_is_a_point_in_time_and_clone_is_thin(service: VolumeService) -> None:
-    service.create("gold", 8 * MiB)
+    service.create(CreateRequest("gold", 8 * MiB))
     live = service.storage("gold")
     live.write(0, b"version one")
     snap = service.snapshot("gold", "s1")
@@ -143,7 +144,7 @@ def test_snapshot_is_a_point_in_time_and_clone_is_thin(service: VolumeService) -
 def test_snapshot_under_concurrent_writes_keeps_every_completed_write(
     service: VolumeService,
 ) -> None:
-    service.create("v", 16 * MiB)
+    service.create(CreateRequest("v", 16 * MiB))
     storage = service.storage("v")
     done: list[int] = []
     stop = threading.Event()
@@ -171,7 +172,7 @@ def test_snapshot_under_concurrent_writes_keeps_every_completed_write(
 
 
 def test_deleting_a_snapshot_with_clones_is_refused_or_flattens(service: VolumeService) -> None:
-    service.create("gold", 4 * MiB)
+    service.create(CreateRequest("gold", 4 * MiB))
     service.storage("gold").write(0, b"golden")
     service.snapshot("gold", "s")
     service.clone("gold", "s", "c1")
@@ -194,14 +195,14 @@ def test_deleting_a_snapshot_with_clones_is_refused_or_flattens(service: VolumeS
 def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) -> None:
     data = tmp_path / "d"
     svc = VolumeService(data)
-    svc.create("half", MiB, ready=False)
-    svc.create("whole", MiB)
+    svc.create(CreateRequest("half", MiB), ready=False)
+    svc.create(CreateRequest("whole", MiB))
     (svc.layers / "deadbeef.data").write_bytes(b"x")
     svc.close()  # its lease on "half" ends with it, as when the process dies
     svc = VolumeService(data)
     assert [v.name for v in svc.list()] == ["whole"]
     assert len(list(svc.layers.iterdir())) == 5  # reading collects nothing
-    svc.create("next", MiB)  # the first change collects
+    svc.create(CreateRequest("next", MiB))  # the first change collects
     assert svc.catalogue.volume("half") is None
     assert sorted(p.name.split(".")[0] for p in svc.layers.iterdir()) == sorted(
         [svc.catalogue.volume(n).top for n in ("whole", "next")] * 2  # type: ignore[union-attr]
@@ -213,14 +214,14 @@ def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) 
 def test_gc_never_collects_a_volume_whose_creator_is_alive(tmp_path: Path) -> None:
     data = tmp_path / "d"
     creator = VolumeService(data)
-    creator.create("importing", MiB, ready=False)
+    creator.create(CreateRequest("importing", MiB), ready=False)
     other = VolumeService(data)  # another command, in this process or another
-    other.create("x", MiB)
+    other.create(CreateRequest("x", MiB))
     assert other.gc() == []
     assert creator.gc() == []  # nor its own (an API server's import)
     assert creator.catalogue.volume("importing").state == "creating"  # type: ignore[union-attr]
     with pytest.raises(AlreadyExistsError):
-        other.create("importing", MiB)
+        other.create(CreateRequest("importing", MiB))
     creator.mark_ready("importing")
     assert [v.name for v in other.list()] == ["importing", "x"]
     assert list((data / "creating").iterdir()) == []
@@ -240,7 +241,7 @@ def test_commands_that_read_change_nothing(tmp_path: Path) -> None:
     data = tmp_path / "d"
     data.mkdir(mode=0o755)
     svc = VolumeService(data)
-    svc.create("v", MiB)
+    svc.create(CreateRequest("v", MiB))
     generation = svc.generation()
     svc.close()
     os.chmod(data, 0o750)
@@ -261,7 +262,7 @@ def test_a_second_server_on_one_data_dir_is_refused(tmp_path: Path) -> None:
         second.start_serving()
     second.close()
     local = VolumeService(tmp_path / "d")
-    first.create("v", MiB)
+    first.create(CreateRequest("v", MiB))
     with pytest.raises(ServedElsewhereError):
         local.snapshot("v", "s")
     local.close()
@@ -294,7 +295,7 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     assert not data.exists()
 
     crashed = VolumeService(data)
-    crashed.create("half", MiB, ready=False)  # its creator dies: gc rolls it back
+    crashed.create(CreateRequest("half", MiB), ready=False)  # its creator dies: gc rolls it back
     (crashed.layers / "deadbeef.data").write_bytes(b"x")
     crashed.close()
     os.chmod(data, 0o750)
@@ -317,6 +318,6 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
 
 def test_data_dir_is_private(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d")
-    svc.create("v", MiB)  # made by the first change
+    svc.create(CreateRequest("v", MiB))  # made by the first change
     assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o700
     svc.close()

@@ -13,7 +13,7 @@ from backend.config import ConfigError, load_config, parse_config
 from backend.storage.chunked import ChunkedStorage
 from backend.storage.cow import CowStorage
 from backend.storage.layers import CachingStorage, RetryingStorage
-from backend.volumes.model import InvalidRequestError, StorageFailureError
+from backend.volumes.model import CreateRequest, InvalidRequestError, StorageFailureError
 from backend.volumes.service import VolumeService
 from backend.volumes.storages import FILE, StorageSpec, parse_storage
 
@@ -106,9 +106,11 @@ def _base(storage: object) -> object:
 
 def test_volumes_on_different_storages_in_one_catalogue(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d", profiles={"objs": parse_storage("dir:chunk_size=64KiB")})
-    svc.create("f", MiB)
-    svc.create("o", MiB, storage="objs")
-    svc.create("c", MiB, storage="dir:chunk_size=128KiB+cache:size=1MiB,mode=write-back")
+    svc.create(CreateRequest("f", MiB))
+    svc.create(CreateRequest("o", MiB, storage="objs"))
+    svc.create(
+        CreateRequest("c", MiB, storage="dir:chunk_size=128KiB+cache:size=1MiB,mode=write-back")
+    )
     assert isinstance(svc.storage("f"), CowStorage)
     assert isinstance(svc.storage("o"), ChunkedStorage)
     assert isinstance(svc.storage("c"), CachingStorage)
@@ -135,7 +137,7 @@ def test_volumes_on_different_storages_in_one_catalogue(tmp_path: Path) -> None:
 def test_unknown_profile_is_refused_and_nothing_is_created(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d")
     with pytest.raises(InvalidRequestError, match="unknown storage 'gold'"):
-        svc.create("v", MiB, storage="gold")
+        svc.create(CreateRequest("v", MiB, storage="gold"))
     assert svc.list() == []
     svc.close()
 
@@ -145,7 +147,7 @@ def test_a_storage_that_cannot_be_reached_leaves_no_volume(tmp_path: Path) -> No
     blocker.write_text("not a directory")
     svc = VolumeService(tmp_path / "d")
     with pytest.raises(InvalidRequestError, match=r"cannot create .*: Not a directory"):
-        svc.create("v", MiB, storage=f"dir:path={blocker}/objects,create=true")
+        svc.create(CreateRequest("v", MiB, storage=f"dir:path={blocker}/objects,create=true"))
     assert svc.catalogue.volumes(state=None) == []
     svc.close()
 
@@ -186,9 +188,11 @@ def test_every_number_is_bounded_by_what_the_storage_can_do(text: str, message: 
 
 def test_limits_accept_what_the_storages_accept(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d")
-    svc.create("big", MiB, storage="file:chunk_size=16MiB")
-    svc.create("small", MiB, storage="file:chunk_size=512")
-    svc.create("objects", MiB, storage="dir:chunk_size=32MiB+retry:attempts=1000,deadline=0")
+    svc.create(CreateRequest("big", MiB, storage="file:chunk_size=16MiB"))
+    svc.create(CreateRequest("small", MiB, storage="file:chunk_size=512"))
+    svc.create(
+        CreateRequest("objects", MiB, storage="dir:chunk_size=32MiB+retry:attempts=1000,deadline=0")
+    )
     for name in ("big", "small", "objects"):
         svc.storage(name).write(0, b"x" * 512)
         assert svc.storage(name).read(0, 512) == b"x" * 512
@@ -198,7 +202,7 @@ def test_limits_accept_what_the_storages_accept(tmp_path: Path) -> None:
 def test_a_relative_dir_path_is_stored_absolute(tmp_path: Path) -> None:
     (tmp_path / "chunks").mkdir()
     svc = VolumeService(tmp_path / "d", paths_relative_to=tmp_path)
-    svc.create("v", MiB, storage="dir:path=chunks")
+    svc.create(CreateRequest("v", MiB, storage="dir:path=chunks"))
     assert svc.info("v").storage == f"dir:path={tmp_path / 'chunks'}"
     svc.close()
 
@@ -206,7 +210,7 @@ def test_a_relative_dir_path_is_stored_absolute(tmp_path: Path) -> None:
 def test_a_relative_dir_path_is_refused_without_a_base(tmp_path: Path) -> None:
     svc = VolumeService(tmp_path / "d")  # as the API's: the client's directory is unknown
     with pytest.raises(InvalidRequestError, match="path='chunks' must be an absolute path"):
-        svc.create("v", MiB, storage="dir:path=chunks")
+        svc.create(CreateRequest("v", MiB, storage="dir:path=chunks"))
     svc.close()
 
 
@@ -214,10 +218,10 @@ def test_a_missing_dir_is_refused_unless_create_is_asked(tmp_path: Path) -> None
     svc = VolumeService(tmp_path / "d")
     where = tmp_path / "new" / "chunks"
     with pytest.raises(InvalidRequestError, match=r"does not exist \(add create=true"):
-        svc.create("v", MiB, storage=f"dir:path={where}")
+        svc.create(CreateRequest("v", MiB, storage=f"dir:path={where}"))
     assert not where.exists()
     assert svc.catalogue.volumes(state=None) == []
-    svc.create("v", MiB, storage=f"dir:path={where},create=true")
+    svc.create(CreateRequest("v", MiB, storage=f"dir:path={where},create=true"))
     assert where.is_dir()
     assert svc.info("v").storage == f"dir:path={where}"  # create is not recorded
     svc.close()
@@ -227,7 +231,7 @@ def test_a_vanished_dir_is_not_recreated_empty(tmp_path: Path) -> None:
     where = tmp_path / "mnt"
     where.mkdir()
     svc = VolumeService(tmp_path / "d")
-    svc.create("v", MiB, storage=f"dir:path={where}")
+    svc.create(CreateRequest("v", MiB, storage=f"dir:path={where}"))
     svc.storage("v").write(0, b"data")
     svc.close()
     where.rename(tmp_path / "unmounted")
@@ -249,7 +253,7 @@ def test_config_profiles_resolve_relative_paths_against_the_config_file(tmp_path
 def test_schema_1_catalogue_is_upgraded(tmp_path: Path) -> None:
     data = tmp_path / "d"
     svc = VolumeService(data)
-    svc.create("old", MiB)
+    svc.create(CreateRequest("old", MiB))
     svc.storage("old").write(0, b"before")
     svc.close()
     # Make it look like a catalogue written before storages existed.
@@ -262,6 +266,6 @@ def test_schema_1_catalogue_is_upgraded(tmp_path: Path) -> None:
     svc = VolumeService(data)
     assert svc.info("old").storage == "file"
     assert svc.storage("old").read(0, 6) == b"before"
-    svc.create("new", MiB, storage="dir")
+    svc.create(CreateRequest("new", MiB, storage="dir"))
     assert svc.info("new").storage == "dir"
     svc.close()

@@ -1,169 +1,29 @@
-"""Copy-on-write volumes: a chain of layers on local files, with live snapshots and thin clones.
-
-A volume is a chain of *layers*, listed from the bottom (oldest) to the top.  The top layer
-takes the writes; the layers below it are frozen and shared: a snapshot is the chain up to a
-frozen layer, a clone is a new empty top over a snapshot's chain.  Nothing is copied to make
-either; a chunk is copied into the top only when it is first partially written there.
-
-On disk a layer is two files sharing a path stem (see :func:`layer_files`):
-
-* ``STEM.data``: a sparse raw file of the layer's size.  The chunks the layer holds sit at
-  their natural offsets; everything else is a hole and is never read.
-* ``STEM.map``: a 4 KiB header, then the allocation bitmap, 1 bit per chunk (bit ``i % 8`` of
-  byte ``i // 8``, least significant first), starting at offset 4096.  The header holds
-  (little endian) the magic ``NBSCOWL\\0``, the format version (1), the chunk size, the layer
-  size, flags (0) and a CRC-32 of those fields.  The bitmap lives in its own blocks so that
-  rewriting it never rewrites (and never risks tearing) the header.
-
-The chunk size is a power of two (64 KiB by default) and the same in every layer of a chain.
-A layer may be smaller than the layers above it: past its end it holds no chunks.  A lower
-layer is also cut at the size of every frozen layer above it, so a volume shrunk before a
-snapshot does not show its old tail again in a clone made larger.
-
-Reading a chunk takes it from the topmost layer whose bit is set; no layer means zeroes.
-Writing sets the chunk's bit in the top once the whole chunk is there: a partial write to a
-chunk the top lacks first *copies it up* (the rest of the chunk is read from below and written
-with the new bytes).  Zeroing whole chunks punches them out of the top's data file and keeps
-their bit set, so they read as zeroes and hide the layers below; a chunk no lower layer holds
-simply loses its bit (a real hole) unless NBD's NO_HOLE asked to keep it allocated.
-
-Durability ordering (what makes a crash safe):
-
-1. Writes go to the data file only; bits change in memory and mark their map page dirty.
-   Nothing is synced per write unless FUA.
-2. ``flush()`` (and every FUA request) takes a copy of the dirty map pages, *then*
-   ``fdatasync``\\s the data file, *then* writes those pages and ``fdatasync``\\s the map.  A bit
-   is set in memory only after its chunk was written in full, so every bit in the copy covers
-   data that the data sync makes durable: on disk, a set bit never points at data that is not.
-3. So a crash loses exactly the writes not yet flushed (NBD's semantics): an unflushed chunk
-   that was new to the top has no bit on disk and reads from the older layers again; an
-   unflushed overwrite of a chunk the top already held reads as the old or the new bytes (or
-   a mix at page granularity, as for any disk).  Nothing ever reads as garbage.
-4. ``close()`` flushes nothing (the Storage contract): whoever closes without flushing loses
-   the unflushed writes, exactly as after a crash.
-5. Snapshots flush first; resizing flushes, grows the data file and syncs it before the map
-   records the new size, and shrinks the map before the data file.
-
-Concurrency: requests take a shared lock; :meth:`CowStorage.snapshot`, :meth:`~CowStorage.resize`
-and :meth:`~CowStorage.close` take it exclusively, so they see no request half done and no
-request sees them half done.  Writes to chunks the top already holds are a plain ``pwrite``;
-anything that changes bits (copy-up, zeroing) holds a lock on its range of chunks, so two
-writers to one chunk cannot lose each other's bytes while writes to other chunks run in
-parallel.  Flushes are serialised with each other.
-
-Opening a layer takes an advisory ``flock`` on its map: exclusive for the written top, shared
-for frozen layers and read-only chains.  A second writer on a top (another process, or another
-CowStorage in this one) fails with ``EBUSY`` instead of corrupting it.  Linux only.
+"""The copy-on-write request engine: :class:`CowStorage` serves a chain of layers (read, write,
+zero, trim, extents, flush; snapshots, resizing, flattening).  The chain's semantics,
+durability ordering and concurrency rules are in backend/storage/cow/__init__.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import re
-import struct
-import tempfile
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from backend.storage.base import Capabilities, Extent, Storage, StorageError
-from backend.storage.file import FileStorage
+from backend.storage.chains import UNLIMITED, visible_limits, zeroing_drops
+from backend.storage.chunks import chunk_count, chunk_span, whole_chunks
+from backend.storage.cow.bitmap import bit, ranges, run_end
+from backend.storage.cow.format import create_layer, remove_layer
+from backend.storage.cow.layer import Layer
 from backend.storage.ranges import RangeLock, SharedLock
 
-MAGIC = b"NBSCOWL\0"
-VERSION = 1
-DEFAULT_CHUNK_SIZE = 64 * 1024
-MIN_CHUNK_SIZE = 512
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
-# The bitmap starts here; the header before it is written only by create_layer and resize.
-HEADER_SIZE = 4096
-# The map is written back in pages of this many bitmap bytes (one page: 32768 chunks).
-MAP_PAGE = 4096
 # Extents returned per call at most; the contract allows covering less than the asked range.
 MAX_EXTENTS = 1024
 # flatten_into copies (and reports progress) in pieces of about this many bytes.
 FLATTEN_PIECE = 4 * 1024 * 1024
-
-# magic, version, chunk size, layer size, flags; then the CRC-32 of those packed fields.
-_FIELDS = struct.Struct("<8sIIQI")
-_CRC = struct.Struct("<I")
-_HEADER_LENGTH = _FIELDS.size + _CRC.size
-
-# A byte that is not all clear / not all set: how a run of equal bits ends, found in C.
-_NOT_CLEAR = re.compile(rb"[^\x00]")
-_NOT_SET = re.compile(rb"[^\xff]")
-
-
-def layer_files(stem: Path) -> tuple[Path, Path]:
-    """The ``(data, map)`` paths of the layer at ``stem`` (a suffix is appended, not replaced)."""
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".data"), stem.with_name(stem.name + ".map")
-
-
-def create_layer(stem: Path, size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-    """Create an empty layer of ``size`` bytes at ``stem``, atomically and durably.
-
-    Both files are written under temporary names, synced, then published with ``link`` (which,
-    unlike ``rename``, never replaces an existing file) and the directory is synced.  If either
-    file already exists nothing is changed and ``StorageError(EEXIST)`` is raised; other
-    failures raise ``StorageError`` with their errno and leave no file behind.  ``ValueError``
-    if ``size`` is negative or ``chunk_size`` is not a power of two in
-    ``[MIN_CHUNK_SIZE, MAX_CHUNK_SIZE]``.
-    """
-    _check_geometry(size, chunk_size)
-    stem = Path(stem)
-    data_path, map_path = layer_files(stem)
-    temporaries: list[str] = []
-    published: list[Path] = []
-    try:
-        try:
-            temp_data = _temporary(data_path, temporaries)
-            _write_synced(temp_data, size, b"")
-            temp_map = _temporary(map_path, temporaries)
-            header = _pack_header(chunk_size, size).ljust(HEADER_SIZE, b"\0")
-            _write_synced(temp_map, HEADER_SIZE + _bitmap_bytes(size, chunk_size), header)
-            # The map is published last: a layer whose map exists is complete.
-            for temp, final in ((temp_data, data_path), (temp_map, map_path)):
-                os.link(temp, final)
-                published.append(final)
-            _sync_directory(stem.parent)
-        except FileExistsError as err:
-            raise StorageError(errno.EEXIST, f"layer {stem} already exists") from err
-        except OSError as err:
-            raise StorageError.from_os_error(err, f"cannot create layer {stem}") from err
-    except BaseException:
-        for path in published:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
-    finally:
-        for temp in temporaries:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-
-
-def layer_size(stem: Path) -> int:
-    """The size in bytes recorded in the layer's map (as of its last flush)."""
-    return _read_map_file(stem, with_bitmap=False)[1]
-
-
-def layer_chunk_size(stem: Path) -> int:
-    """The chunk size of the layer (the same in every layer of a chain)."""
-    return _read_map_file(stem, with_bitmap=False)[0]
-
-
-def allocated_bytes(stem: Path) -> int:
-    """Space the layer holds: chunks set in its map on disk times the chunk size.
-
-    This is the "space used" of a snapshot (its frozen layer) or of a volume (its top).  A
-    live top's map on disk lags by the writes since its last flush.
-    """
-    chunk_size, _, bitmap = _read_map_file(stem, with_bitmap=True)
-    return int.from_bytes(bitmap, "little").bit_count() * chunk_size
 
 
 def flatten_into(
@@ -206,11 +66,11 @@ class CowStorage(Storage):
         if len(set(stems)) != len(stems):
             raise StorageError(errno.EINVAL, f"a layer appears twice in the chain {stems}")
         self._read_only = read_only
-        self._layers: list[_Layer] = []
+        self._layers: list[Layer] = []
         try:
             for index, stem in enumerate(stems):
                 writable = not read_only and index == len(stems) - 1
-                self._layers.append(_Layer(stem, writable))
+                self._layers.append(Layer(stem, writable))
             chunk_size = self._layers[0].chunk_size
             for layer in self._layers:
                 if layer.chunk_size != chunk_size:
@@ -237,18 +97,18 @@ class CowStorage(Storage):
                 can_trim=False,
                 can_zero=False,
                 rotational=top.rotational,
+                can_resize=True,
                 preferred_block=block,
             )
         else:
             self._capabilities = Capabilities(
                 can_fast_zero=top.can_fast_zero,
                 rotational=top.rotational,
+                can_resize=True,
                 preferred_block=block,
             )
         self._requests = SharedLock()
         self._chunk_locks = RangeLock()
-        # Guards every bitmap byte and dirty-page set (bits of neighbouring chunks share bytes).
-        self._map_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._closed = False
 
@@ -302,7 +162,7 @@ class CowStorage(Storage):
         may_trim: bool = True,
         fast: bool = False,
     ) -> None:
-        """Zero the range: whole chunks are punched (see the module docstring), the partial
+        """Zero the range: whole chunks are punched (see the package docstring), the partial
         chunks at its edges are written with zeroes through the copy-up path.  Fast whenever
         the top's filesystem can punch holes (``can_fast_zero``)."""
         self._check_writable()
@@ -396,11 +256,9 @@ class CowStorage(Storage):
             self._flush()
             create_layer(new_top, self._size, self._chunk_size)
             try:
-                layer = _Layer(new_top, writable=True)
+                layer = Layer(new_top, writable=True)
             except BaseException:
-                for path in layer_files(new_top):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                remove_layer(new_top)
                 raise
             frozen = self._layers[-1]
             if commit is not None:
@@ -408,9 +266,7 @@ class CowStorage(Storage):
                     commit(frozen.stem)
                 except BaseException:
                     layer.close()
-                    for path in layer_files(new_top):
-                        with contextlib.suppress(OSError):
-                            os.unlink(path)
+                    remove_layer(new_top)
                     raise
             frozen.freeze()
             self._layers.append(layer)
@@ -456,20 +312,18 @@ class CowStorage(Storage):
     # -- Internals: locating chunks ----------------------------------------------------------
 
     def _update_limits(self) -> None:
-        # A lower layer shows bytes only below its own size and the size of every frozen layer
-        # above it (what each snapshot in between could see); the top shows its whole size.
-        cs = self._chunk_size
-        limits = [layer.size for layer in self._layers]
-        for level in range(len(limits) - 3, -1, -1):
-            limits[level] = min(limits[level], limits[level + 1])
-        self._limits = limits
-        self._visible = [-(-limit // cs) for limit in limits]
+        # A layer shows bytes only below its own size (its last chunk may be short) and the
+        # size of every frozen layer above it (what each snapshot in between could see).  The
+        # top cuts nothing: growing it sets the bits of what it must hide (see _grow).
+        sizes = [layer.size for layer in self._layers]
+        self._limits = visible_limits(sizes, [*sizes[:-1], UNLIMITED])
+        self._visible = [chunk_count(limit, self._chunk_size) for limit in self._limits]
 
     def _provider(self, chunk: int, level: int) -> int:
         """The topmost level at or below ``level`` holding ``chunk``; -1 for none."""
         layers, visible = self._layers, self._visible
         while level >= 0:
-            if chunk < visible[level] and layers[level].bitmap[chunk >> 3] >> (chunk & 7) & 1:
+            if chunk < visible[level] and layers[level].bitmap.bits[chunk >> 3] >> (chunk & 7) & 1:
                 return level
             level -= 1
         return -1
@@ -480,12 +334,12 @@ class CowStorage(Storage):
         if level < 0:
             yield first, stop, -1
             return
-        bitmap = self._layers[level].bitmap
+        bitmap = self._layers[level].bitmap.bits
         visible = min(stop, self._visible[level])
         pos = first
         while pos < visible:
             value = bitmap[pos >> 3] >> (pos & 7) & 1
-            end = _run_end(bitmap, pos, visible, value)
+            end = run_end(bitmap, pos, visible, value)
             if value:
                 yield pos, end, level
             else:
@@ -512,17 +366,16 @@ class CowStorage(Storage):
     def _byte_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """``(start, stop, level)`` byte runs covering ``[offset, offset+length)``."""
         cs, end = self._chunk_size, offset + length
-        for first, stop, level in self._merged_providers(
-            len(self._layers) - 1, offset // cs, (end - 1) // cs + 1
-        ):
-            yield max(first * cs, offset), min(stop * cs, end), level
+        first, stop = chunk_span(offset, length, cs)
+        for a, b, level in self._merged_providers(len(self._layers) - 1, first, stop):
+            yield max(a * cs, offset), min(b * cs, end), level
 
     # -- Internals: reading ------------------------------------------------------------------
 
     def _read_levels(self, level: int, start: int, stop: int) -> bytes:
         """Bytes ``[start, stop)`` as seen through the layers at or below ``level``."""
         cs = self._chunk_size
-        first, end_chunk = start // cs, (stop - 1) // cs + 1
+        first, end_chunk = chunk_span(start, stop - start, cs)
         if end_chunk - first == 1:
             return self._read_from(self._provider(first, level), start, stop)
         parts = [
@@ -560,11 +413,11 @@ class CowStorage(Storage):
 
     def _write(self, offset: int, view: memoryview) -> None:
         cs = self._chunk_size
-        first, stop = offset // cs, (offset + len(view) - 1) // cs + 1
+        first, stop = chunk_span(offset, len(view), cs)
         top = self._layers[-1]
-        bitmap = top.bitmap
+        bitmap = top.bitmap.bits
         if bitmap[first >> 3] >> (first & 7) & 1 and (
-            stop - first == 1 or _run_end(bitmap, first, stop, 1) == stop
+            stop - first == 1 or run_end(bitmap, first, stop, 1) == stop
         ):
             # Every chunk is already in the top: an overwrite in place, no lock, no bit.
             top.data.write(offset, view)
@@ -578,15 +431,15 @@ class CowStorage(Storage):
         """
         cs = self._chunk_size
         end = offset + len(view)
-        first, stop = offset // cs, (end - 1) // cs + 1
+        first, stop = chunk_span(offset, len(view), cs)
         top = self._layers[-1]
         below = len(self._layers) - 2
         head_start = first * cs
         tail_stop = min(stop * cs, self._size)
         head = tail = b""
-        if head_start < offset and not _bit(top.bitmap, first):
+        if head_start < offset and not bit(top.bitmap.bits, first):
             head = self._read_levels(below, head_start, offset)
-        if end < tail_stop and not _bit(top.bitmap, stop - 1):
+        if end < tail_stop and not bit(top.bitmap.bits, stop - 1):
             tail = self._read_levels(below, end, tail_stop)
         if (head or tail) and len(view) <= 2 * cs:
             # A small write: one pwrite of the merged chunks beats three.
@@ -597,15 +450,13 @@ class CowStorage(Storage):
             top.data.write(offset, view)
             if tail:
                 top.data.write(end, tail)
-        self._mark(first, stop, True)
+        top.bitmap.mark(first, stop, True)
 
     def _zero(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
         cs = self._chunk_size
         end = offset + length
-        first, stop = offset // cs, (end - 1) // cs + 1
-        whole_first = -(-offset // cs)
-        # The volume's last chunk may be short: covering it up to the end covers it whole.
-        whole_stop = stop if end == self._size else end // cs
+        first, stop = chunk_span(offset, length, cs)
+        whole_first, whole_stop = whole_chunks(offset, length, cs, self._size)
         with self._chunk_locks.hold(first, stop):
             if whole_first >= whole_stop:
                 self._write_locked(offset, memoryview(bytes(length)))
@@ -623,29 +474,14 @@ class CowStorage(Storage):
         below = len(self._layers) - 2
         for a, b, level in self._merged_providers(below, first, stop):
             start, end = a * cs, min(b * cs, size)
-            if level < 0 and may_trim:
-                # Nothing below to hide: drop the chunks (a real hole); punching only frees
-                # space, the cleared bits alone make them read as zeroes.
+            if zeroing_drops(may_trim, held_below=level >= 0):
+                # Punching only frees space: the cleared bits alone make them read as zeroes.
                 top.data.trim(start, end - start)
-                self._mark(a, b, False)
+                top.bitmap.mark(a, b, False)
             else:
                 # The data is zeroed before the bits claim it.
                 top.data.write_zeroes(start, end - start, may_trim=may_trim, fast=fast)
-                self._mark(a, b, True)
-
-    def _mark(self, first: int, stop: int, value: bool) -> None:
-        """Set (or clear) the top's bits ``[first, stop)``, dirtying the map pages that change."""
-        top = self._layers[-1]
-        bitmap, dirty = top.bitmap, top.dirty
-        with self._map_lock:
-            pos = first
-            while pos < stop:
-                bit = bitmap[pos >> 3] >> (pos & 7) & 1
-                end = _run_end(bitmap, pos, stop, bit)
-                if bit != value:
-                    _fill_bits(bitmap, pos, end, value)
-                    dirty.update(range((pos >> 3) // MAP_PAGE, ((end - 1) >> 3) // MAP_PAGE + 1))
-                pos = end
+                top.bitmap.mark(a, b, True)
 
     def _flush(self) -> None:
         """Make completed writes durable: data first, then the bits that cover it."""
@@ -654,23 +490,13 @@ class CowStorage(Storage):
         # Serialised: a flush must not return while an earlier one still holds pages it took.
         with self._flush_lock:
             top = self._layers[-1]
-            with self._map_lock:
-                # Taken before the data sync: each bit in the copy covers data already written.
-                pages = sorted(top.dirty)
-                top.dirty.clear()
-                captured = [
-                    (first, bytes(top.bitmap[first * MAP_PAGE : stop * MAP_PAGE]))
-                    for first, stop in _ranges(pages)
-                ]
+            # Taken before the data sync: each bit in the copy covers data already written.
+            captured = top.bitmap.capture()
             try:
                 top.data.flush()
-                if captured:
-                    for page, content in captured:
-                        _pwrite_all(top.map_fd, content, HEADER_SIZE + page * MAP_PAGE)
-                    os.fdatasync(top.map_fd)
+                top.bitmap.write_back(captured)
             except BaseException as err:
-                with self._map_lock:
-                    top.dirty.update(pages)
+                top.bitmap.restore(captured)
                 if isinstance(err, OSError):
                     raise StorageError.from_os_error(err, f"flush {top.map_path}") from err
                 raise
@@ -681,14 +507,14 @@ class CowStorage(Storage):
         cs, old_size = self._chunk_size, self._size
         top = self._layers[-1]
         below = len(self._layers) - 2
-        old_chunks, new_chunks = -(-old_size // cs), -(-new_size // cs)
+        old_chunks, new_chunks = chunk_count(old_size, cs), chunk_count(new_size, cs)
         # The bytes past the old end must read as zeroes whatever the lower layers hold there.
         # The top's data file reads zeroes past the old end once truncated there; a boundary
         # chunk the top lacks is copied up, and whole chunks a lower layer holds get their bit
         # set over the (zero) new data: both hide the layers below.
         boundary = old_size // cs if old_size % cs else -1
         head = b""
-        if boundary >= 0 and not _bit(top.bitmap, boundary):
+        if boundary >= 0 and not bit(top.bitmap.bits, boundary):
             level = self._provider(boundary, below)
             if level >= 0 and self._limits[level] > old_size:
                 head = self._read_levels(below, boundary * cs, old_size)
@@ -701,34 +527,16 @@ class CowStorage(Storage):
         if head:
             top.data.write(boundary * cs, head)
         top.data.flush()
-        # The map: bitmap first, then the header that makes it count.
-        with self._map_lock:
-            top.bitmap.extend(bytes(_bitmap_bytes(new_size, cs) - len(top.bitmap)))
-            if head:
-                _fill_bits(top.bitmap, boundary, boundary + 1, True)
-            for a, b in masked:
-                _fill_bits(top.bitmap, a, b, True)
-            first_byte = (min(boundary, old_chunks) if boundary >= 0 else old_chunks) >> 3
-            tail = bytes(top.bitmap[first_byte:])
-        _pwrite_all(top.map_fd, tail, HEADER_SIZE + first_byte)
-        os.fdatasync(top.map_fd)
-        _pwrite_all(top.map_fd, _pack_header(cs, new_size), 0)
-        os.fdatasync(top.map_fd)
+        if head:
+            masked.insert(0, (boundary, boundary + 1))
+        first_changed = min(boundary, old_chunks) if boundary >= 0 else old_chunks
+        top.grow_map(new_size, masked, first_changed)
         top.size = new_size
 
     def _shrink(self, new_size: int) -> None:
-        cs = self._chunk_size
         top = self._layers[-1]
-        new_chunks = -(-new_size // cs)
-        nbytes = _bitmap_bytes(new_size, cs)
-        with self._map_lock:
-            del top.bitmap[nbytes:]
-            _mask_tail(top.bitmap, new_chunks)
-            top.dirty.clear()
-        # The header first: until the data file is cut, it is merely longer than the layer.
-        _pwrite_all(top.map_fd, _pack_header(cs, new_size), 0)
-        os.fdatasync(top.map_fd)
-        os.ftruncate(top.map_fd, HEADER_SIZE + nbytes)
+        # The map first: until the data file is cut, it is merely longer than the layer.
+        top.shrink_map(new_size)
         os.truncate(top.data_path, new_size)
         top.data.flush()
         top.size = new_size
@@ -752,7 +560,7 @@ class CowStorage(Storage):
             piece = max(1, FLATTEN_PIECE // cs)
             if progress is not None:
                 progress(0, total)
-            for first, stop, level in self._merged_providers(top_level, 0, -(-total // cs)):
+            for first, stop, level in self._merged_providers(top_level, 0, chunk_count(total, cs)):
                 if level < 0 or level == top_level:
                     continue
                 for a in range(first, stop, piece):
@@ -784,9 +592,9 @@ class CowStorage(Storage):
                 if data.count(0, (chunk - a) * cs, (chunk - a + 1) * cs)
                 != len(view[(chunk - a) * cs : (chunk - a + 1) * cs])
             ]
-            for lo, hi in _ranges(wanted):
+            for lo, hi in ranges(wanted):
                 top.data.write(lo * cs, view[(lo - a) * cs : (hi - a) * cs])
-                self._mark(lo, hi, True)
+                top.bitmap.mark(lo, hi, True)
 
     # -- Internals: checks -------------------------------------------------------------------
 
@@ -813,236 +621,9 @@ class CowStorage(Storage):
         return f"CowStorage([{stems}], {mode}, size={self._size})"
 
 
-class _Layer:
-    """One layer: its data file (through a FileStorage), its map descriptor and bitmap."""
-
-    def __init__(self, stem: Path, writable: bool) -> None:
-        self.stem = stem
-        self.data_path, self.map_path = layer_files(stem)
-        self.writable = writable
-        # Map pages (MAP_PAGE bitmap bytes each) changed in memory since the last flush.
-        self.dirty: set[int] = set()
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            self.map_fd = os.open(self.map_path, flags)
-        except OSError as err:
-            raise StorageError.from_os_error(err, f"cannot open {self.map_path}") from err
-        try:
-            _lock(self.map_fd, self.map_path, writable)
-            self.chunk_size, self.size, self.bitmap = _read_map(self.map_fd, self.map_path, True)
-            self.data = FileStorage(self.data_path, read_only=not writable)
-            if self.data.size < self.size:
-                message = f"{self.data_path} holds {self.data.size} bytes, its map says {self.size}"
-                self.data.close()
-                raise StorageError(errno.EINVAL, message)
-        except BaseException:
-            os.close(self.map_fd)
-            raise
-
-    def freeze(self) -> None:
-        """Stop being the written top: writers elsewhere may share it from now on."""
-        self.writable = False
-        with contextlib.suppress(OSError):
-            fcntl.flock(self.map_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-
-    def close(self) -> None:
-        try:
-            self.data.close()
-        finally:
-            try:
-                os.close(self.map_fd)
-            except OSError as err:
-                raise StorageError.from_os_error(err, f"close {self.map_path}") from err
-
-
-# -- Bitmaps -----------------------------------------------------------------------------------
-
-
-def _bit(bitmap: bytearray, index: int) -> int:
-    return bitmap[index >> 3] >> (index & 7) & 1
-
-
-def _run_end(bitmap: bytearray, pos: int, stop: int, value: int) -> int:
-    """The first index in ``[pos, stop)`` whose bit is not ``value``; ``stop`` if none."""
-    while pos < stop and pos & 7:
-        if bitmap[pos >> 3] >> (pos & 7) & 1 != value:
-            return pos
-        pos += 1
-    if pos + 8 <= stop:
-        pattern = _NOT_SET if value else _NOT_CLEAR
-        found = pattern.search(bitmap, pos >> 3, stop >> 3)
-        pos = (stop & ~7) if found is None else found.start() << 3
-    while pos < stop:
-        if bitmap[pos >> 3] >> (pos & 7) & 1 != value:
-            return pos
-        pos += 1
-    return stop
-
-
-def _fill_bits(bitmap: bytearray, first: int, stop: int, value: bool) -> None:
-    def one(index: int) -> None:
-        if value:
-            bitmap[index >> 3] |= 1 << (index & 7)
-        else:
-            bitmap[index >> 3] &= ~(1 << (index & 7)) & 0xFF
-
-    while first < stop and first & 7:
-        one(first)
-        first += 1
-    whole = (stop - first) >> 3
-    if whole > 0:
-        bitmap[first >> 3 : (first >> 3) + whole] = (b"\xff" if value else b"\0") * whole
-        first += whole << 3
-    while first < stop:
-        one(first)
-        first += 1
-
-
-def _mask_tail(bitmap: bytearray, chunks: int) -> None:
-    """Clear the bits past ``chunks`` in the last byte (they belong to no chunk)."""
-    if chunks & 7 and bitmap:
-        bitmap[-1] &= (1 << (chunks & 7)) - 1
-
-
-def _ranges(indexes: list[int]) -> Iterator[tuple[int, int]]:
-    """``[first, stop)`` runs of consecutive numbers in the sorted ``indexes``."""
-    start = previous = -2
-    for index in indexes:
-        if index != previous + 1:
-            if start >= 0:
-                yield start, previous + 1
-            start = index
-        previous = index
-    if start >= 0:
-        yield start, previous + 1
-
-
 def _append(result: list[Extent], start: int, stop: int, hole: bool, zero: bool) -> None:
     """Append ``[start, stop)``, merging with the previous extent when of the same kind."""
     if result and result[-1].hole == hole and result[-1].zero == zero:
         previous = result.pop()
         start = previous.offset
     result.append(Extent(start, stop - start, hole=hole, zero=zero))
-
-
-# -- Map files ---------------------------------------------------------------------------------
-
-
-def _check_geometry(size: int, chunk_size: int) -> None:
-    if size < 0:
-        raise ValueError(f"size must be >= 0, not {size}")
-    if chunk_size < MIN_CHUNK_SIZE or chunk_size > MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        raise ValueError(
-            f"chunk size must be a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}], "
-            f"not {chunk_size}"
-        )
-
-
-def _bitmap_bytes(size: int, chunk_size: int) -> int:
-    return (-(-size // chunk_size) + 7) // 8
-
-
-def _pack_header(chunk_size: int, size: int) -> bytes:
-    fields = _FIELDS.pack(MAGIC, VERSION, chunk_size, size, 0)
-    return fields + _CRC.pack(zlib.crc32(fields))
-
-
-def _read_map(fd: int, path: Path, with_bitmap: bool) -> tuple[int, int, bytearray]:
-    """Parse and check a map: ``(chunk_size, size, bitmap)`` (an empty bitmap if not asked)."""
-    raw = _pread_all(fd, _HEADER_LENGTH, 0)
-    if len(raw) < _HEADER_LENGTH or raw[: len(MAGIC)] != MAGIC:
-        raise StorageError(errno.EINVAL, f"{path} is not a layer map (bad magic)")
-    fields = raw[: _FIELDS.size]
-    (crc,) = _CRC.unpack(raw[_FIELDS.size :])
-    if zlib.crc32(fields) != crc:
-        raise StorageError(errno.EINVAL, f"{path}: corrupt map header (checksum mismatch)")
-    _, version, chunk_size, size, flags = _FIELDS.unpack(fields)
-    if version != VERSION or flags:
-        raise StorageError(
-            errno.EINVAL, f"{path}: unsupported map version {version} (flags {flags:#x})"
-        )
-    try:
-        _check_geometry(size, chunk_size)
-    except ValueError as err:
-        raise StorageError(errno.EINVAL, f"{path}: corrupt map header ({err})") from err
-    bitmap = bytearray()
-    if with_bitmap:
-        nbytes = _bitmap_bytes(size, chunk_size)
-        bitmap = bytearray(_pread_all(fd, nbytes, HEADER_SIZE))
-        if len(bitmap) != nbytes:
-            raise StorageError(errno.EINVAL, f"{path}: truncated map ({nbytes} bitmap bytes)")
-        # A crash during a resize may leave bits past the end: they belong to no chunk.
-        _mask_tail(bitmap, -(-size // chunk_size))
-    return chunk_size, size, bitmap
-
-
-def _read_map_file(stem: Path, with_bitmap: bool) -> tuple[int, int, bytearray]:
-    path = layer_files(stem)[1]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise StorageError.from_os_error(err, f"cannot open {path}") from err
-    try:
-        return _read_map(fd, path, with_bitmap)
-    finally:
-        os.close(fd)
-
-
-def _lock(fd: int, path: Path, exclusive: bool) -> None:
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError as err:
-        what = "open elsewhere" if exclusive else "open for writing elsewhere"
-        raise StorageError(errno.EBUSY, f"{path} is {what}") from err
-    except OSError as err:
-        raise StorageError.from_os_error(err, f"cannot lock {path}") from err
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    parts: list[bytes] = []
-    done = 0
-    try:
-        while done < length:
-            part = os.pread(fd, length - done, offset + done)
-            if not part:
-                break
-            parts.append(part)
-            done += len(part)
-    except OSError as err:
-        raise StorageError.from_os_error(err, "read map") from err
-    return b"".join(parts)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written == 0:
-            raise OSError(errno.EIO, f"no progress writing at {offset}")
-        view, offset = view[written:], offset + written
-
-
-def _temporary(final: Path, temporaries: list[str]) -> str:
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    temporaries.append(name)
-    return name
-
-
-def _write_synced(path: str, size: int, head: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        if head:
-            _pwrite_all(fd, head, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,10 @@
+"""Replicated volumes: what the engine keeps to fan writes out to N replicas safely.
+
+    bitmap.py       bit operations on a bytearray bitmap (set, clear, count, runs)
+    mapfile.py      the region map's file format: two headers, plane slots
+    tracking.py     RegionMap: persistent change tracking (in-doubt and missed planes)
+    membership.py   Membership, its transitions, and the compare-and-swap store interface
+
+The design, and what of it is built so far: docs/replication.md.  Why the tracking is in
+the engine: docs/decisions/0095-engine-side-change-tracking.md.
+"""
