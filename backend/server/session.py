@@ -111,6 +111,7 @@ class Session:
         self._holders = holders or Holders()
         self._holder: Holder | None = None
         self._ticket: Pass | None = None  # admission to the volume's epoch fence, if fenced
+        self._revoked_timer: threading.Timer | None = None  # closes it once fenced out
         self._chosen: Export | None = None  # admitted for GO / EXPORT_NAME, served from then
         self.conn = ServerConnection(
             tls_available=tls is not None,
@@ -151,6 +152,8 @@ class Session:
             self._buffers.clear()
             if self._holder is not None:
                 self._holders.release(self._holder)
+            if self._revoked_timer is not None:
+                self._revoked_timer.cancel()
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -253,6 +256,7 @@ class Session:
         timer = threading.Timer(REVOKED_GRACE, self.stop_reading)
         timer.daemon = True
         timer.start()
+        self._revoked_timer = timer
 
     def _time_left(self, deadline: float) -> None:
         """Let the next blocking call wait until ``deadline`` at most (TimeoutError after)."""
