@@ -27,7 +27,9 @@ Options: ``--size 1G``, ``--fill-block 4k`` (see ``make_image``), ``--runtime SE
 ``--connections N`` (default 20), ``--json OUT`` (every raw number, including fio's job
 output), ``--markdown``, ``--baseline REV`` (also run the ``nbs`` of git revision REV of this
 repository, e.g. ``main`` or ``HEAD~1``, as a third server ``nbs@REV`` in the same run, and
-report nbs / nbs@REV: how a change moved the hot path, measured side by side).
+report nbs / nbs@REV: how a change moved the hot path, measured side by side), ``--volume``
+(nbs serves the image imported into a catalogue volume, copy-on-write files, instead of the
+file itself; nbdkit still serves the file).
 
 Standard library only.  Needs nbdkit (file plugin), fio with its nbd engine, and ``nbs``
 installed next to the interpreter running this script.  Idle connections use the ``nbd``
@@ -220,10 +222,20 @@ def start_nbs(
     name: str = "nbs",
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
+    volume: bool = False,
 ) -> Server:
     log = workdir / f"{name}.log"
-    cmd = [*(command or nbs_command()), "serve", "--listen", f"{HOST}:0"]
-    cmd += ["--export", f"{EXPORT}={image}"]
+    nbs = command or nbs_command()
+    cmd = [*nbs, "serve", "--listen", f"{HOST}:0"]
+    if volume:
+        # The image imported into a catalogue volume (copy-on-write files): the path a VM's
+        # volume takes, rather than a plain file export.
+        data = workdir / f"{name}-data"
+        create = [*nbs, "volume", "create", EXPORT, "--from-image", str(image)]
+        subprocess.run([*create, "--data-dir", str(data)], env=env, check=True, capture_output=True)
+        cmd += ["--data-dir", str(data)]
+    else:
+        cmd += ["--export", f"{EXPORT}={image}"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -263,11 +275,14 @@ def checkout_baseline(revision: str, workdir: Path) -> tuple[str, Path]:
     return commit, tree
 
 
-def start_baseline(image: Path, workdir: Path, commit: str, tree: Path) -> Server:
+def start_baseline(
+    image: Path, workdir: Path, commit: str, tree: Path, *, volume: bool = False
+) -> Server:
     """``nbs serve`` from the extracted tree, on this interpreter (same dependencies)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     command = [sys.executable, "-m", "backend.cli"]
-    return start_nbs(image, workdir, name=f"nbs@{commit}", command=command, env=env)
+    name = f"nbs@{commit}"
+    return start_nbs(image, workdir, name=name, command=command, env=env, volume=volume)
 
 
 def _check_alive(server: Server) -> None:
@@ -749,6 +764,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="OUT", help="write every raw number here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument(
+        "--volume",
+        action="store_true",
+        help="nbs serves the image imported into a catalogue volume, not the file itself",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run nbs from this git revision (e.g. main, HEAD~1) and compare",
@@ -760,12 +780,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def start_servers(
-    names: list[str], image: Path, workdir: Path, stack: contextlib.ExitStack
+    names: list[str], image: Path, workdir: Path, stack: contextlib.ExitStack, volume: bool
 ) -> list[Server]:
-    starters = {"nbdkit": start_nbdkit, "nbs": start_nbs}
     servers = []
     for name in names:
-        server = starters[name](image, workdir)
+        if name == "nbdkit":
+            server = start_nbdkit(image, workdir)
+        else:
+            server = start_nbs(image, workdir, volume=volume)
         stack.callback(stop_server, server)
         servers.append(server)
     return servers
@@ -785,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         "fill_block": args.fill_block,
         "runtime": args.runtime,
         "connections": args.connections,
+        "nbs_export": "catalogue volume" if args.volume else "file",
     }
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir)))
@@ -793,10 +816,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_cache(image)
         servers: list[Server] = []
         stack.callback(keep_log_tails, servers)  # runs after the servers stopped
-        servers += start_servers(names, image, workdir, stack)
+        servers += start_servers(names, image, workdir, stack, args.volume)
         if args.baseline:
             commit, tree = checkout_baseline(args.baseline, workdir)
-            server = start_baseline(image, workdir, commit, tree)
+            server = start_baseline(image, workdir, commit, tree, volume=args.volume)
             stack.callback(stop_server, server)
             servers.append(server)
             config["baseline"] = {"revision": args.baseline, "commit": commit}
