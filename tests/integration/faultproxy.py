@@ -116,25 +116,30 @@ class _Relay:
         self.wake()
 
     def _run(self) -> None:
+        clean = False
         try:
-            self._relay()
+            clean = self._relay()
         finally:
-            # RST when aborted (or on error); a clean end has already passed both FINs.
             for sock in (self.client, self.server):
-                if sock is not None:
-                    _abort(sock)
+                if sock is None:
+                    continue
+                if clean:
+                    sock.close()  # both FINs passed: a plain close lets queued bytes drain
+                else:
+                    _abort(sock)  # aborted, blackholed or broken: RST both ways
             self._wake_r.close()
             self._wake_w.close()
             self.proxy._forget(self)
 
-    def _relay(self) -> None:
+    def _relay(self) -> bool:
+        """Relay until the end; True if both sides closed cleanly."""
         if self.proxy.faults.blackhole:
             self.dead = True
         else:
             try:
                 self.server = self.proxy._connect_target()
             except OSError:
-                return  # the client sees an abort, as with a refused upstream
+                return False  # the client sees an abort, as with a refused upstream
         self.client.setblocking(False)
         for sock in (self.client, self.server):
             if sock is not None and sock.family != socket.AF_UNIX:
@@ -161,7 +166,7 @@ class _Relay:
             for d in directions:
                 self._send(d, faults, now)
             if directions and all(d.shut for d in directions):
-                return  # both sides closed cleanly and everything was delivered
+                return True  # both sides closed cleanly and everything was delivered
             readers = [self._wake_r, *silent]
             readers += [d.src for d in directions if not d.eof and d.queued < _QUEUE_LIMIT]
             # A chunk still ready after _send met a full socket buffer: wait until it drains.
@@ -172,10 +177,11 @@ class _Relay:
                 self._wake_r.recv(4096)
             silent = [s for s in silent if s not in readable or self._swallow(s)]
             if self.dead and not silent and not directions:
-                return  # both sides of a blackholed connection gave up
+                return False  # both sides of a blackholed connection gave up
             for d in directions:
                 if d.src in readable and not self._receive(d):
-                    return  # a reset from one side: pass it on (finally aborts both)
+                    return False  # a reset from one side: pass it on
+        return False  # reset() or close()
 
     def _swallow(self, sock: socket.socket) -> bool:
         """Read and drop; False once that side has closed (it is then no longer watched)."""
@@ -208,6 +214,8 @@ class _Relay:
         return bool(d.queue) and d.queue[0][0] <= now and d.send_at <= now
 
     def _send(self, d: _Direction, faults: Faults, now: float) -> None:
+        if faults.rate is None:
+            d.send_at = 0.0  # healed: no pause left over from a throttle
         while self._ready(d, now):
             due, data = d.queue[0]
             limit = len(data)

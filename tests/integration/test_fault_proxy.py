@@ -68,6 +68,14 @@ def pending_after(h: nbd.NBD, cookie: int, seconds: float) -> bool:
     return True
 
 
+def complete(h: nbd.NBD, cookies: list[int]) -> None:
+    """Wait for every command; raises the first one's error."""
+    while h.aio_in_flight():
+        h.poll(-1)
+    for cookie in cookies:
+        assert h.aio_command_completed(cookie)
+
+
 @pytest.mark.parametrize("target", [tcp_target, unix_target], ids=["tcp", "unix"])
 def test_bytes_pass_both_ways(
     server: NbsServer, fault_proxy: ProxyFactory, target: Callable[[NbsServer], Target]
@@ -183,10 +191,28 @@ def test_only_loopback_targets() -> None:
         FaultProxy(("192.0.2.1", 10809))
 
 
+def test_faults_keep_bytes_in_order(server: NbsServer, fault_proxy: ProxyFactory) -> None:
+    """Pipelined requests under delay and throttle: every byte arrives, in order."""
+    proxy = fault_proxy(tcp_target(server))
+    h = connect(proxy.uri(EXPORT))
+    proxy.delay(0.005)
+    proxy.throttle(8 * MiB)
+    data = random.Random(3).randbytes(2 * MiB)
+    step = 64 << 10
+    writes = [h.aio_pwrite(data[off : off + step], off) for off in range(0, len(data), step)]
+    complete(h, writes)  # NBD may reorder requests in flight: read only once all are written
+    buffers = [nbd.Buffer(step) for _ in range(0, len(data), step)]
+    complete(h, [h.aio_pread(b, i * step) for i, b in enumerate(buffers)])
+    assert b"".join(b.to_bytearray() for b in buffers) == data
+    proxy.heal()
+    h.shutdown()
+
+
 def test_a_killed_node_keeps_its_bytes_and_ports(
-    storage_nodes: Callable[[int], list[StorageNode]],
+    storage_nodes: Callable[[int], list[StorageNode]], fault_proxy: ProxyFactory
 ) -> None:
     (node,) = storage_nodes(1)
+    link = fault_proxy(("127.0.0.1", node.nbd_port))
     node.create_volume("vol", 8 * MiB)
     data = random.Random(2).randbytes(2 * MiB)
     h = connect(node.uri("vol"))
@@ -197,10 +223,15 @@ def test_a_killed_node_keeps_its_bytes_and_ports(
     ports = (node.nbd_port, node.api_port)
 
     node.kill()
+    with pytest.raises(nbd.Error):
+        connect(link.uri("vol"))  # nothing listens behind the proxy: the client is reset
     assert node.volume_bytes("vol") == expected  # from the data directory
     node.restart()
     assert (node.nbd_port, node.api_port) == ports
     assert node.volume_bytes("vol") == expected  # through NBD, at the same address
+    h = connect(link.uri("vol"))  # the same proxy reaches it again
+    assert h.pread(2 * MiB, MiB) == data
+    h.shutdown()
     with node.api() as api:
         assert api.info("vol").size == 8 * MiB
 
