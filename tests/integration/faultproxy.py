@@ -105,6 +105,7 @@ class _Relay:
         self.dead = False  # blackholed: swallow everything until aborted
         self.abort_requested = False
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)  # a full wake pipe already means "wake up"
         self.thread = threading.Thread(target=self._run, name="faultproxy-relay", daemon=True)
 
     def wake(self) -> None:
@@ -364,17 +365,17 @@ class FaultProxy:
             if self._wake_r in readable:
                 return
             client, _ = self._listener.accept()
+            refuse = self.faults.refuse
             with self._lock:
                 self._counters.connections += 1
-                if self.faults.refuse:
-                    self._counters.refused += 1
-            if self.faults.refuse:
+                self._counters.refused += refuse
+            if refuse:
                 _abort(client)
                 continue
             relay = _Relay(self, client)
-            with self._lock:
+            with self._lock:  # started before reset() can see it, so it can be joined
                 self._relays.add(relay)
-            relay.thread.start()
+                relay.thread.start()
 
     def _connect_target(self) -> socket.socket:
         if isinstance(self.target, str):

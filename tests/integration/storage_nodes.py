@@ -67,25 +67,30 @@ class StorageNode:
 
         The ports were free when picked, but another process may take one meanwhile (or a
         just-killed server's socket may linger): a start that fails on a taken address is
-        retried a few times before giving up.
+        retried a few times before giving up, with new ports if the node never ran (nobody
+        knows its addresses yet), else with the same ones.
         """
         assert not self.alive(), f"{self.name} is already running"
-        config = self.workdir / "nbs.yaml"
-        config.write_text(f'api:\n  listen: ["127.0.0.1:{self.api_port}"]\n')
-        args = ["--listen", f"127.0.0.1:{self.nbd_port}", "--data-dir", str(self.data_dir)]
-        args += ["--config", str(config)]
         for attempt in range(_PORT_ATTEMPTS):
             self._starts += 1
             log = self.workdir / f"serve-{self._starts}.log"
             try:
-                self.server = start_server(args, log, timeout)
+                self.server = start_server(self._args(), log, timeout)
                 break
             except RuntimeError:
                 if "in use" not in log.read_text() or attempt + 1 == _PORT_ATTEMPTS:
                     raise
+                if self.server is None:
+                    self.nbd_port, self.api_port = free_port(), free_port()
                 time.sleep(0.2 * (attempt + 1))
         self.stopped = False
         self._wait_api(timeout)
+
+    def _args(self) -> list[str]:
+        config = self.workdir / "nbs.yaml"
+        config.write_text(f'api:\n  listen: ["127.0.0.1:{self.api_port}"]\n')
+        args = ["--listen", f"127.0.0.1:{self.nbd_port}", "--data-dir", str(self.data_dir)]
+        return [*args, "--config", str(config)]
 
     def _wait_api(self, timeout: float) -> None:
         # nbs serve prints the NBD line before the API's thread is up.

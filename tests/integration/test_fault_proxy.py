@@ -249,3 +249,14 @@ def test_a_stopped_node_answers_after_cont(
     while not h.aio_command_completed(cookie):
         h.poll(-1)
     h.shutdown()
+
+
+def test_a_node_whose_port_was_taken_starts_on_new_ports(tmp_path: Path) -> None:
+    node = StorageNode("node", tmp_path / "node")
+    with socket.create_server(("127.0.0.1", node.nbd_port)) as taken:
+        try:
+            node.start()
+            assert node.alive()
+            assert node.nbd_port != taken.getsockname()[1]
+        finally:
+            node.terminate()
