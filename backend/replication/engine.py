@@ -469,6 +469,7 @@ class ReplicatedStorage(Storage):
         """Make ``member`` out, durably, with a missed plane holding IN_DOUBT and ``region``.
         Raises StorageError(EIO) if it is the last in-sync member or the engine is fenced."""
         with self._changes:
+            self._check_usable()  # closed: the map may be closed too; fenced: no changes
             plane = missed(member)
             if plane in self._regions.planes:
                 for offset, length in list(self._regions.regions(IN_DOUBT)):
