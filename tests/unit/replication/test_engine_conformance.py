@@ -4,7 +4,6 @@ model test, plus the members being byte-identical afterwards."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +42,8 @@ def _engine(size: int) -> Storage:
 
 
 @pytest.fixture
-def storage_factory() -> Iterator[StorageFactory]:
-    yield _engine
+def storage_factory() -> StorageFactory:
+    return _engine
 
 
 TestReplicatedModel = make_model_test(_engine)
