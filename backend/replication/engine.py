@@ -355,10 +355,12 @@ class ReplicatedStorage(Storage):
             if storage is None:
                 failures.append((member, "not open"))
                 continue
-            futures[self._pool.submit(self._run, member, storage, op)] = member
+            futures[self._submit(member, storage, op)] = member
         timeout = self._policy.child_timeout
         done, late = concurrent.futures.wait(futures, timeout)
         for future in done:
+            if future.cancelled():  # by close()
+                self._check_usable()
             if (err := future.exception()) is not None:
                 failures.append((futures[future], str(err)))
         for future in late:
@@ -386,17 +388,27 @@ class ReplicatedStorage(Storage):
             with self._cond:
                 child.in_flight -= 1
 
+    def _submit(
+        self, member: str, storage: Storage, op: Callable[[Storage], T]
+    ) -> concurrent.futures.Future[T]:
+        try:
+            return self._pool.submit(self._run, member, storage, op)
+        except RuntimeError:  # shut down by close() meanwhile
+            raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
+
     def _call(self, member: str, op: Callable[[Storage], T]) -> T:
         """``op`` on one member, within ``child_timeout``; StorageError if it fails."""
         storage = self._children[member].storage
         if storage is None:
             raise StorageError(errno.EIO, f"member {member} is not open")
-        future = self._pool.submit(self._run, member, storage, op)
+        future = self._submit(member, storage, op)
         try:
             return future.result(self._policy.child_timeout)
         except concurrent.futures.TimeoutError:
             self._note_error(member, f"no answer within {self._policy.child_timeout} s")
             raise StorageError(errno.EIO, f"member {member} did not answer") from None
+        except concurrent.futures.CancelledError:  # by close()
+            raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
 
     def _note_error(self, member: str, reason: str) -> None:
         with self._cond:
