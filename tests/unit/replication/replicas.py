@@ -6,7 +6,8 @@ member's disk.  Faults are per member and shared by every child opened on it:
 
 * ``error``: requests of the chosen kinds fail with the errno;
 * ``hang``: they block until ``release`` (or the fault is cleared);
-* ``slow``: they sleep ``delay`` seconds first;
+* ``slow``: they sleep ``delay`` seconds first (a random part of it when ``jitter``, which
+  reorders concurrent requests);
 * ``unreachable``: opening the member fails (a dead node).
 
 Replicas also enforce epochs the way replica servers do: a child opened with an epoch lower
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import random
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -39,6 +41,7 @@ class Fault:
     kinds: Collection[str] = ALL
     errno: int = errno.EIO
     delay: float = 0.0
+    jitter: bool = False
     unreachable: bool = False
     released: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -81,7 +84,7 @@ class FaultyStorage(ForwardingStorage):
             fault.released.wait()
             raise StorageError(errno.ETIMEDOUT, "released from a hang")
         if fault.mode == "slow":
-            time.sleep(fault.delay)
+            time.sleep(fault.delay * (random.random() if fault.jitter else 1.0))
 
     def read(self, offset: int, length: int) -> bytes:
         self._gate("read")

@@ -243,7 +243,8 @@ def test_overlapping_writes_are_ordered_on_every_member(
     volume: Volume, open_engine: Callable[..., Engine]
 ) -> None:
     engine = open_engine()
-    volume.replicas.faults["r1"].set("slow", {"write"}, delay=0.0005)
+    for member in ("r1", "r2"):  # each applies requests in its own, jittered order
+        volume.replicas.faults[member].set("slow", {"write"}, delay=0.002, jitter=True)
 
     def writer(seed: int) -> None:
         rng = random.Random(seed)
