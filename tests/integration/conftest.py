@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -287,3 +288,38 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
         yield cluster
     finally:
         cluster.stop()
+
+
+# --- Replication rig: storage nodes and a TCP fault proxy (issue 12) ----------------------------
+
+
+from tests.integration.faultproxy import FaultProxy, Target  # noqa: E402
+from tests.integration.storage_nodes import StorageNode, StorageNodes  # noqa: E402
+
+
+@pytest.fixture
+def storage_nodes(tmp_path: Path) -> Iterator[Callable[[int], list[StorageNode]]]:
+    """Factory: ``storage_nodes(n)`` starts n :class:`StorageNode` (``nbs serve`` with its own
+    data dir, NBD and API on fixed loopback ports).  At teardown every node is continued if
+    stopped and killed by PID."""
+    nodes = StorageNodes(tmp_path / "nodes")
+    yield nodes.start
+    nodes.close()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[Target], FaultProxy]]:
+    """Factory: ``fault_proxy(target)`` is a started :class:`FaultProxy` to a loopback
+    ``(host, port)`` or a Unix socket path; every one is closed (threads joined) at teardown."""
+    proxies: list[FaultProxy] = []
+
+    def start(target: Target) -> FaultProxy:
+        proxy = FaultProxy(target)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+    leaked = [t.name for t in threading.enumerate() if t.name.startswith("faultproxy")]
+    assert not leaked, f"FaultProxy threads still running after close(): {leaked}"
