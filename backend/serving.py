@@ -25,6 +25,7 @@ from backend.config import (
     parse_host_port,
 )
 from backend.nbd import TLSPolicy
+from backend.node_clients import ConfiguredNodes
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
@@ -106,6 +107,7 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
             holders=holders,
             profiles=config.storages,
             default_storage=config.default_storage,
+            nodes=ConfiguredNodes(config.nodes),
         )
         service.start_serving()
         if not service.catalogue.volumes():

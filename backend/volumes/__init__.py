@@ -8,6 +8,7 @@ that manages them, and the catalogue served as the server's export directory.
     kinds.py       the registry: each storage kind and layer, its options and factory
     options.py     option values of kinds and layers: parsing, limits, defaults
     backends.py    how the catalogue's layers map onto one kind of storage
+    replicated.py  the replicated kind's backend: replicas made on storage nodes, the engine
     locations.py   Backends: one backend per storage location, shared by its volumes
     leases.py      owner leases of volumes being created (flock on DATA/creating/NAME)
     service.py     VolumeService: the lifecycle of volumes, snapshots and clones

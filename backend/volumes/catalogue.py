@@ -10,11 +10,12 @@ become text, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
 place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time);
 schema 3 ones get each volume's ``uid`` (made at migration) and ``epoch`` 0 (never fenced);
-schema 4 ones get the (empty) ``memberships`` table.
+schema 4 ones get the (empty) ``memberships`` and ``replicas`` tables.
 
 ``memberships`` holds the membership record of each replicated volume this catalogue's engine
 serves (backend.replication.membership; keyed by the engine volume's uid), changed only by
-compare-and-swap on its generation (backend.volumes.memberships).
+compare-and-swap on its generation (backend.volumes.memberships); ``replicas`` the replica
+volumes a replicated volume's layer has on storage nodes (backend.volumes.replicated).
 
 A volume's ``uid`` tells it from an earlier volume of the same name; its ``epoch`` is the
 highest replication epoch it has promised (docs/replication.md, "Replica protocol").
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS memberships (
     in_sync TEXT NOT NULL,
     resyncing TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replicas (
+    layer TEXT NOT NULL,
+    node TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (layer, node)
+);
 """
 
 
@@ -100,6 +108,17 @@ class VolumeRow:
     shared: bool = False  # several clients may hold it writable at once (multi-attach)
     uid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     epoch: int = 0  # the highest replication epoch promised
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRow:
+    """The replica of a replicated volume's ``layer`` on storage node ``node``: the volume
+    ``volume`` there, whose uid is ``uid`` (its export name carries it: fencing)."""
+
+    layer: str
+    node: str
+    volume: str
+    uid: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +306,13 @@ class Catalogue:
             ).fetchone()
         return _membership(row) if row else None
 
+    def replicas(self, layer: str) -> list[ReplicaRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM replicas WHERE layer = ? ORDER BY rowid", (layer,)
+            ).fetchall()
+        return [ReplicaRow(r["layer"], r["node"], r["volume"], r["uid"]) for r in rows]
+
     def layer_storage(self, layer: str) -> StorageSpec | None:
         with self._lock:
             row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
@@ -404,3 +430,14 @@ class Changes:
 
     def remove_membership(self, volume_id: str) -> None:
         self._db.execute("DELETE FROM memberships WHERE volume_id = ?", (volume_id,))
+
+    # ------------------------------------------------------------------ replicas
+
+    def add_replica(self, row: ReplicaRow) -> None:
+        self._db.execute(
+            "INSERT INTO replicas (layer, node, volume, uid) VALUES (?, ?, ?, ?)",
+            (row.layer, row.node, row.volume, row.uid),
+        )
+
+    def remove_replica(self, layer: str, node: str) -> None:
+        self._db.execute("DELETE FROM replicas WHERE layer = ? AND node = ?", (layer, node))

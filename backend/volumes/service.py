@@ -62,6 +62,7 @@ from backend.volumes.model import (
     check_name,
     parse_size,
 )
+from backend.volumes.replicated import StorageNodes
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class VolumeService:
         profiles: Mapping[str, StorageSpec] | None = None,
         default_storage: StorageSpec = FILE,
         paths_relative_to: Path | None = None,
+        nodes: StorageNodes | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.layers = data_dir / "layers"
@@ -104,7 +106,9 @@ class VolumeService:
         self.default_storage = default_storage
         # Where relative ``dir`` paths of --storage start; None (the API): refused.
         self.paths_relative_to = paths_relative_to
-        self.backends = Backends(data_dir, chunk_size)
+        self.backends = Backends(
+            data_dir, chunk_size, nodes=nodes, catalogue=lambda: self.catalogue
+        )
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
         self._open: dict[str, _Opened[Any]] = {}
