@@ -108,6 +108,11 @@ class NodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    probe_interval: float = 2.0  # seconds between the resync supervisor's rounds
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeConfig:
     listen: tuple[str, ...] = ()
     sockets: tuple[Path, ...] = ()
@@ -126,6 +131,7 @@ class ServeConfig:
     storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
     default_storage: StorageSpec = FILE
     nodes: Mapping[str, NodeConfig] = dataclasses.field(default_factory=dict)
+    replication: ReplicationConfig = ReplicationConfig()
 
     @property
     def tls_policy(self) -> TLSPolicy:
@@ -303,6 +309,7 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
         "storages",
         "default_storage",
         "nodes",
+        "replication",
         *_LIMITS,
     }
     top = r.mapping(data, "", known)
@@ -376,6 +383,18 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
             raise ConfigError(f"{source}: default_storage: {err}") from None
     if "nodes" in top:
         fields["nodes"] = _nodes(r, top["nodes"])
+    if "replication" in top:
+        replication = r.mapping(
+            _empty_if_none(top["replication"]), "replication", {"probe_interval"}
+        )
+        interval = replication.get("probe_interval", 2.0)
+        if (
+            not isinstance(interval, int | float)
+            or isinstance(interval, bool)
+            or not 0.05 <= interval <= 3600  # also refuses NaN
+        ):
+            raise r.fail("replication.probe_interval", "seconds from 0.05 to 3600", interval)
+        fields["replication"] = ReplicationConfig(float(interval))
     if "exports" in top:
         items = top["exports"]
         if not isinstance(items, list):

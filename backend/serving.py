@@ -26,6 +26,7 @@ from backend.config import (
 )
 from backend.nbd import TLSPolicy
 from backend.node_clients import ConfiguredNodes
+from backend.replication.supervisor import ResyncSupervisor
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
@@ -185,6 +186,17 @@ def _api(config: ServeConfig, table: Exports, server: Server) -> ApiServer | Non
     return api
 
 
+def _supervisor(config: ServeConfig, table: Exports) -> ResyncSupervisor | None:
+    """The resync supervisor of the catalogue's replicated volumes (none with --export)."""
+    if not isinstance(table, VolumeExports):
+        return None
+    supervisor = ResyncSupervisor(
+        table.service.replicated_engines, config.replication.probe_interval
+    )
+    supervisor.start()
+    return supervisor
+
+
 def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> int:
     """Run ``nbs serve`` with ``config`` until SIGTERM/SIGINT; on SIGHUP, ``load()`` gives
     the new configuration (read from ``source``: the config file or "the command line").
@@ -226,6 +238,7 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         server.close_listeners()
         table.close()
         raise
+    supervisor = _supervisor(config, table)
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -257,6 +270,9 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         serving.metrics.close()
     # The API first: nothing may change the catalogue while the NBD side closes it.
     api_clean = api.stop(serving.config.shutdown_grace) if api is not None else True
+    if supervisor is not None:
+        # Before the engines close: a resync cut by their close resumes at the next start.
+        supervisor.close(timeout=1.0)
     clean = server.shutdown(serving.config.shutdown_grace) and api_clean
     log.info("stopped%s", "" if clean else " with errors")
     # Stopped: a repeated SIGTERM or Ctrl-C must not turn a clean exit into death by signal

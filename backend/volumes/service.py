@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic
 
+from backend.replication.engine import ReplicatedStorage
 from backend.storage import Storage, StorageError
 from backend.volumes.backends import Backend, StorageT
 from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
@@ -62,7 +63,7 @@ from backend.volumes.model import (
     check_name,
     parse_size,
 )
-from backend.volumes.replicated import StorageNodes
+from backend.volumes.replicated import ReplicatedBackend, StorageNodes
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,15 @@ class VolumeService:
 
     def generation(self) -> int:
         return self.catalogue.generation()
+
+    def replicated_engines(self) -> dict[str, ReplicatedStorage]:
+        """The engines of the replicated volumes open now, by volume name."""
+        with self._lock:
+            return {
+                name: opened.base
+                for name, opened in self._open.items()
+                if isinstance(opened.backend, ReplicatedBackend)
+            }
 
     def storage(self, name: str) -> Storage:
         """The open storage of a volume (shared by every connection to it)."""

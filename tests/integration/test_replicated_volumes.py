@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from backend.replication.membership import Membership
 from backend.volumes.catalogue import Catalogue
 from tests.integration.conftest import NbsServer, require_module, require_tool, start_server
 from tests.integration.helpers import free_port, nbs
@@ -30,7 +32,7 @@ class Engine:
         self.data_dir = workdir / "engine"
         self.data_dir.mkdir(parents=True)
         self.config = workdir / "engine.yaml"
-        lines = ["nodes:"]
+        lines = ["replication: {probe_interval: 0.2}", "nodes:"]
         for node in nodes:
             token = "wrong" if node.name == bad_token else node.token
             lines += [
@@ -58,6 +60,16 @@ class Engine:
                 self.server.process.wait()
             if self.server.process.stdout is not None:
                 self.server.process.stdout.close()
+
+    def membership(self, replica: str) -> Membership:
+        """The committed membership of the volume whose replicas are named ``replica``."""
+        catalogue = Catalogue(self.data_dir / "catalogue.sqlite3")
+        try:
+            found = catalogue.membership(replica.removeprefix("r-"))
+        finally:
+            catalogue.close()
+        assert found is not None
+        return found
 
     def uri(self, volume: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
@@ -192,11 +204,17 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     expected = b"".join(bytes([i % 250 + 1]) * (256 << 10) for i in range(48))
     for node in (nodes[0], nodes[2]):
         assert node.volume_bytes(name)[: len(expected)] == expected, node.name
-    catalogue = Catalogue(engine.data_dir / "catalogue.sqlite3")
-    try:
-        membership = catalogue.membership(name.removeprefix("r-"))
-    finally:
-        catalogue.close()
-    assert membership is not None
+    membership = engine.membership(name)
     assert membership.state(nodes[1].name) == "out"
     assert membership.in_sync == {nodes[0].name, nodes[2].name}
+    # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
+    nodes[1].restart()
+    deadline = time.monotonic() + 60
+    while engine.membership(name).in_sync != {n.name for n in nodes}:
+        assert time.monotonic() < deadline, engine.log.read_text()
+        time.sleep(0.1)
+    assert f"{nodes[1].name} in sync again" in engine.log.read_text()
+    first = nodes[0].volume_bytes(name)
+    assert first[: len(expected)] == expected
+    assert nodes[1].volume_bytes(name) == first
+    assert nodes[2].volume_bytes(name) == first

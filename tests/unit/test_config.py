@@ -211,3 +211,14 @@ def test_bad_storage_nodes(nodes: object, message: str) -> None:
         parse_config({"nodes": nodes}, "nbs.yaml")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_replication_probe_interval() -> None:
+    assert parse_config({}, "x").replication.probe_interval == 2.0
+    config = parse_config({"replication": {"probe_interval": 0.5}}, "x")
+    assert config.replication.probe_interval == 0.5
+    for bad in (0, -1, "2", True, float("nan"), 4000):
+        with pytest.raises(ConfigError, match=r"replication\.probe_interval: expected seconds"):
+            parse_config({"replication": {"probe_interval": bad}}, "x")
+    with pytest.raises(ConfigError, match=r"replication\.every: unknown key"):
+        parse_config({"replication": {"every": 1}}, "x")
