@@ -45,7 +45,7 @@ from backend.volumes.options import (
     seconds,
     size_up_to,
 )
-from backend.volumes.replicated import ReplicatedBackend, StorageNodes
+from backend.volumes.replicated import ReplicatedBackend, StorageNodes, min_insync_of
 
 if TYPE_CHECKING:  # the catalogue imports this registry (through storages)
     from backend.volumes.catalogue import Catalogue
@@ -236,7 +236,7 @@ def _replicated_backend(params: Params, site: Site) -> Backend[Any]:
         raise InvalidRequestError(
             f"storage node {unknown[0]!r} is not in the config's nodes: (configured: {known})"
         )
-    min_insync = params["min_insync"] or len(nodes) // 2 + 1
+    min_insync = min_insync_of(nodes, params["min_insync"])
     if min_insync > len(nodes):
         raise InvalidRequestError(f"min_insync={min_insync} is more than the {len(nodes)} nodes")
     policy = ReplicationPolicy(

@@ -41,6 +41,8 @@ from backend.volumes.model import (
     CreateRequest,
     InvalidRequestError,
     NotFoundError,
+    ReplicaInfo,
+    ReplicationInfo,
     VolumeError,
     VolumeInfo,
 )
@@ -83,6 +85,52 @@ class NoNodes:
 
     def target(self, node: str, export: str) -> NbdTarget:
         raise InvalidRequestError(f"no storage node {node!r} is configured")
+
+
+def min_insync_of(nodes: Sequence[str], given: int | None) -> int:
+    """The ``min_insync`` option, or its default: a majority of the nodes."""
+    return given or len(nodes) // 2 + 1
+
+
+def replication_info(
+    catalogue: Catalogue, layer: str, min_insync: int, engine: ReplicatedStorage | None
+) -> ReplicationInfo | None:
+    """What ``nbs volume info`` shows: the live engine's view if it is open, else the
+    catalogue's committed membership (None if the volume has none yet: being created)."""
+    names = {r.node: r.volume for r in catalogue.replicas(layer)}
+    if engine is not None:
+        status = engine.status()
+        return ReplicationInfo(
+            epoch=status.epoch,
+            generation=status.generation,
+            min_insync=min_insync,
+            live=True,
+            replicas=tuple(
+                ReplicaInfo(
+                    node=m.member,
+                    volume=names.get(m.member, ""),
+                    state=m.state,
+                    in_flight=m.in_flight,
+                    resync_done=m.resync.bytes_done if m.resync else None,
+                    resync_total=m.resync.bytes_total if m.resync else None,
+                    last_error=m.last_error if m.state != "in_sync" else None,
+                )
+                for m in status.members
+            ),
+        )
+    membership = catalogue.membership(layer)
+    if membership is None:
+        return None
+    return ReplicationInfo(
+        epoch=membership.epoch,
+        generation=membership.generation,
+        min_insync=min_insync,
+        live=False,
+        replicas=tuple(
+            ReplicaInfo(node=m, volume=names.get(m, ""), state=membership.state(m))
+            for m in membership.members
+        ),
+    )
 
 
 def replica_name(layer: str) -> str:

@@ -55,6 +55,7 @@ from backend.volumes.model import (
     InUseError,
     InvalidRequestError,
     NotFoundError,
+    ReplicationInfo,
     SnapshotInfo,
     StorageFailureError,
     VolumeError,
@@ -63,7 +64,12 @@ from backend.volumes.model import (
     check_name,
     parse_size,
 )
-from backend.volumes.replicated import ReplicatedBackend, StorageNodes
+from backend.volumes.replicated import (
+    ReplicatedBackend,
+    StorageNodes,
+    min_insync_of,
+    replication_info,
+)
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
 log = logging.getLogger(__name__)
@@ -250,7 +256,18 @@ class VolumeService:
             holders=holders,
             uid=row.uid,
             epoch=row.epoch,
+            replication=self._replication(row),
         )
+
+    def _replication(self, row: VolumeRow) -> ReplicationInfo | None:
+        if row.storage.kind != "replicated":
+            return None
+        params = KINDS["replicated"].resolved(dict(row.storage.params))
+        min_insync = min_insync_of(str(params["nodes"]).split("/"), params["min_insync"])
+        with self._lock:
+            opened = self._open.get(row.name)
+        engine = opened.base if opened is not None else None
+        return replication_info(self.catalogue, row.top, min_insync, engine)
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
         """Volumes other than ``owner`` whose chain contains ``layer`` (its clones)."""

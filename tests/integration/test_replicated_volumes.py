@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,10 @@ class Engine:
         assert found is not None
         return found
 
+    def info(self, volume: str) -> dict[str, Any]:
+        """``nbs volume info --json`` (answered by the engine's API: it serves the catalogue)."""
+        return json.loads(self.volume("info", volume, "--json").stdout)  # type: ignore[no-any-return]
+
     def uri(self, volume: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
 
@@ -127,8 +132,10 @@ def test_writes_through_the_engine_land_on_every_replica_and_delete_removes_them
     expected[5 * MiB : 5 * MiB + 65536] = b"\xcd" * 65536
     for node in nodes:
         assert node.volume_bytes(names[0][0]) == bytes(expected), node.name
-    info = json.loads(engine.volume("info", "vol", "--json").stdout)
+    info = engine.info("vol")
     assert info["storage"].startswith("replicated:")
+    assert info["replication"]["min_insync"] == 2  # a majority of 3 by default
+    assert [r["state"] for r in info["replication"]["replicas"]] == ["in_sync"] * 3
     engine.volume("delete", "vol")
     assert [replicas_on(node) for node in nodes] == [[], [], []]
 
@@ -207,12 +214,25 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     membership = engine.membership(name)
     assert membership.state(nodes[1].name) == "out"
     assert membership.in_sync == {nodes[0].name, nodes[2].name}
+    shown = engine.info("vol")["replication"]
+    assert shown["live"] is True
+    assert [(r["node"], r["volume"], r["state"]) for r in shown["replicas"]] == [
+        (nodes[0].name, name, "in_sync"),
+        (nodes[1].name, name, "out"),
+        (nodes[2].name, name, "in_sync"),
+    ]
+    assert shown["min_insync"] == 2
     # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
     nodes[1].restart()
     deadline = time.monotonic() + 60
     while engine.membership(name).in_sync != {n.name for n in nodes}:
         assert time.monotonic() < deadline, engine.log.read_text()
         time.sleep(0.1)
+    shown = engine.info("vol")["replication"]
+    assert [r["state"] for r in shown["replicas"]] == ["in_sync"] * 3
+    assert shown["generation"] > membership.generation
+    text = engine.volume("info", "vol").stdout
+    assert f"replica:     {nodes[1].name} {name} in-sync, 0 in flight" in text, text
     assert f"{nodes[1].name} in sync again" in engine.log.read_text()
     first = nodes[0].volume_bytes(name)
     assert first[: len(expected)] == expected
