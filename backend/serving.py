@@ -12,6 +12,7 @@ import queue
 import signal
 import ssl
 from collections.abc import Callable, Mapping
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from backend.node_clients import ConfiguredNodes
 from backend.replication.supervisor import ResyncSupervisor
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
+from backend.server.metrics import ReplicaSample, VolumeReplication
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.storage import FileStorage, Storage, StorageError
@@ -197,6 +199,22 @@ def _supervisor(config: ServeConfig, table: Exports) -> ResyncSupervisor | None:
     return supervisor
 
 
+def _replication_metrics(
+    service: VolumeService, supervisor: ResyncSupervisor
+) -> tuple[VolumeReplication, ...]:
+    """The metrics of the open replicated volumes (docs/operations.md)."""
+    samples = []
+    for volume, engine in sorted(service.replicated_engines().items()):
+        status = engine.status()
+        replicas = []
+        for m in status.members:
+            copied = supervisor.copied_bytes(volume, engine, m.member)
+            copied += m.resync.bytes_copied if m.resync is not None else 0
+            replicas.append(ReplicaSample(volume, m.member, m.state == "in_sync", copied))
+        samples.append(VolumeReplication(volume, status.members_failed, tuple(replicas)))
+    return tuple(samples)
+
+
 def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> int:
     """Run ``nbs serve`` with ``config`` until SIGTERM/SIGINT; on SIGHUP, ``load()`` gives
     the new configuration (read from ``source``: the config file or "the command line").
@@ -239,6 +257,8 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         table.close()
         raise
     supervisor = _supervisor(config, table)
+    if supervisor is not None and isinstance(table, VolumeExports):
+        server.replication_metrics = partial(_replication_metrics, table.service, supervisor)
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -38,6 +38,9 @@ class ResyncSupervisor:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
+        # Bytes copied by finished resyncs, per (volume, member) and engine (by id: a
+        # reopened volume is a new engine and starts from 0, as its other counters do).
+        self._copied: dict[tuple[str, str], tuple[int, int]] = {}
         self._thread = threading.Thread(target=self._run, name="resync-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -77,6 +80,12 @@ class ResyncSupervisor:
                 self._running[volume] = thread
             thread.start()
 
+    def copied_bytes(self, volume: str, engine: ReplicatedStorage, member: str) -> int:
+        """Bytes copied to ``member`` by ``engine``'s finished resyncs (for metrics)."""
+        with self._lock:
+            owner, copied = self._copied.get((volume, member), (0, 0))
+        return copied if owner == id(engine) else 0
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.probe()
@@ -110,6 +119,10 @@ class ResyncSupervisor:
                 level, "volume %s: resync of %s failed (tried again later): %s", volume, member, err
             )
         else:
+            with self._lock:
+                owner, copied = self._copied.get((volume, member), (0, 0))
+                before = copied if owner == id(engine) else 0
+                self._copied[volume, member] = (id(engine), before + counters.bytes_copied)
             log.info(
                 "volume %s: %s in sync again (%d bytes copied in %.1f s)",
                 volume,

@@ -6,12 +6,14 @@ through its own node with libnbd."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from backend.replication.membership import Membership
@@ -33,7 +35,12 @@ class Engine:
         self.data_dir = workdir / "engine"
         self.data_dir.mkdir(parents=True)
         self.config = workdir / "engine.yaml"
-        lines = ["replication: {probe_interval: 0.2}", "nodes:"]
+        self.metrics_port = free_port()
+        lines = [
+            "replication: {probe_interval: 0.2}",
+            f'metrics: {{listen: "127.0.0.1:{self.metrics_port}"}}',
+            "nodes:",
+        ]
         for node in nodes:
             token = "wrong" if node.name == bad_token else node.token
             lines += [
@@ -75,6 +82,9 @@ class Engine:
     def info(self, volume: str) -> dict[str, Any]:
         """``nbs volume info --json`` (answered by the engine's API: it serves the catalogue)."""
         return json.loads(self.volume("info", volume, "--json").stdout)  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
 
     def uri(self, volume: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
@@ -231,6 +241,15 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     shown = engine.info("vol")["replication"]
     assert [r["state"] for r in shown["replicas"]] == ["in_sync"] * 3
     assert shown["generation"] > membership.generation
+    metrics = engine.metrics()
+    for node in nodes:
+        assert f'nbs_replica_in_sync{{member="{node.name}",volume="vol"}} 1.0' in metrics
+    copied = re.search(
+        rf'nbs_replica_resync_bytes_total{{member="{nodes[1].name}",volume="vol"}} (\S+)', metrics
+    )
+    assert copied is not None, metrics
+    assert float(copied.group(1)) > 0
+    assert 'nbs_replica_failures_total{volume="vol"} 1.0' in metrics
     text = engine.volume("info", "vol").stdout
     assert f"replica:     {nodes[1].name} {name} in-sync, 0 in flight" in text, text
     assert f"{nodes[1].name} in sync again" in engine.log.read_text()
