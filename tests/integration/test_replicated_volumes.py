@@ -90,7 +90,10 @@ class Engine:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
 
     def volume(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return nbs("volume", *args, "--data-dir", str(self.data_dir), check=check)
+        return self.nbs("volume", *args, check=check)
+
+    def nbs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return nbs(*args, "--data-dir", str(self.data_dir), check=check)
 
 
 @pytest.fixture
@@ -232,6 +235,10 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
         (nodes[2].name, name, "in_sync"),
     ]
     assert shown["min_insync"] == 2
+    refused = engine.nbs("snapshot", "create", "vol", "s", check=False)
+    assert refused.returncode == 2, refused
+    assert "a snapshot needs every replica in sync; node1 is not" in refused.stderr
+    assert refused.stderr.count("\n") == 1
     # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
     nodes[1].restart()
     deadline = time.monotonic() + 60
@@ -257,3 +264,42 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     assert first[: len(expected)] == expected
     assert nodes[1].volume_bytes(name) == first
     assert nodes[2].volume_bytes(name) == first
+
+
+def test_snapshot_and_clone_of_a_replicated_volume(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """The snapshot is taken on every replica at one point; the clone's replicas are clones
+    of those snapshots on the same nodes; deleting everything leaves no replica behind."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x11 0 2M")
+    assert done.returncode == 0, done.stderr
+    engine.nbs("snapshot", "create", "vol", "s1")
+    done = qemu_io(engine.uri("vol"), "write -P 0x22 1M 2M")
+    assert done.returncode == 0, done.stderr
+    engine.volume("clone", "vol@s1", "copy")
+    info = engine.info("copy")
+    assert info["storage"].startswith("replicated:")
+    copies = {r["volume"] for r in info["replication"]["replicas"]}
+    assert len(copies) == 1
+    [copy] = copies
+    expected = b"\x11" * (2 * MiB) + bytes(SIZE - 2 * MiB)
+    for node in nodes:
+        assert node.volume_bytes(copy) == expected, node.name
+    done = qemu_io(engine.uri("copy"), "write -P 0x33 0 4k", "flush")
+    assert done.returncode == 0, done.stderr
+    for node in nodes:
+        assert node.volume_bytes(copy)[:8192] == b"\x33" * 4096 + b"\x11" * 4096
+    volume = engine.info("vol")["replication"]["replicas"][0]["volume"]
+    for node in nodes:  # the source went on; its snapshot did not
+        assert node.volume_bytes(volume)[: 3 * MiB] == b"\x11" * MiB + b"\x22" * (2 * MiB)
+    engine.volume("delete", "copy")
+    engine.nbs("snapshot", "delete", "vol@s1")
+    engine.volume("delete", "vol")
+    engine.volume("gc")
+    for node in nodes:
+        with node.api() as api:
+            assert [v.name for v in api.list() if v.name.startswith("r-")] == []
+            assert [s for s in api.snapshots() if s.volume.startswith("r-")] == []
