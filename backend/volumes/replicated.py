@@ -38,9 +38,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from backend.replication.engine import ReplicatedStorage
-from backend.replication.membership import Membership, MembershipStore, UnknownVolumeError
+from backend.replication.membership import (
+    Membership,
+    MembershipStore,
+    TransitionError,
+    UnknownVolumeError,
+    member_added,
+    member_removed,
+)
 from backend.replication.policy import ReplicationPolicy
-from backend.replication.tracking import RegionMap
+from backend.replication.tracking import RegionMap, missed
 from backend.storage.base import Storage, StorageError
 from backend.storage.nbd import NbdStorage, NbdTarget
 from backend.volumes.backends import Backend, Commit, Progress
@@ -270,6 +277,81 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         with self._catalogue().transaction() as changes:
             changes.add_replica(ReplicaRow(layer, node, name, info.uid))
 
+    def add_replica(self, layer: str, node: str, size: int) -> None:
+        """A new replica on ``node``: made there, then a member, out until the resync
+        supervisor has copied everything to it (the engine, when it next opens, gives a
+        member with no record of what it missed a plane marking all of it)."""
+        if node not in self._directory.names():
+            known = ", ".join(self._directory.names()) or "none"
+            raise InvalidRequestError(f"no storage node {node!r} is configured (known: {known})")
+        store = self.memberships
+        current = store.load(layer)
+        if node in current.members:
+            raise InvalidRequestError(f"storage node {node} already holds a replica")
+        name = replica_name(layer)
+        description = f"replica {layer}"
+        self._make_replica(
+            layer,
+            node,
+            name,
+            lambda api: api.create(CreateRequest(name, size, description=description)),
+        )
+        try:
+            store.commit(member_added(current, node), current.generation)
+        except BaseException:
+            self._delete_replicas(layer, [node])
+            raise
+
+    def remove_replica(self, layer: str, node: str) -> None:
+        """``node`` leaves the volume (committed first), then its replica is deleted; one
+        whose node fails stays recorded and the error says so."""
+        store = self.memberships
+        current = store.load(layer)
+        if node not in current.members:
+            raise NotFoundError(f"storage node {node} holds no replica of this volume")
+        try:
+            new = member_removed(current, node)
+        except TransitionError as err:
+            raise InvalidRequestError(str(err)) from None
+        if len(new.members) < self.policy.min_insync:
+            raise InvalidRequestError(
+                f"{len(new.members)} replicas would be left, fewer than min_insync="
+                f"{self.policy.min_insync}"
+            )
+        store.commit(new, current.generation)
+        regions = RegionMap.open(self.map_path(layer))
+        try:
+            if missed(node) in regions.planes:
+                regions.remove_plane(missed(node))
+        finally:
+            regions.close()
+        self._delete_replicas(layer, [node])
+
+    def _delete_replicas(self, layer: str, nodes: Sequence[str]) -> None:
+        """Delete the recorded replicas of ``layer`` on ``nodes`` and their rows; raises
+        StorageError naming the ones that could not be deleted (their rows stay)."""
+        failed = []
+        for replica in self._catalogue().replicas(layer):
+            if replica.node not in nodes:
+                continue
+            volume, _, snap = replica.volume.partition("@")
+            try:
+                with (
+                    self._directory.volumes(replica.node) as api,
+                    contextlib.suppress(NotFoundError),  # gone already
+                ):
+                    if snap:
+                        api.delete_snapshot(volume, snap)
+                    else:
+                        api.delete(volume, force=True)
+            except VolumeError as err:
+                failed.append(f"{replica.volume} on {replica.node}: {err}")
+                continue
+            with self._catalogue().transaction() as changes:
+                changes.remove_replica(layer, replica.node)
+        if failed:
+            raise StorageError(errno.EIO, "cannot delete replica " + "; ".join(failed))
+
     def _make_tracking(self, layer: str, size: int, nodes: Sequence[str]) -> None:
         self._maps.mkdir(mode=0o700, exist_ok=True)
         try:
@@ -371,25 +453,7 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
     def remove(self, layer: str) -> None:
         """Delete every recorded replica; a node that fails keeps its row (and this raises),
         so ``nbs volume gc`` tries again and says which node failed."""
-        failed = []
-        for replica in self._catalogue().replicas(layer):
-            volume, _, snap = replica.volume.partition("@")
-            try:
-                with (
-                    self._directory.volumes(replica.node) as api,
-                    contextlib.suppress(NotFoundError),  # gone already
-                ):
-                    if snap:
-                        api.delete_snapshot(volume, snap)
-                    else:
-                        api.delete(volume, force=True)
-            except VolumeError as err:
-                failed.append(f"{replica.volume} on {replica.node}: {err}")
-                continue
-            with self._catalogue().transaction() as changes:
-                changes.remove_replica(layer, replica.node)
-        if failed:
-            raise StorageError(errno.EIO, "cannot delete replica " + "; ".join(failed))
+        self._delete_replicas(layer, [r.node for r in self._catalogue().replicas(layer)])
         with self._catalogue().transaction() as changes:
             changes.remove_membership(layer)
         with contextlib.suppress(FileNotFoundError):

@@ -303,3 +303,35 @@ def test_snapshot_and_clone_of_a_replicated_volume(
         with node.api() as api:
             assert [v.name for v in api.list() if v.name.startswith("r-")] == []
             assert [s for s in api.snapshots() if s.volume.startswith("r-")] == []
+
+
+def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> None:
+    """add: made on the node, out, then resynced by the supervisor to the same bytes;
+    remove: deleted from its node; never below min_insync."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes[:2])
+    done = qemu_io(engine.uri("vol"), "write -P 0x5a 1M 3M", "flush")
+    assert done.returncode == 0, done.stderr
+    name = replicas_on(nodes[0])[0]
+    added = json.loads(engine.volume("replica", "add", "vol", nodes[2].name, "--json").stdout)
+    assert [r["node"] for r in added["replication"]["replicas"]] == [n.name for n in nodes]
+    assert replicas_on(nodes[2]) == [name]
+    deadline = time.monotonic() + 60
+    while engine.membership(name).in_sync != {n.name for n in nodes}:
+        assert time.monotonic() < deadline, engine.log.read_text()
+        time.sleep(0.1)
+    assert nodes[2].volume_bytes(name) == nodes[0].volume_bytes(name)
+    assert nodes[2].volume_bytes(name)[MiB : 4 * MiB] == b"\x5a" * (3 * MiB)
+    engine.volume("replica", "remove", "vol", nodes[0].name)
+    assert replicas_on(nodes[0]) == []
+    shown = engine.info("vol")["replication"]
+    assert [r["node"] for r in shown["replicas"]] == [nodes[1].name, nodes[2].name]
+    refused = engine.volume("replica", "remove", "vol", nodes[1].name, check=False)
+    assert refused.returncode == 2, refused
+    assert "fewer than min_insync=2" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    done = qemu_io(engine.uri("vol"), "read -P 0x5a 1M 3M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 3145728/3145728 bytes" in done.stdout
+    assert "fail" not in (done.stdout + done.stderr).lower()
