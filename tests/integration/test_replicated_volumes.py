@@ -22,7 +22,6 @@ from backend.volumes.catalogue import Catalogue
 from tests.integration.conftest import NbsServer, require_module, require_tool, start_server
 from tests.integration.helpers import free_port, nbs
 from tests.integration.storage_nodes import StorageNode
-from tests.integration.test_nbdcopy_fio import fio
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -339,6 +338,19 @@ def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> No
     assert "fail" not in (done.stdout + done.stderr).lower()
 
 
+def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, Any]:
+    """fio's nbd engine over the whole volume, verify=crc32c: its JSON report."""
+    output = tmp_path / "fio.json"
+    args = [require_tool("fio"), "--name=verify", "--ioengine=nbd", f"--uri={uri}"]
+    args += ["--verify=crc32c", "--do_verify=1", "--verify_state_save=0"]
+    args += ["--output-format=json", f"--output={output}", *options]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(output.read_text())
+    assert isinstance(report, dict)
+    return report
+
+
 def written_bytes(engine: Engine, export: str) -> float:
     found = re.search(rf'nbs_written_bytes_total{{export="{export}"}} (\S+)', engine.metrics())
     return float(found.group(1)) if found else 0.0
@@ -351,7 +363,7 @@ def test_fio_verify_through_a_kill_9_of_one_node(
     node is killed part way through the writes: zero errors, every block verifies."""
     engine, nodes = cluster
     create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
-    reports: list[dict[str, object]] = []
+    reports: list[dict[str, Any]] = []
     options = ("--rw=randwrite", "--bs=4k", "--iodepth=16")
     thread = threading.Thread(
         target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
@@ -366,7 +378,7 @@ def test_fio_verify_through_a_kill_9_of_one_node(
     nodes[1].kill()
     thread.join(180)
     assert not thread.is_alive()
-    [job] = reports[0]["jobs"]  # type: ignore[misc]
+    [job] = reports[0]["jobs"]
     assert job["error"] == 0
     assert job.get("total_err", 0) == 0
     assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == SIZE
