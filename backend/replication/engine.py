@@ -234,7 +234,10 @@ class ReplicatedStorage(Storage):
                 continue
             break
         if bad:
-            self._repair(member, bad, offset, length)
+            # The guest has its data either way; a repair that cannot finish leaves the
+            # members as they were, or fails them (which the next request then sees).
+            with contextlib.suppress(StorageError):
+                self._repair(member, bad, offset, length)
         return data
 
     def _repair(self, good: str, bad: list[str], offset: int, length: int) -> None:
