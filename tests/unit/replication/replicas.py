@@ -5,7 +5,8 @@ A ``Replicas`` set keeps one disk per member for the whole test, across engine r
 member's disk.  Faults are per member and shared by every child opened on it:
 
 * ``error``: requests of the chosen kinds fail with the errno;
-* ``hang``: they block until ``release`` (or the fault is cleared);
+* ``hang``: they block until ``release`` (or the fault is cleared, or the connection is
+  closed);
 * ``slow``: they sleep ``delay`` seconds first (a random part of it when ``jitter``, which
   reorders concurrent requests);
 * ``unreachable``: opening the member fails (a dead node).
@@ -81,7 +82,10 @@ class FaultyStorage(ForwardingStorage):
         if fault.mode == "error":
             raise StorageError(fault.errno, f"injected {kind} error")
         if fault.mode == "hang":
-            fault.released.wait()
+            # Closing the connection fails what waits on it, as closing an NbdStorage does.
+            while not fault.released.wait(0.005):
+                if self.closed:
+                    raise StorageError(errno.EBADF, "connection closed while hung")
             raise StorageError(errno.ETIMEDOUT, "released from a hang")
         if fault.mode == "slow":
             time.sleep(fault.delay * (random.random() if fault.jitter else 1.0))
