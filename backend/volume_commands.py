@@ -207,6 +207,18 @@ def add_commands(sub: Any) -> None:
     gc = vsub.add_parser("gc", help="clean up what a crash left behind")
     gc.set_defaults(func=cmd_gc)
 
+    rep = vsub.add_parser("replica", help="add or remove a replicated volume's replicas")
+    rsub = _Leaves(rep.add_subparsers(dest="replica_command", required=True, metavar="COMMAND"))
+    for verb, func, text in (
+        ("add", cmd_replica_add, "a new replica on NODE (resynced by nbs serve)"),
+        ("remove", cmd_replica_remove, "remove and delete the replica on NODE"),
+    ):
+        leaf = rsub.add_parser(verb, help=text)
+        leaf.add_argument("volume")
+        leaf.add_argument("node")
+        leaf.add_argument("--json", action="store_true")
+        leaf.set_defaults(func=func)
+
     snap = sub.add_parser("snapshot", help="create, list, delete snapshots")
     ssub = _Leaves(snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND"))
     screate = ssub.add_parser("create", help="point-in-time snapshot, while the volume is in use")
@@ -270,12 +282,38 @@ def _show_volume(info: VolumeInfo, as_json: bool) -> None:
             )
             for h in info.holders
         ),
+        *_replication_rows(info),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"),
         ("description", info.description or "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
     ]
     for key, value in rows:
         print(f"{key + ':':<13}{value}")
+
+
+def _replication_rows(info: VolumeInfo) -> list[tuple[str, str]]:
+    r = info.replication
+    if r is None:
+        return []
+    source = "serving engine" if r.live else "catalogue"
+    rows = [
+        (
+            "replication",
+            f"epoch {r.epoch}, generation {r.generation}, min_insync {r.min_insync} (from the"
+            f" {source})",
+        )
+    ]
+    for replica in r.replicas:
+        state = replica.state.replace("_", "-")
+        if replica.resync_total is not None and replica.resync_done is not None:
+            done, total = replica.resync_done, replica.resync_total
+            state += f" {done * 100 // total if total else 100}% ({done}/{total} bytes)"
+        if replica.last_error:
+            state += f" (failed: {replica.last_error})"
+        if r.live:
+            state += f", {replica.in_flight} in flight"
+        rows.append(("replica", f"{replica.node} {replica.volume} {state}"))
+    return rows
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -390,6 +428,16 @@ def cmd_clone(args: argparse.Namespace) -> int:
         _show_volume(info, True)
     else:
         print(f"cloned {args.source} as volume {info.name}")
+    return 0
+
+
+def cmd_replica_add(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).add_replica(args.volume, args.node), args.json)
+    return 0
+
+
+def cmd_replica_remove(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).remove_replica(args.volume, args.node), args.json)
     return 0
 
 

@@ -125,6 +125,10 @@ class VolumeImport(_Request):
         return ImportRequest(CreateRequest(name, **options), self.source)
 
 
+class ReplicaAdd(_Request):
+    node: str = Field(description="a storage node named in the serving engine's nodes: config")
+
+
 class SnapshotCreate(_Request):
     name: Name
 
@@ -146,6 +150,28 @@ class HolderOut(BaseModel):
     )
 
 
+class ReplicaOut(BaseModel):
+    """Mirrors backend.volumes.model.ReplicaInfo."""
+
+    node: str = Field(description="the storage node (a name from the engine's nodes: config)")
+    volume: str = Field(description="the replica volume's name on that node")
+    state: str = Field(description="in_sync, resyncing or out")
+    in_flight: int = Field(description="requests outstanding on it (live engine only)")
+    resync_done: int | None = Field(description="bytes handled of resync_total, while resyncing")
+    resync_total: int | None = Field(description="bytes its resync has to handle")
+    last_error: str | None = Field(description="why it is out, when the live engine knows")
+
+
+class ReplicationOut(BaseModel):
+    """Mirrors backend.volumes.model.ReplicationInfo."""
+
+    epoch: int
+    generation: int = Field(description="the committed membership generation")
+    min_insync: int
+    live: bool = Field(description="true: from the serving engine; false: the catalogue's")
+    replicas: list[ReplicaOut]
+
+
 class VolumeOut(BaseModel):
     """Mirrors backend.volumes.model.VolumeInfo."""
 
@@ -164,6 +190,9 @@ class VolumeOut(BaseModel):
     holders: list[HolderOut] = Field(description="the NBD clients that have it open now")
     uid: str = Field(description="tells the volume from an earlier one of the same name")
     epoch: int = Field(description="the highest replication epoch the volume promised")
+    replication: ReplicationOut | None = Field(
+        default=None, description="a replicated volume's membership and replicas"
+    )
 
     @classmethod
     def of(cls, info: VolumeInfo) -> VolumeOut:
@@ -527,6 +556,23 @@ def create_app(
         )
         response.headers["Location"] = f"{PREFIX}/volumes/{quote(info.name)}"
         return VolumeOut.of(info)
+
+    @app.post(
+        "/v1/volumes/{name}/replicas",
+        status_code=201,
+        tags=["volumes"],
+        responses=_errors(404, 409),
+    )
+    def add_replica(name: str, body: ReplicaAdd) -> VolumeOut:
+        """A replicated volume gets a replica on another storage node, resynced in the
+        background (the volume must be detached)."""
+        return VolumeOut.of(service.add_replica(name, body.node))
+
+    @app.delete("/v1/volumes/{name}/replicas/{node}", tags=["volumes"], responses=_errors(404, 409))
+    def remove_replica(name: str, node: str) -> VolumeOut:
+        """A replicated volume's replica on ``node`` leaves it and is deleted (the volume must
+        be detached; the last in-sync replica never leaves)."""
+        return VolumeOut.of(service.remove_replica(name, node))
 
     @app.post("/v1/gc", tags=["volumes"])
     def gc() -> GcOut:
