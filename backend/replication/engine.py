@@ -46,6 +46,7 @@ from backend.replication.membership import (
     MembershipStore,
     TransitionError,
     commit_change,
+    epoch_taken,
     member_failed,
     resync_done,
     resync_started,
@@ -390,6 +391,8 @@ class ReplicatedStorage(Storage):
         finally:
             with self._cond:
                 child.in_flight -= 1
+                if not child.in_flight:
+                    self._cond.notify_all()
 
     def _submit(
         self, member: str, storage: Storage, op: Callable[[Storage], T]
@@ -529,6 +532,12 @@ class ReplicatedStorage(Storage):
         self._check_usable()
         if self._membership.state(member) != "out":
             raise TransitionError(f"{member!r} is {self._membership.state(member)}, not out")
+        # A request of the member's old connection that timed out may still be running, and
+        # would land after the copy of its region (a zombie write): wait until none is left,
+        # then reconnect under a new epoch, so that the replica drains and refuses whatever
+        # its server still holds of the old connection before the copy starts.
+        self._wait_idle(member)
+        self._commit(epoch_taken)
         storage = self._open_child(member, self._membership.epoch)
         plane = missed(member)
         with self._changes:
@@ -610,6 +619,22 @@ class ReplicatedStorage(Storage):
                 raise
             self._fail_member(target, (offset, length), f"copy: {err}")
         return 0
+
+    def _wait_idle(self, member: str) -> None:
+        """Wait until no request to ``member`` is running (timed-out ones included).  Each is
+        bounded by the member's own request timeout, or ends when its connection is closed
+        (``_fail_member`` closes it); StorageError if one outlives twice ``child_timeout``
+        plus a second: the resync is tried again later."""
+        deadline = time.monotonic() + 2 * self._policy.child_timeout + 1.0
+        child = self._children[member]
+        with self._cond:
+            while child.in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageError(
+                        errno.EBUSY, f"{member}: requests of its old connection still running"
+                    )
+                self._cond.wait(left)
 
     def _drain_writes(self) -> None:
         """Wait for the writes in flight now (they may hold an older membership)."""

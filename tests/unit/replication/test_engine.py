@@ -9,6 +9,7 @@ import errno
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -447,3 +448,25 @@ def test_status_is_printable(volume: Volume, open_engine: Callable[..., Engine])
 def _swallow(action: Callable[[], object]) -> None:
     with contextlib.suppress(StorageError):
         action()
+
+
+def test_a_timed_out_write_that_lands_late_cannot_undo_the_resync(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A member too slow to answer within child_timeout is failed, but its write is still
+    running and lands later (a zombie).  The resync waits for it, and reconnects the member
+    under a new epoch, before copying: the member ends with the newer bytes."""
+    engine = open_engine(ReplicationPolicy(child_timeout=0.1, below_min_wait=0.5))
+    volume.replicas.faults["r2"].set("slow", {"write"}, delay=0.6)
+    engine.write(G, b"old" * 100)  # r2 times out: out, but its write sleeps on
+    assert engine.membership.state("r2") == "out"
+    volume.replicas.faults["r2"].clear()
+    engine.write(G, b"new" * 100)  # r2 misses this one
+    epoch = engine.membership.epoch
+    engine.resync("r2")
+    time.sleep(0.7)  # past the zombie's landing time, had the resync not waited for it
+    assert engine.membership.state("r2") == "in_sync"
+    assert engine.membership.epoch == epoch + 1
+    assert ("r2", epoch + 1) in volume.replicas.opened
+    assert volume.replicas.identical()
+    assert volume.replicas.disks["r2"].read(G, 300) == b"new" * 100
