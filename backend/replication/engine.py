@@ -379,14 +379,26 @@ class ReplicatedStorage(Storage):
         for member, reason in self._fan_out(targets, lambda s: s.flush()):
             self._fail_member(member, None, f"flush: {reason}")
 
-    def _run(self, member: str, storage: Storage, op: Callable[[Storage], T]) -> T:
+    def _run(
+        self, member: str, storage: Storage, op: Callable[[Storage], T], counted: bool = False
+    ) -> T:
+        """``op`` on ``storage`` (a connection to ``member``), counted in flight from before
+        it was queued (``counted``) or from now, until it returns: resync waits for none to be
+        left (``_wait_idle``)."""
         child = self._children[member]
-        with self._cond:
-            child.in_flight += 1
+        if not counted:
+            with self._cond:
+                child.in_flight += 1
         try:
             return op(storage)
         except StorageError as err:
             self._note_error(member, str(err))
+            if err.errno == errno.EPERM and child.storage is storage:
+                # The member's current connection is refused its epoch: a newer engine took
+                # the volume.  Not a member failure to record (the catalogue is no longer ours
+                # to change).  From a connection already replaced, it is the replica fencing
+                # a request of ours that outlived it: nothing more.
+                self._fence(f"member {member} refused: {err}")
             raise
         finally:
             with self._cond:
@@ -397,9 +409,15 @@ class ReplicatedStorage(Storage):
     def _submit(
         self, member: str, storage: Storage, op: Callable[[Storage], T]
     ) -> concurrent.futures.Future[T]:
+        child = self._children[member]
+        with self._cond:
+            child.in_flight += 1  # queued counts: it may still run after a resync began
         try:
-            return self._pool.submit(self._run, member, storage, op)
+            return self._pool.submit(self._run, member, storage, op, True)
         except RuntimeError:  # shut down by close() meanwhile
+            with self._cond:
+                child.in_flight -= 1
+                self._cond.notify_all()
             raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
 
     def _call(self, member: str, op: Callable[[Storage], T]) -> T:
@@ -465,6 +483,15 @@ class ReplicatedStorage(Storage):
                     )
                 self._cond.wait(left)
 
+    def _fence(self, why: str) -> None:
+        """Another engine owns the volume: every request fails with EIO from now on."""
+        with self._cond:
+            if self._fenced:
+                return
+            self._fenced = True
+            self._cond.notify_all()
+        log.error("volume %s: fenced, refusing every request: %s", self._volume_id, why)
+
     def _check_usable(self) -> None:
         if self._closed:
             raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed")
@@ -483,10 +510,7 @@ class ReplicatedStorage(Storage):
             try:
                 new = commit_change(self._store, self._membership, change)
             except (FencedError, ConflictError) as err:
-                with self._cond:
-                    self._fenced = True
-                    self._cond.notify_all()
-                log.error("volume %s: fenced, refusing every request: %s", self._volume_id, err)
+                self._fence(str(err))
                 raise StorageError(errno.EIO, f"volume {self._volume_id}: {err}") from err
             with self._cond:
                 self._membership = new

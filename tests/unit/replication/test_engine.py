@@ -470,3 +470,24 @@ def test_a_timed_out_write_that_lands_late_cannot_undo_the_resync(
     assert ("r2", epoch + 1) in volume.replicas.opened
     assert volume.replicas.identical()
     assert volume.replicas.disks["r2"].read(G, 300) == b"new" * 100
+
+
+def test_replicas_refusing_the_epoch_fence_the_engine_without_failing_members(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A newer engine that the store does not know of (its own catalogue) is known to the
+    replicas: their EPERM fences this engine at once; it records no member failure."""
+    old = open_engine(ReplicationPolicy(child_timeout=2.0, below_min_wait=30.0))
+    old.write(0, b"old")
+    before = old.membership
+    volume.replicas.promise(before.epoch + 1)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as excinfo:
+        old.write(0, b"stale")
+    assert excinfo.value.errno == errno.EIO
+    assert time.monotonic() - started < 5  # not the 30 s below-min wait
+    assert old.status().fenced
+    assert old.membership == before  # nobody failed
+    assert volume.store.load("vol") == before
+    for disk in volume.replicas.disks.values():
+        assert disk.read(0, 3) == b"old"
