@@ -46,6 +46,7 @@ from backend.replication.membership import (
     MembershipStore,
     TransitionError,
     commit_change,
+    epoch_taken,
     member_failed,
     resync_done,
     resync_started,
@@ -378,25 +379,45 @@ class ReplicatedStorage(Storage):
         for member, reason in self._fan_out(targets, lambda s: s.flush()):
             self._fail_member(member, None, f"flush: {reason}")
 
-    def _run(self, member: str, storage: Storage, op: Callable[[Storage], T]) -> T:
+    def _run(
+        self, member: str, storage: Storage, op: Callable[[Storage], T], counted: bool = False
+    ) -> T:
+        """``op`` on ``storage`` (a connection to ``member``), counted in flight from before
+        it was queued (``counted``) or from now, until it returns: resync waits for none to be
+        left (``_wait_idle``)."""
         child = self._children[member]
-        with self._cond:
-            child.in_flight += 1
+        if not counted:
+            with self._cond:
+                child.in_flight += 1
         try:
             return op(storage)
         except StorageError as err:
             self._note_error(member, str(err))
+            if err.errno == errno.EPERM and child.storage is storage:
+                # The member's current connection is refused its epoch: a newer engine took
+                # the volume.  Not a member failure to record (the catalogue is no longer ours
+                # to change).  From a connection already replaced, it is the replica fencing
+                # a request of ours that outlived it: nothing more.
+                self._fence(f"member {member} refused: {err}")
             raise
         finally:
             with self._cond:
                 child.in_flight -= 1
+                if not child.in_flight:
+                    self._cond.notify_all()
 
     def _submit(
         self, member: str, storage: Storage, op: Callable[[Storage], T]
     ) -> concurrent.futures.Future[T]:
+        child = self._children[member]
+        with self._cond:
+            child.in_flight += 1  # queued counts: it may still run after a resync began
         try:
-            return self._pool.submit(self._run, member, storage, op)
+            return self._pool.submit(self._run, member, storage, op, True)
         except RuntimeError:  # shut down by close() meanwhile
+            with self._cond:
+                child.in_flight -= 1
+                self._cond.notify_all()
             raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
 
     def _call(self, member: str, op: Callable[[Storage], T]) -> T:
@@ -462,6 +483,15 @@ class ReplicatedStorage(Storage):
                     )
                 self._cond.wait(left)
 
+    def _fence(self, why: str) -> None:
+        """Another engine owns the volume: every request fails with EIO from now on."""
+        with self._cond:
+            if self._fenced:
+                return
+            self._fenced = True
+            self._cond.notify_all()
+        log.error("volume %s: fenced, refusing every request: %s", self._volume_id, why)
+
     def _check_usable(self) -> None:
         if self._closed:
             raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed")
@@ -480,10 +510,7 @@ class ReplicatedStorage(Storage):
             try:
                 new = commit_change(self._store, self._membership, change)
             except (FencedError, ConflictError) as err:
-                with self._cond:
-                    self._fenced = True
-                    self._cond.notify_all()
-                log.error("volume %s: fenced, refusing every request: %s", self._volume_id, err)
+                self._fence(str(err))
                 raise StorageError(errno.EIO, f"volume {self._volume_id}: {err}") from err
             with self._cond:
                 self._membership = new
@@ -529,6 +556,12 @@ class ReplicatedStorage(Storage):
         self._check_usable()
         if self._membership.state(member) != "out":
             raise TransitionError(f"{member!r} is {self._membership.state(member)}, not out")
+        # A request of the member's old connection that timed out may still be running, and
+        # would land after the copy of its region (a zombie write): wait until none is left,
+        # then reconnect under a new epoch, so that the replica drains and refuses whatever
+        # its server still holds of the old connection before the copy starts.
+        self._wait_idle(member)
+        self._commit(epoch_taken)
         storage = self._open_child(member, self._membership.epoch)
         plane = missed(member)
         with self._changes:
@@ -610,6 +643,22 @@ class ReplicatedStorage(Storage):
                 raise
             self._fail_member(target, (offset, length), f"copy: {err}")
         return 0
+
+    def _wait_idle(self, member: str) -> None:
+        """Wait until no request to ``member`` is running (timed-out ones included).  Each is
+        bounded by the member's own request timeout, or ends when its connection is closed
+        (``_fail_member`` closes it); StorageError if one outlives twice ``child_timeout``
+        plus a second: the resync is tried again later."""
+        deadline = time.monotonic() + 2 * self._policy.child_timeout + 1.0
+        child = self._children[member]
+        with self._cond:
+            while child.in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageError(
+                        errno.EBUSY, f"{member}: requests of its old connection still running"
+                    )
+                self._cond.wait(left)
 
     def _drain_writes(self) -> None:
         """Wait for the writes in flight now (they may hold an older membership)."""

@@ -64,8 +64,11 @@ class Fault:
 class FaultyStorage(ForwardingStorage):
     """A member's disk as the engine sees it through one connection."""
 
-    def __init__(self, disk: Storage, fault: Fault, epoch: int, replicas: Replicas) -> None:
+    def __init__(
+        self, member: str, disk: Storage, fault: Fault, epoch: int, replicas: Replicas
+    ) -> None:
         super().__init__(disk, owns_inner=False)
+        self._member = member
         self._fault = fault
         self._epoch = epoch
         self._replicas = replicas
@@ -74,7 +77,7 @@ class FaultyStorage(ForwardingStorage):
     def _gate(self, kind: str) -> None:
         if self.closed:
             raise StorageError(errno.EBADF, "connection closed")
-        if self._epoch < self._replicas.promised:
+        if self._epoch < self._replicas.promised[self._member]:
             raise StorageError(errno.EPERM, f"epoch {self._epoch} is fenced")
         fault = self._fault
         if fault.mode is None or kind not in fault.kinds:
@@ -121,24 +124,28 @@ class FaultyStorage(ForwardingStorage):
 
 
 class Replicas:
-    """Member disks, their faults, and the epoch they promised."""
+    """Member disks, their faults, and the epoch each promised (per member, as each replica
+    server keeps its own: an engine reconnecting one member under a newer epoch fences only
+    that member's older connections)."""
 
     def __init__(self, members: Collection[str], size: int) -> None:
         self.size = size
         self.disks = {m: MemoryStorage(size) for m in members}
         self.faults = {m: Fault() for m in members}
-        self.promised = 0
+        self.promised = dict.fromkeys(members, 0)
         self.opened: list[tuple[str, int]] = []
 
     def open_child(self, member: str, epoch: int) -> Storage:
         if self.faults[member].unreachable:
             raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
-        self.promised = max(self.promised, epoch)
+        self.promised[member] = max(self.promised[member], epoch)
         self.opened.append((member, epoch))
-        return FaultyStorage(self.disks[member], self.faults[member], epoch, self)
+        return FaultyStorage(member, self.disks[member], self.faults[member], epoch, self)
 
     def promise(self, epoch: int) -> None:
-        self.promised = max(self.promised, epoch)
+        """Every member promises ``epoch`` (another engine attached)."""
+        for member, promised in self.promised.items():
+            self.promised[member] = max(promised, epoch)
 
     def heal(self) -> None:
         for fault in self.faults.values():

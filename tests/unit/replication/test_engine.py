@@ -9,6 +9,7 @@ import errno
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -483,3 +484,46 @@ def test_quiesced_flushes_every_member_first(
     volume.replicas.faults["r2"].set("error", {"flush"})
     with engine.quiesced() as membership:
         assert membership.in_sync == {"r0", "r1"}
+
+
+def test_a_timed_out_write_that_lands_late_cannot_undo_the_resync(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A member too slow to answer within child_timeout is failed, but its write is still
+    running and lands later (a zombie).  The resync waits for it, and reconnects the member
+    under a new epoch, before copying: the member ends with the newer bytes."""
+    engine = open_engine(ReplicationPolicy(child_timeout=0.1, below_min_wait=0.5))
+    volume.replicas.faults["r2"].set("slow", {"write"}, delay=0.6)
+    engine.write(G, b"old" * 100)  # r2 times out: out, but its write sleeps on
+    assert engine.membership.state("r2") == "out"
+    volume.replicas.faults["r2"].clear()
+    engine.write(G, b"new" * 100)  # r2 misses this one
+    epoch = engine.membership.epoch
+    engine.resync("r2")
+    time.sleep(0.7)  # past the zombie's landing time, had the resync not waited for it
+    assert engine.membership.state("r2") == "in_sync"
+    assert engine.membership.epoch == epoch + 1
+    assert ("r2", epoch + 1) in volume.replicas.opened
+    assert volume.replicas.identical()
+    assert volume.replicas.disks["r2"].read(G, 300) == b"new" * 100
+
+
+def test_replicas_refusing_the_epoch_fence_the_engine_without_failing_members(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A newer engine that the store does not know of (its own catalogue) is known to the
+    replicas: their EPERM fences this engine at once; it records no member failure."""
+    old = open_engine(ReplicationPolicy(child_timeout=2.0, below_min_wait=30.0))
+    old.write(0, b"old")
+    before = old.membership
+    volume.replicas.promise(before.epoch + 1)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as excinfo:
+        old.write(0, b"stale")
+    assert excinfo.value.errno == errno.EIO
+    assert time.monotonic() - started < 5  # not the 30 s below-min wait
+    assert old.status().fenced
+    assert old.membership == before  # nobody failed
+    assert volume.store.load("vol") == before
+    for disk in volume.replicas.disks.values():
+        assert disk.read(0, 3) == b"old"
