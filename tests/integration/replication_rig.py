@@ -151,7 +151,10 @@ class Engine:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
 
     def volume(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return nbs("volume", *args, "--data-dir", str(self.data_dir), check=check)
+        return self.nbs("volume", *args, check=check)
+
+    def nbs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return nbs(*args, "--data-dir", str(self.data_dir), check=check)
 
     def wait_in_sync(self, replica: str, members: set[str], timeout: float = 60) -> Membership:
         """Wait (bounded) until the committed in-sync set is ``members``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.integration.replication_rig import (
     replicas_on,
 )
 from tests.integration.storage_nodes import StorageNode
+from tests.integration.test_nbdcopy_fio import fio
 
 SIZE = 16 * MiB
 Nodes = Callable[[int], list[StorageNode]]
@@ -150,6 +152,10 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
         (nodes[2].name, name, "in_sync"),
     ]
     assert shown["min_insync"] == 2
+    refused = engine.nbs("snapshot", "create", "vol", "s", check=False)
+    assert refused.returncode == 2, refused
+    assert "a snapshot needs every replica in sync; node1 is not" in refused.stderr
+    assert refused.stderr.count("\n") == 1
     # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
     nodes[1].restart()
     deadline = time.monotonic() + 60
@@ -175,3 +181,110 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     assert first[: len(expected)] == expected
     assert nodes[1].volume_bytes(name) == first
     assert nodes[2].volume_bytes(name) == first
+
+
+def test_snapshot_and_clone_of_a_replicated_volume(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """The snapshot is taken on every replica at one point; the clone's replicas are clones
+    of those snapshots on the same nodes; deleting everything leaves no replica behind."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x11 0 2M")
+    assert done.returncode == 0, done.stderr
+    engine.nbs("snapshot", "create", "vol", "s1")
+    done = qemu_io(engine.uri("vol"), "write -P 0x22 1M 2M")
+    assert done.returncode == 0, done.stderr
+    engine.volume("clone", "vol@s1", "copy")
+    info = engine.info("copy")
+    assert info["storage"].startswith("replicated:")
+    copies = {r["volume"] for r in info["replication"]["replicas"]}
+    assert len(copies) == 1
+    [copy] = copies
+    expected = b"\x11" * (2 * MiB) + bytes(SIZE - 2 * MiB)
+    for node in nodes:
+        assert node.volume_bytes(copy) == expected, node.name
+    done = qemu_io(engine.uri("copy"), "write -P 0x33 0 4k", "flush")
+    assert done.returncode == 0, done.stderr
+    for node in nodes:
+        assert node.volume_bytes(copy)[:8192] == b"\x33" * 4096 + b"\x11" * 4096
+    volume = engine.info("vol")["replication"]["replicas"][0]["volume"]
+    for node in nodes:  # the source went on; its snapshot did not
+        assert node.volume_bytes(volume)[: 3 * MiB] == b"\x11" * MiB + b"\x22" * (2 * MiB)
+    engine.volume("delete", "copy")
+    engine.nbs("snapshot", "delete", "vol@s1")
+    engine.volume("delete", "vol")
+    engine.volume("gc")
+    for node in nodes:
+        with node.api() as api:
+            assert [v.name for v in api.list() if v.name.startswith("r-")] == []
+            assert [s for s in api.snapshots() if s.volume.startswith("r-")] == []
+
+
+def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> None:
+    """add: made on the node, out, then resynced by the supervisor to the same bytes;
+    remove: deleted from its node; never below min_insync."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes[:2])
+    done = qemu_io(engine.uri("vol"), "write -P 0x5a 1M 3M", "flush")
+    assert done.returncode == 0, done.stderr
+    name = replicas_on(nodes[0])[0]
+    added = json.loads(engine.volume("replica", "add", "vol", nodes[2].name, "--json").stdout)
+    assert [r["node"] for r in added["replication"]["replicas"]] == [n.name for n in nodes]
+    assert replicas_on(nodes[2]) == [name]
+    deadline = time.monotonic() + 60
+    while engine.membership(name).in_sync != {n.name for n in nodes}:
+        assert time.monotonic() < deadline, engine.log.read_text()
+        time.sleep(0.1)
+    assert nodes[2].volume_bytes(name) == nodes[0].volume_bytes(name)
+    assert nodes[2].volume_bytes(name)[MiB : 4 * MiB] == b"\x5a" * (3 * MiB)
+    engine.volume("replica", "remove", "vol", nodes[0].name)
+    assert replicas_on(nodes[0]) == []
+    shown = engine.info("vol")["replication"]
+    assert [r["node"] for r in shown["replicas"]] == [nodes[1].name, nodes[2].name]
+    refused = engine.volume("replica", "remove", "vol", nodes[1].name, check=False)
+    assert refused.returncode == 2, refused
+    assert "fewer than min_insync=2" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    done = qemu_io(engine.uri("vol"), "read -P 0x5a 1M 3M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 3145728/3145728 bytes" in done.stdout
+    assert "fail" not in (done.stdout + done.stderr).lower()
+
+
+def written_bytes(engine: Engine, export: str) -> float:
+    found = re.search(rf'nbs_written_bytes_total{{export="{export}"}} (\S+)', engine.metrics())
+    return float(found.group(1)) if found else 0.0
+
+
+def test_fio_verify_through_a_kill_9_of_one_node(
+    cluster: tuple[Engine, list[StorageNode]], tmp_path: Path
+) -> None:
+    """fio's nbd engine writes 4k at QD16 with crc32c headers and reads everything back; a
+    node is killed part way through the writes: zero errors, every block verifies."""
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
+    reports: list[dict[str, object]] = []
+    options = ("--rw=randwrite", "--bs=4k", "--iodepth=16")
+    thread = threading.Thread(
+        target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while written_bytes(engine, "vol") < 2 * MiB:
+        assert thread.is_alive(), "fio ended before a node could be killed under it"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert thread.is_alive()
+    nodes[1].kill()
+    thread.join(180)
+    assert not thread.is_alive()
+    [job] = reports[0]["jobs"]  # type: ignore[misc]
+    assert job["error"] == 0
+    assert job.get("total_err", 0) == 0
+    assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == SIZE
+    name = replicas_on(nodes[0])[0]
+    assert engine.membership(name).state(nodes[1].name) == "out"
+    assert nodes[0].volume_bytes(name) == nodes[2].volume_bytes(name)
