@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import require_module, require_tool
+from tests.integration.helpers import fio
 from tests.integration.replication_rig import (
     Engine,
     MiB,
@@ -24,7 +25,6 @@ from tests.integration.replication_rig import (
     replicas_on,
 )
 from tests.integration.storage_nodes import StorageNode
-from tests.integration.test_nbdcopy_fio import fio
 
 SIZE = 16 * MiB
 Nodes = Callable[[int], list[StorageNode]]

@@ -28,7 +28,7 @@ from backend.replication.tracking import DEFAULT_GRANULARITY
 from images.tiny import TinyImage
 from tests.integration.conftest import require_module, require_tool
 from tests.integration.faultproxy import FaultProxy, Target
-from tests.integration.helpers import guest_disk, nbs
+from tests.integration.helpers import fio, guest_disk, nbs
 from tests.integration.replication_rig import (
     Engine,
     MiB,
@@ -268,6 +268,42 @@ def test_link_blackholed_reset_and_slowed_then_healed(rig: Rig) -> None:
         expected[i * 65536 : (i + 1) * 65536] = bytes([0x30 + i]) * 65536
     expected[3 * MiB : 3 * MiB + 65536] = b"\x23" * 65536
     assert data == bytes(expected)
+
+
+def test_fio_verify_through_a_blackholed_link(rig: Rig, tmp_path: Path) -> None:
+    """fio's nbd engine (4k random writes at QD16, crc32c in every block, then reads all
+    back) while one member's link goes silent: the requests in flight to it wait for
+    child_timeout, the member is failed, fio sees no error and every block verifies; after
+    heal the member is resynced and the replicas are identical."""
+    engine, nodes, links = rig.engine, rig.nodes, rig.links
+    replica = create_replicated(engine, "vol", nodes, FAST)
+    reports: list[dict[str, object]] = []
+    options = ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16m")
+    thread = threading.Thread(
+        target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
+    )
+    before = links[0].counters().bytes_to_server
+    thread.start()
+    try:
+        wait_for(
+            lambda: links[0].counters().bytes_to_server > before + 2 * MiB or not thread.is_alive(),
+            60,
+            "fio's writes",
+        )
+        assert thread.is_alive(), "fio ended before the link could be broken under it"
+        links[0].blackhole()
+    finally:
+        thread.join(180)
+    assert not thread.is_alive()
+    [job] = reports[0]["jobs"]  # type: ignore[misc]
+    assert job["error"] == 0
+    assert job.get("total_err", 0) == 0
+    assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == 16 * MiB
+    assert links[0].counters().bytes_swallowed > 0
+    assert states(engine, "vol")[nodes[0].name] == "out"
+    links[0].heal()
+    engine.wait_in_sync(replica, {n.name for n in nodes})
+    assert_identical(nodes, replica)
 
 
 # ---------------------------------------------------------------------------------- 4
