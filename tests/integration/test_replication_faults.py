@@ -159,6 +159,10 @@ def test_kill_9_of_a_replica_under_guest_io_then_resync(rig: Rig, guest: TinyVM)
 
     nodes[1].restart()
     engine.wait_in_sync(replica, {n.name for n in nodes})
+    copied = engine.metric("nbs_replica_resync_bytes_total", member=nodes[1].name, volume="gvol")
+    print(f"guest scenario: resync copied {copied} bytes")
+    assert copied is not None
+    assert 0 < copied < 64 * MiB  # what it missed, not the whole volume
     # Read the files back from the volume itself, not the page cache.
     guest.check("umount /mnt/r")
     assert_identical(nodes, replica)
@@ -408,6 +412,9 @@ def test_kill_9_of_the_engine_mid_write_reconciles_before_serving(rig: Rig) -> N
     print(f"reconciled after the engine's kill -9: {reconciled}")
     assert reconciled, engine.log.read_text()
     assert int(reconciled[0]) > 0
+    # Before serving: the line comes before the session's first "serving export".
+    log = engine.log.read_text()
+    assert log.index("reconciled") < log.index("serving export 'vol'"), log
     data = assert_identical(nodes, replica)
     # Every 64k written is either wholly the new pattern or still zero (never torn by
     # replicas disagreeing: they are identical).
