@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.conftest import NBS
+from tests.integration.conftest import NBS, require_tool
 from tests.integration.vm import AgentGuest
 
 SIZE = 64 << 20
@@ -87,3 +88,32 @@ def merge(runs: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, object]:
+    """fio's nbd engine on ``uri`` (32 MiB unless ``options`` say otherwise), writing blocks
+    with crc32c headers and reading every one back; the JSON report."""
+    output = tmp_path / "fio.json"
+    result = subprocess.run(
+        [
+            require_tool("fio"),
+            "--name=verify",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            "--size=32m",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_state_save=0",  # else fio leaves a state file in the working directory
+            "--output-format=json",
+            f"--output={output}",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(output.read_text())
+    assert isinstance(report, dict)
+    return report

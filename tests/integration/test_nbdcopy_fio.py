@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import random
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import NbsServer, require_tool
+from tests.integration.helpers import fio
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -96,28 +96,6 @@ def test_nbdcopy_of_a_sparse_source_zeroes_the_target(
         f.write(b"\xee" * SIZE)
     nbdcopy(str(source), served.uri("a"))
     assert filecmp.cmp(source, images["a"], shallow=False)
-
-
-def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, object]:
-    output = tmp_path / "fio.json"
-    result = run(
-        require_tool("fio"),
-        "--name=verify",
-        "--ioengine=nbd",
-        f"--uri={uri}",
-        "--size=32m",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_state_save=0",  # else fio leaves a state file in the working directory
-        "--output-format=json",
-        f"--output={output}",
-        *options,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(output.read_text())
-    assert isinstance(report, dict)
-    return report
 
 
 @pytest.mark.parametrize(

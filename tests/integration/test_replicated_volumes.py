@@ -12,89 +12,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
-from backend.replication.membership import Membership
-from backend.volumes.catalogue import Catalogue
-from tests.integration.conftest import NbsServer, require_module, require_tool, start_server
-from tests.integration.helpers import free_port, nbs
+from tests.integration.conftest import require_module, require_tool
+from tests.integration.helpers import fio
+from tests.integration.replication_rig import (
+    Engine,
+    MiB,
+    create_replicated,
+    qemu_io,
+    replicas_on,
+)
 from tests.integration.storage_nodes import StorageNode
 
-MiB = 1 << 20
 SIZE = 16 * MiB
 Nodes = Callable[[int], list[StorageNode]]
-
-
-class Engine:
-    """The engine: ``nbs serve`` over its own data directory, ``nodes:`` naming the storage
-    nodes (``bad_token`` gives the named node a wrong token)."""
-
-    def __init__(self, workdir: Path, nodes: list[StorageNode], bad_token: str = "") -> None:
-        self.data_dir = workdir / "engine"
-        self.data_dir.mkdir(parents=True)
-        self.config = workdir / "engine.yaml"
-        self.metrics_port = free_port()
-        lines = [
-            "replication: {probe_interval: 0.2}",
-            f'metrics: {{listen: "127.0.0.1:{self.metrics_port}"}}',
-            "nodes:",
-        ]
-        for node in nodes:
-            token = "wrong" if node.name == bad_token else node.token
-            lines += [
-                f"  {node.name}:",
-                f"    api: {node.api_url}",
-                f"    token: {token}",
-                f"    nbd: nbd://127.0.0.1:{node.nbd_port}",
-            ]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.port = free_port()
-        self.log = workdir / "engine.log"
-        self.server: NbsServer | None = None
-
-    def start(self) -> None:
-        args = ["--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
-        self.server = start_server([*args, "--config", str(self.config)], self.log, 30)
-
-    def stop(self) -> None:
-        if self.server is not None and self.server.alive():
-            self.server.process.terminate()
-            try:
-                self.server.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.server.process.kill()
-                self.server.process.wait()
-            if self.server.process.stdout is not None:
-                self.server.process.stdout.close()
-
-    def membership(self, replica: str) -> Membership:
-        """The committed membership of the volume whose replicas are named ``replica``."""
-        catalogue = Catalogue(self.data_dir / "catalogue.sqlite3")
-        try:
-            found = catalogue.membership(replica.removeprefix("r-"))
-        finally:
-            catalogue.close()
-        assert found is not None
-        return found
-
-    def info(self, volume: str) -> dict[str, Any]:
-        """``nbs volume info --json`` (answered by the engine's API: it serves the catalogue)."""
-        return json.loads(self.volume("info", volume, "--json").stdout)  # type: ignore[no-any-return]
-
-    def metrics(self) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
-
-    def uri(self, volume: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{volume}"
-
-    def volume(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.nbs("volume", *args, check=check)
-
-    def nbs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return nbs(*args, "--data-dir", str(self.data_dir), check=check)
 
 
 @pytest.fixture
@@ -104,23 +37,6 @@ def cluster(tmp_path: Path, storage_nodes: Nodes) -> Iterator[tuple[Engine, list
     engine.start()
     yield engine, nodes
     engine.stop()
-
-
-def replicas_on(node: StorageNode) -> list[str]:
-    with node.api() as api:
-        return [v.name for v in api.list() if v.name.startswith("r-")]
-
-
-def create_replicated(engine: Engine, name: str, nodes: list[StorageNode], *extra: str) -> None:
-    spec = "replicated:nodes=" + "/".join(n.name for n in nodes) + "".join(extra)
-    engine.volume("create", name, "--size", str(SIZE), "--storage", spec)
-
-
-def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
-    args = [require_tool("qemu-io"), "-f", "raw"]
-    for command in commands:
-        args += ["-c", command]
-    return subprocess.run([*args, uri], capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_writes_through_the_engine_land_on_every_replica_and_delete_removes_them(
