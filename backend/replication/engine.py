@@ -1,0 +1,642 @@
+"""ReplicatedStorage: one volume fanned out to N member storages (the engine, in-process).
+
+Rules (docs/replication.md, "Engine"; REPLICATION.md for the why):
+
+* Opening takes a new epoch and opens every current member with it; then, before serving,
+  regions left in doubt by a crash are copied from one in-sync member to the others.
+* A write, zero or trim holds a lock on its byte range (an overlapping later request waits,
+  so every member applies overlapping requests in one order), marks its regions IN_DOUBT
+  and in the missed plane of every out member (durably), then goes in parallel to every
+  in-sync and resyncing member.  It is acknowledged when every in-sync member has it.
+* A member that errors or does not answer within ``child_timeout`` is failed *before* the
+  request is acknowledged: its missed plane (a copy of IN_DOUBT plus the request's regions)
+  is durable and ``member_failed`` is committed.  The last in-sync member is never failed:
+  that request fails with EIO.  Below ``min_insync`` the policy waits or fails.
+* A flush goes to every in-sync and resyncing member; once they all have it, IN_DOUBT is
+  checkpointed for the writes that completed before it started.
+* A lost compare-and-swap to a newer epoch means another engine owns the volume: from then
+  on every request fails with EIO.
+* Reads go to the least busy in-sync member; an error reads another and writes the good
+  data back (read repair); a member whose repair fails is failed.
+* Resync copies a returning member's missed regions under the range lock, holes skipped,
+  rate limited; the plane is the cursor, so a crash resumes where it stopped.
+
+Lock order: range lock, then ``_changes`` (plane and membership changes), then ``_cond``
+(children, counters, writes in flight).  The region map's own lock is taken last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from backend.replication.copying import COPY_PIECE, CopyError, TokenBucket, copy_range
+from backend.replication.membership import (
+    Change,
+    ConflictError,
+    FencedError,
+    Membership,
+    MembershipStore,
+    TransitionError,
+    commit_change,
+    member_failed,
+    resync_done,
+    resync_started,
+    take_epoch,
+)
+from backend.replication.policy import ReplicationPolicy
+from backend.replication.status import EngineStatus, MemberStatus, ResyncProgress
+from backend.replication.tracking import IN_DOUBT, RegionMap, missed
+from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.ranges import RangeLock
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
+
+T = TypeVar("T")
+ChildFactory = Callable[[str, int], Storage]
+
+__all__ = ["ChildFactory", "ReplicatedStorage"]
+
+
+@dataclasses.dataclass(slots=True)
+class _Child:
+    storage: Storage | None = None
+    in_flight: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    resync: ResyncProgress | None = None
+
+
+def _intersect(caps: list[Capabilities]) -> Capabilities:
+    """What every member can do.  Fast zero is never offered: a member refusing it after
+    others zeroed would leave them different (it is only an optimisation for the client)."""
+    return Capabilities(
+        read_only=False,
+        can_flush=all(c.can_flush for c in caps),
+        can_fua=all(c.can_fua for c in caps),
+        can_trim=all(c.can_trim for c in caps),
+        can_zero=all(c.can_zero for c in caps),
+        can_fast_zero=False,
+        can_extents=all(c.can_extents for c in caps),
+        cheap_extents=all(c.cheap_extents for c in caps),
+        can_cache=all(c.can_cache for c in caps),
+        can_resize=False,
+        can_multi_conn=all(c.can_multi_conn for c in caps),
+        thread_safe=True,
+        inline=False,  # a request waits for the slowest in-sync member
+        rotational=any(c.rotational for c in caps),
+        min_block=max(c.min_block for c in caps),
+        preferred_block=max(c.preferred_block for c in caps),
+        max_block=min(c.max_block for c in caps),
+    )
+
+
+class ReplicatedStorage(Storage):
+    """A volume of ``size`` bytes whose members are opened by ``open_child(member, epoch)``.
+
+    ``regions`` is opened (and closed) by the caller; ``store`` holds the membership, which
+    must exist.  Construction takes a new epoch, opens the members and reconciles; it raises
+    StorageError if no in-sync member can be opened, and MembershipError from the store.
+    """
+
+    def __init__(
+        self,
+        volume_id: str,
+        size: int,
+        store: MembershipStore,
+        regions: RegionMap,
+        open_child: ChildFactory,
+        *,
+        policy: ReplicationPolicy | None = None,
+    ) -> None:
+        if regions.size != size:
+            raise ValueError(f"region map of {regions.size} bytes for a volume of {size}")
+        self._volume_id = volume_id
+        self._size = size
+        self._store = store
+        self._regions = regions
+        self._open_child = open_child
+        self._policy = policy or ReplicationPolicy()
+        self._cond = threading.Condition(threading.Lock())
+        self._changes = threading.RLock()
+        self._ranges = RangeLock()
+        self._bucket = TokenBucket(self._policy.resync_rate)
+        self._writes: dict[int, tuple[int, int]] = {}  # in flight: token → (offset, length)
+        self._next_token = 0
+        self._fenced = False
+        self._closed = False
+        self._reconciled = self._reads = self._repairs = self._failed = self._written = 0
+        self._membership = take_epoch(store, volume_id)
+        self._children = {m: _Child() for m in self._membership.members}
+        workers = 16 * len(self._membership.members) + 8
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, f"replicas-{volume_id}")
+        try:
+            self._open_members()
+            self._settle_planes()
+            self._caps = _intersect(
+                [
+                    s.capabilities
+                    for m in self._membership.in_sync
+                    if (s := self._children[m].storage) is not None
+                ]
+            )
+            self._reconcile()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_members(self) -> None:
+        m = self._membership
+        for member in m.resyncing:  # its resync died with the last engine; resumable
+            self._fail_member(member, None, "resync interrupted by an engine restart")
+        for member in m.members:
+            if self._membership.state(member) == "out":
+                continue
+            try:
+                self._children[member].storage = self._open_child(member, m.epoch)
+            except StorageError as err:
+                self._fail_member(member, None, f"cannot open: {err}")
+
+    def _settle_planes(self) -> None:
+        """Every out member has a missed plane; no other member has one."""
+        with self._changes:
+            planes = set(self._regions.planes)
+            for member in self._membership.members:
+                name = missed(member)
+                if self._membership.state(member) == "out" and name not in planes:
+                    # Out with no record of what it missed (new, or a crash between): all.
+                    self._regions.add_plane(name)
+                    self._regions.mark([name], 0, self._size)
+                elif self._membership.state(member) == "in_sync" and name in planes:
+                    self._regions.remove_plane(name)
+
+    def _reconcile(self) -> None:
+        """Make the in-sync members equal where IN_DOUBT says they may differ."""
+        runs = list(self._regions.regions(IN_DOUBT))
+        if not runs:
+            return
+        with self._regions.checkpoint([IN_DOUBT]):
+            for offset, length in self._pieces(runs):
+                while True:
+                    members = self._open_in_sync()
+                    source = members[0]
+                    try:
+                        for target in members[1:]:
+                            self._copy(source, target, offset, length, fail_target=True)
+                    except CopyError as err:  # the source failed: try the next one
+                        self._fail_member(source, None, f"reconcile read: {err.error}")
+                        continue
+                    break
+                self._reconciled += length
+            self._fan_out_flush()
+        log.info("volume %s: reconciled %d bytes in doubt", self._volume_id, self._reconciled)
+
+    def _pieces(self, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        step = max(COPY_PIECE, self._regions.granularity)
+        for offset, length in runs:
+            for at in range(offset, offset + length, step):
+                yield at, min(step, offset + length - at)
+
+    # -- Storage -------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    @property
+    def membership(self) -> Membership:
+        return self._membership
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_usable()
+        self._reads += 1
+        bad: list[str] = []
+        while True:
+            member = self._least_busy(exclude=bad)
+            try:
+                data = self._call(member, lambda s: s.read(offset, length))
+            except StorageError:
+                bad.append(member)
+                continue
+            break
+        if bad:
+            self._repair(member, bad, offset, length)
+        return data
+
+    def _repair(self, good: str, bad: list[str], offset: int, length: int) -> None:
+        """Write ``good``'s data over the members whose read failed; fail those it cannot
+        repair.  Under the range lock, so no guest write to the range is overwritten."""
+        with self._ranges.hold(offset, offset + length):
+            data = self._call(good, lambda s: s.read(offset, length))
+            for member in bad:
+                if self._membership.state(member) != "in_sync":
+                    continue
+                try:
+                    self._call(member, lambda s: s.write(offset, data))
+                    self._repairs += 1
+                except StorageError as err:
+                    self._fail_member(member, (offset, length), f"read repair: {err}")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        payload = bytes(data)
+        self._mutate(offset, len(payload), lambda s: s.write(offset, payload, fua))
+
+    def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        may_trim: bool = True,
+        fast: bool = False,
+    ) -> None:
+        if fast:
+            raise StorageError(errno.ENOTSUP, "a replicated volume has no fast zero")
+        self._mutate(offset, length, lambda s: s.write_zeroes(offset, length, fua, may_trim))
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        # Sent to every member: a trim applied to some members only would let the others'
+        # old data come back through a read (nbd-rs trimmed replica 0 only).
+        self._mutate(offset, length, lambda s: s.trim(offset, length, fua))
+
+    def flush(self) -> None:
+        self._check_usable()
+        with self._cond:
+            in_flight = list(self._writes.values())
+            # Entered with the writes' table locked: a write registered later marks after
+            # the checkpoint began, so the checkpoint keeps its bits.
+            checkpoint = self._regions.checkpoint([IN_DOUBT], in_flight=in_flight)
+            checkpoint.__enter__()
+        try:
+            self._fan_out_flush()
+        except BaseException as err:
+            checkpoint.__exit__(type(err), err, err.__traceback__)
+            raise
+        checkpoint.__exit__(None, None, None)
+        self._wait_min_insync()
+
+    def cache(self, offset: int, length: int) -> None:
+        self._check_usable()
+        member = self._least_busy()
+        with contextlib.suppress(StorageError):  # advisory
+            self._call(member, lambda s: s.cache(offset, length))
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._check_usable()
+        tried: list[str] = []
+        while True:
+            member = self._least_busy(exclude=tried)
+            try:
+                return self._call(member, lambda s: s.extents(offset, length))
+            except StorageError:
+                tried.append(member)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            storages = [c.storage for c in self._children.values() if c.storage is not None]
+            for child in self._children.values():
+                child.storage = None
+            self._cond.notify_all()
+        # A hung member keeps its worker; nobody waits for it.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for storage in storages:
+            with contextlib.suppress(StorageError):
+                storage.close()
+
+    def __repr__(self) -> str:
+        return f"ReplicatedStorage({self._volume_id!r}, members={self._membership.members})"
+
+    # -- the write path ------------------------------------------------------------------
+
+    def _mutate(self, offset: int, length: int, op: Callable[[Storage], None]) -> None:
+        self._check_usable()
+        self._wait_min_insync()
+        with self._ranges.hold(offset, offset + length):
+            with self._cond:
+                token = self._next_token
+                self._next_token += 1
+                self._writes[token] = (offset, length)
+                m = self._membership
+            try:
+                planes = [IN_DOUBT, *(missed(x) for x in m.members if x in m.out)]
+                self._regions.mark(planes, offset, length)
+                targets = [x for x in m.members if x not in m.out]
+                for member, reason in self._fan_out(targets, op):
+                    self._fail_member(member, (offset, length), reason)
+            finally:
+                with self._cond:
+                    del self._writes[token]
+                    self._written += 1
+                    self._cond.notify_all()
+        self._wait_min_insync()
+
+    def _fan_out(self, members: list[str], op: Callable[[Storage], None]) -> list[tuple[str, str]]:
+        """Run ``op`` on every member in parallel; return the failures (member, why)."""
+        failures: list[tuple[str, str]] = []
+        futures: dict[concurrent.futures.Future[None], str] = {}
+        for member in members:
+            storage = self._children[member].storage
+            if storage is None:
+                failures.append((member, "not open"))
+                continue
+            futures[self._submit(member, storage, op)] = member
+        timeout = self._policy.child_timeout
+        done, late = concurrent.futures.wait(futures, timeout)
+        for future in done:
+            if future.cancelled():  # by close()
+                self._check_usable()
+            if (err := future.exception()) is not None:
+                failures.append((futures[future], str(err)))
+        for future in late:
+            member = futures[future]
+            self._note_error(member, f"no answer within {timeout} s")
+            failures.append((member, f"no answer within {timeout} s"))
+        return failures
+
+    def _fan_out_flush(self) -> None:
+        m = self._membership
+        targets = [x for x in m.members if x not in m.out]
+        for member, reason in self._fan_out(targets, lambda s: s.flush()):
+            self._fail_member(member, None, f"flush: {reason}")
+
+    def _run(self, member: str, storage: Storage, op: Callable[[Storage], T]) -> T:
+        child = self._children[member]
+        with self._cond:
+            child.in_flight += 1
+        try:
+            return op(storage)
+        except StorageError as err:
+            self._note_error(member, str(err))
+            raise
+        finally:
+            with self._cond:
+                child.in_flight -= 1
+
+    def _submit(
+        self, member: str, storage: Storage, op: Callable[[Storage], T]
+    ) -> concurrent.futures.Future[T]:
+        try:
+            return self._pool.submit(self._run, member, storage, op)
+        except RuntimeError:  # shut down by close() meanwhile
+            raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
+
+    def _call(self, member: str, op: Callable[[Storage], T]) -> T:
+        """``op`` on one member, within ``child_timeout``; StorageError if it fails."""
+        storage = self._children[member].storage
+        if storage is None:
+            raise StorageError(errno.EIO, f"member {member} is not open")
+        future = self._submit(member, storage, op)
+        try:
+            return future.result(self._policy.child_timeout)
+        except concurrent.futures.TimeoutError:
+            self._note_error(member, f"no answer within {self._policy.child_timeout} s")
+            raise StorageError(errno.EIO, f"member {member} did not answer") from None
+        except concurrent.futures.CancelledError:  # by close()
+            raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
+
+    def _note_error(self, member: str, reason: str) -> None:
+        with self._cond:
+            child = self._children[member]
+            child.errors += 1
+            child.last_error = reason
+
+    def _least_busy(self, exclude: list[str] | tuple[()] = ()) -> str:
+        with self._cond:
+            m = self._membership
+            candidates = [
+                x
+                for x in m.members
+                if x in m.in_sync and x not in exclude and self._children[x].storage is not None
+            ]
+            if not candidates:
+                raise StorageError(errno.EIO, f"volume {self._volume_id}: no in-sync member left")
+            return min(candidates, key=lambda x: self._children[x].in_flight)
+
+    def _open_in_sync(self) -> list[str]:
+        m = self._membership
+        members = [x for x in m.members if x in m.in_sync and self._children[x].storage]
+        if not members:
+            raise StorageError(errno.EIO, f"volume {self._volume_id}: no in-sync member left")
+        return members
+
+    def _wait_min_insync(self) -> None:
+        policy = self._policy
+        deadline = time.monotonic() + policy.below_min_wait
+        with self._cond:
+            while len(self._membership.in_sync) < policy.min_insync:
+                left = deadline - time.monotonic()
+                if self._fenced or self._closed or policy.below_min == "fail" or left <= 0:
+                    raise StorageError(
+                        errno.EIO,
+                        f"volume {self._volume_id}: {len(self._membership.in_sync)} member(s) "
+                        f"in sync, min_insync is {policy.min_insync}",
+                    )
+                self._cond.wait(left)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed")
+        if self._fenced:
+            raise StorageError(
+                errno.EIO, f"volume {self._volume_id} is owned by a newer engine (fenced)"
+            )
+
+    # -- membership changes ----------------------------------------------------------------
+
+    def _commit(self, change: Change) -> Membership:
+        """Commit a transition; a newer epoch or a lost race fences this engine (EIO)."""
+        with self._changes:
+            if self._fenced:
+                self._check_usable()
+            try:
+                new = commit_change(self._store, self._membership, change)
+            except (FencedError, ConflictError) as err:
+                with self._cond:
+                    self._fenced = True
+                    self._cond.notify_all()
+                log.error("volume %s: fenced, refusing every request: %s", self._volume_id, err)
+                raise StorageError(errno.EIO, f"volume {self._volume_id}: {err}") from err
+            with self._cond:
+                self._membership = new
+                self._cond.notify_all()
+            return new
+
+    def _fail_member(self, member: str, region: tuple[int, int] | None, reason: str) -> None:
+        """Make ``member`` out, durably, with a missed plane holding IN_DOUBT and ``region``.
+        Raises StorageError(EIO) if it is the last in-sync member or the engine is fenced."""
+        with self._changes:
+            self._check_usable()  # closed: the map may be closed too; fenced: no changes
+            plane = missed(member)
+            if plane in self._regions.planes:
+                for offset, length in list(self._regions.regions(IN_DOUBT)):
+                    self._regions.mark([plane], offset, length)
+            else:
+                self._regions.add_plane(plane, copy_from=IN_DOUBT)
+            if region is not None:
+                self._regions.mark([plane], *region)
+            if self._membership.state(member) == "out":
+                return
+            try:
+                self._commit(lambda m: member_failed(m, member))
+            except TransitionError as err:
+                raise StorageError(errno.EIO, f"{err} ({reason})") from err
+            log.warning("volume %s: member %s failed: %s", self._volume_id, member, reason)
+            with self._cond:
+                self._failed += 1
+                storage, self._children[member].storage = self._children[member].storage, None
+        if storage is not None:
+            # Closed on the side: a hung member may never return from close either.
+            threading.Thread(target=_close_quietly, args=(storage,), daemon=True).start()
+
+    # -- resync ----------------------------------------------------------------------------
+
+    def resync(
+        self, member: str, progress: Callable[[int, int], None] | None = None
+    ) -> ResyncProgress:
+        """Bring an out member back: reopen it, make it receive new writes, copy the regions
+        it missed, then make it in sync.  Returns the counters; raises StorageError if the
+        member or the engine fails meanwhile (the member is out again, its plane keeps
+        what is left to copy)."""
+        self._check_usable()
+        if self._membership.state(member) != "out":
+            raise TransitionError(f"{member!r} is {self._membership.state(member)}, not out")
+        storage = self._open_child(member, self._membership.epoch)
+        plane = missed(member)
+        with self._changes:
+            with self._cond:
+                self._children[member].storage = storage
+            self._commit(lambda m: resync_started(m, member))
+        self._drain_writes()
+        start = time.monotonic()
+        total = self._regions.marked_bytes(plane)
+        done = copied = regions = 0
+        g = self._regions.granularity
+        try:
+            while runs := list(self._regions.regions(plane)):
+                for offset, length in self._pieces(runs):
+                    self._bucket.take(length)
+                    copied += self._resync_piece(member, offset, length)
+                    done += length
+                    regions += -(-length // g)
+                    total = max(total, done + self._regions.marked_bytes(plane))
+                    elapsed = time.monotonic() - start
+                    counters = ResyncProgress(
+                        done, total, copied, regions, elapsed, done / elapsed if elapsed else 0.0
+                    )
+                    with self._cond:
+                        self._children[member].resync = counters
+                    if progress is not None:
+                        progress(done, total)
+            with self._changes:
+                if self._regions.marked_bytes(plane):
+                    raise StorageError(errno.EIO, f"{member} failed again during its resync")
+                self._commit(lambda m: resync_done(m, member))
+                self._regions.remove_plane(plane)
+        except (StorageError, TransitionError) as err:
+            if self._membership.state(member) == "resyncing":
+                with contextlib.suppress(StorageError):
+                    self._fail_member(member, None, f"resync: {err}")
+            raise StorageError(errno.EIO, f"resync of {member}: {err}") from err
+        finally:
+            with self._cond:
+                self._children[member].resync = None
+        elapsed = time.monotonic() - start
+        log.info("volume %s: %s resynced, %d bytes copied", self._volume_id, member, copied)
+        return ResyncProgress(
+            done, total, copied, regions, elapsed, done / elapsed if elapsed else 0.0
+        )
+
+    def _resync_piece(self, member: str, offset: int, length: int) -> int:
+        """Copy one piece under its range lock and clear it once the member flushed it."""
+        with self._ranges.hold(offset, offset + length):
+            while True:
+                self._check_usable()
+                if self._membership.state(member) != "resyncing":
+                    raise StorageError(errno.EIO, f"{member} failed during its resync")
+                source = self._least_busy()
+                try:
+                    with self._regions.checkpoint([missed(member)], offset, length):
+                        copied = self._copy(source, member, offset, length, fail_target=False)
+                        self._call(member, lambda s: s.flush())
+                    return copied
+                except CopyError as err:
+                    if not err.source:
+                        raise err.error from err
+                    self._fail_member(source, None, f"resync read: {err.error}")
+
+    def _copy(self, source: str, target: str, offset: int, length: int, fail_target: bool) -> int:
+        src, dst = self._children[source].storage, self._children[target].storage
+        if src is None:
+            raise CopyError(True, StorageError(errno.EIO, f"{source} is not open"))
+        if dst is None:
+            raise StorageError(errno.EIO, f"{target} is not open")
+        try:
+            return self._call(target, lambda _: copy_range(src, dst, offset, length))
+        except CopyError as err:
+            if err.source or not fail_target:
+                raise
+            self._fail_member(target, (offset, length), f"copy: {err.error}")
+            return 0
+
+    def _drain_writes(self) -> None:
+        """Wait for the writes in flight now (they may hold an older membership)."""
+        with self._cond:
+            tokens = set(self._writes)
+            while tokens & set(self._writes):
+                self._cond.wait()
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> EngineStatus:
+        planes = set(self._regions.planes)
+        with self._cond:
+            m = self._membership
+            members = tuple(
+                MemberStatus(
+                    member=x,
+                    state=m.state(x),
+                    open=c.storage is not None,
+                    in_flight=c.in_flight,
+                    errors=c.errors,
+                    last_error=c.last_error,
+                    missed_bytes=(
+                        self._regions.marked_bytes(missed(x)) if missed(x) in planes else None
+                    ),
+                    resync=c.resync,
+                )
+                for x, c in ((x, self._children[x]) for x in m.members)
+            )
+            return EngineStatus(
+                volume_id=self._volume_id,
+                epoch=m.epoch,
+                generation=m.generation,
+                fenced=self._fenced,
+                members=members,
+                in_doubt_bytes=self._regions.marked_bytes(IN_DOUBT),
+                reconciled_bytes=self._reconciled,
+                writes=self._written,
+                reads=self._reads,
+                read_repairs=self._repairs,
+                members_failed=self._failed,
+            )
+
+
+def _close_quietly(storage: Storage) -> None:
+    with contextlib.suppress(Exception):
+        storage.close()

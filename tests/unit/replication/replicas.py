@@ -1,0 +1,216 @@
+"""In-process replicas for engine tests: MemoryStorage disks behind a switchable fault.
+
+A ``Replicas`` set keeps one disk per member for the whole test, across engine restarts;
+``open_child`` is the engine's child factory and hands out a ``FaultyStorage`` over the
+member's disk.  Faults are per member and shared by every child opened on it:
+
+* ``error``: requests of the chosen kinds fail with the errno;
+* ``hang``: they block until ``release`` (or the fault is cleared);
+* ``slow``: they sleep ``delay`` seconds first (a random part of it when ``jitter``, which
+  reorders concurrent requests);
+* ``unreachable``: opening the member fails (a dead node).
+
+Replicas also enforce epochs the way replica servers do: a child opened with an epoch lower
+than the highest one promised (by any ``open_child`` or ``promise``) refuses every request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import random
+import threading
+import time
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+from backend.replication.engine import ReplicatedStorage
+from backend.replication.membership import InMemoryMembershipStore, Membership
+from backend.replication.policy import ReplicationPolicy
+from backend.replication.tracking import RegionMap
+from backend.storage import MemoryStorage, Storage, StorageError
+from backend.storage.base import Extent
+from backend.storage.layers.forwarding import ForwardingStorage
+
+ALL = frozenset({"read", "write", "flush", "extents"})
+
+
+@dataclasses.dataclass
+class Fault:
+    mode: str | None = None  # error, hang, slow
+    kinds: Collection[str] = ALL
+    errno: int = errno.EIO
+    delay: float = 0.0
+    jitter: bool = False
+    unreachable: bool = False
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def set(self, mode: str | None, kinds: Collection[str] = ALL, **kw: object) -> None:
+        self.released.set()  # whatever hung under the previous fault goes on
+        self.released = threading.Event()
+        self.kinds = kinds
+        for key, value in kw.items():
+            setattr(self, key, value)
+        self.mode = mode
+
+    def clear(self) -> None:
+        self.set(None)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+class FaultyStorage(ForwardingStorage):
+    """A member's disk as the engine sees it through one connection."""
+
+    def __init__(self, disk: Storage, fault: Fault, epoch: int, replicas: Replicas) -> None:
+        super().__init__(disk, owns_inner=False)
+        self._fault = fault
+        self._epoch = epoch
+        self._replicas = replicas
+        self.closed = False
+
+    def _gate(self, kind: str) -> None:
+        if self.closed:
+            raise StorageError(errno.EBADF, "connection closed")
+        if self._epoch < self._replicas.promised:
+            raise StorageError(errno.EPERM, f"epoch {self._epoch} is fenced")
+        fault = self._fault
+        if fault.mode is None or kind not in fault.kinds:
+            return
+        if fault.mode == "error":
+            raise StorageError(fault.errno, f"injected {kind} error")
+        if fault.mode == "hang":
+            fault.released.wait()
+            raise StorageError(errno.ETIMEDOUT, "released from a hang")
+        if fault.mode == "slow":
+            time.sleep(fault.delay * (random.random() if fault.jitter else 1.0))
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._gate("read")
+        return super().read(offset, length)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._gate("write")
+        super().write(offset, data, fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True, fast: bool = False
+    ) -> None:
+        self._gate("write")
+        super().write_zeroes(offset, length, fua, may_trim, fast)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._gate("write")
+        super().trim(offset, length, fua)
+
+    def flush(self) -> None:
+        self._gate("flush")
+        super().flush()
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self._gate("extents")
+        return super().extents(offset, length)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Replicas:
+    """Member disks, their faults, and the epoch they promised."""
+
+    def __init__(self, members: Collection[str], size: int) -> None:
+        self.size = size
+        self.disks = {m: MemoryStorage(size) for m in members}
+        self.faults = {m: Fault() for m in members}
+        self.promised = 0
+        self.opened: list[tuple[str, int]] = []
+
+    def open_child(self, member: str, epoch: int) -> Storage:
+        if self.faults[member].unreachable:
+            raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
+        self.promised = max(self.promised, epoch)
+        self.opened.append((member, epoch))
+        return FaultyStorage(self.disks[member], self.faults[member], epoch, self)
+
+    def promise(self, epoch: int) -> None:
+        self.promised = max(self.promised, epoch)
+
+    def heal(self) -> None:
+        for fault in self.faults.values():
+            fault.clear()
+            fault.unreachable = False
+
+    def image(self, member: str) -> bytes:
+        return self.disks[member].read(0, self.size)
+
+    def identical(self) -> bool:
+        images = {self.image(m) for m in self.disks}
+        return len(images) == 1
+
+
+@dataclasses.dataclass
+class Volume:
+    """Everything an engine over ``Replicas`` needs, kept across engine restarts."""
+
+    replicas: Replicas
+    store: InMemoryMembershipStore
+    map_path: Path
+    granularity: int
+    volume_id: str = "vol"
+
+    @classmethod
+    def create(
+        cls, directory: Path, members: Collection[str], size: int, granularity: int = 4096
+    ) -> Volume:
+        store = InMemoryMembershipStore()
+        store.commit(Membership.new("vol", members), None)
+        path = directory / "vol.map"
+        RegionMap.create(path, size, granularity, syncer=_no_sync).close()
+        return cls(Replicas(members, size), store, path, granularity)
+
+    def open(self, policy: ReplicationPolicy | None = None) -> Engine:
+        regions = RegionMap.open(self.map_path, syncer=_no_sync)
+        try:
+            return Engine(
+                self.volume_id,
+                self.replicas.size,
+                self.store,
+                regions,
+                self.replicas.open_child,
+                policy=policy,
+            )
+        except BaseException:
+            regions.close()
+            raise
+
+
+class Engine(ReplicatedStorage):
+    """A ReplicatedStorage that owns its region map (closes it on close or crash)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.regions: RegionMap = args[3]  # type: ignore[assignment]
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        super().close()
+        self.regions.close()
+
+    def crash(self) -> None:
+        """Stop as a killed engine would: nothing flushed, connections dropped.  The map is
+        closed only to release its lock; its durable bits are what a crash leaves."""
+        with self._cond:
+            self._closed = True
+            children = [c.storage for c in self._children.values() if c.storage is not None]
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.close()
+        self.regions.close()
+
+
+def _no_sync(fd: int) -> None:
+    """Tests run in one process: the page cache is as durable as the disk here."""
+
+
+def members(n: int) -> Iterator[str]:
+    return (f"r{i}" for i in range(n))
