@@ -1,6 +1,7 @@
 """The server's YAML configuration (``nbs serve --config``) as frozen dataclasses, and its
-validation: listeners, TLS, exports, API, metrics, logging, limits, and the storage profiles
-the catalogue's volumes may name (parsed by backend.volumes.storages).
+validation: listeners, TLS, exports, API, metrics, logging, limits, the storage profiles
+the catalogue's volumes may name (parsed by backend.volumes.storages), and the storage nodes
+that replicated volumes put their replicas on (``nodes:``, docs/configuration.md).
 
 Every error names the file, the key and what was expected, e.g.
 ``nbs.yaml: exports[0].tls: expected one of off, allowed, required, got 'yes'``.
@@ -19,6 +20,7 @@ import yaml
 from backend.nbd import TLSPolicy
 from backend.nbd.constants import MAX_PAYLOAD
 from backend.server.limits import ConnectionLimits, connection_count, handshake_seconds
+from backend.storage.nbd import NbdTarget
 from backend.volumes.kinds import KINDS
 from backend.volumes.model import InvalidRequestError, parse_size, shown
 from backend.volumes.storages import (
@@ -85,6 +87,32 @@ class ApiConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    """A storage node: another ``nbs serve`` whose volumes replicated volumes use as replicas.
+
+    ``api``: its management API (``https://HOST:PORT`` or ``http://`` on loopback), with
+    ``token`` or ``token_file`` (exactly one); ``ca``: the CA bundle its certificate is
+    checked against (default: the system's).  ``nbd``: the NBD URI of its NBD listener,
+    without an export name (``nbd://HOST:PORT``, ``nbds://HOST:PORT?tls-certificates=DIR``).
+    """
+
+    api: str
+    nbd: str
+    token: str | None = None
+    token_file: Path | None = None
+    ca: Path | None = None
+
+    def target(self, export: str) -> NbdTarget:
+        """Where the export ``export`` of this node is (the URI was checked when parsed)."""
+        return dataclasses.replace(NbdTarget.from_uri(self.nbd), export=export)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationConfig:
+    probe_interval: float = 2.0  # seconds between the resync supervisor's rounds
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeConfig:
     listen: tuple[str, ...] = ()
     sockets: tuple[Path, ...] = ()
@@ -102,6 +130,8 @@ class ServeConfig:
     limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     storages: Mapping[str, StorageSpec] = dataclasses.field(default_factory=dict)
     default_storage: StorageSpec = FILE
+    nodes: Mapping[str, NodeConfig] = dataclasses.field(default_factory=dict)
+    replication: ReplicationConfig = ReplicationConfig()
 
     @property
     def tls_policy(self) -> TLSPolicy:
@@ -278,6 +308,8 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
         "shutdown_grace",
         "storages",
         "default_storage",
+        "nodes",
+        "replication",
         *_LIMITS,
     }
     top = r.mapping(data, "", known)
@@ -349,6 +381,20 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
             fields["default_storage"] = parse_storage(text, fields.get("storages", {}), base)
         except InvalidRequestError as err:
             raise ConfigError(f"{source}: default_storage: {err}") from None
+    if "nodes" in top:
+        fields["nodes"] = _nodes(r, top["nodes"])
+    if "replication" in top:
+        replication = r.mapping(
+            _empty_if_none(top["replication"]), "replication", {"probe_interval"}
+        )
+        interval = replication.get("probe_interval", 2.0)
+        if (
+            not isinstance(interval, int | float)
+            or isinstance(interval, bool)
+            or not 0.05 <= interval <= 3600  # also refuses NaN
+        ):
+            raise r.fail("replication.probe_interval", "seconds from 0.05 to 3600", interval)
+        fields["replication"] = ReplicationConfig(float(interval))
     if "exports" in top:
         items = top["exports"]
         if not isinstance(items, list):
@@ -396,6 +442,57 @@ def _api(r: _Reader, value: object) -> ApiConfig:
     if "token_file" in api:
         fields["token_file"] = Path(r.string(api["token_file"], "api.token_file"))
     return ApiConfig(**fields)
+
+
+def _nodes(r: _Reader, value: object) -> dict[str, NodeConfig]:
+    if not isinstance(value, Mapping):
+        raise r.fail("nodes", "a mapping of node names to nodes", value)
+    return {
+        r.convert(name, "nodes", _node_name): _node(r, node, f"nodes.{name}")
+        for name, node in value.items()
+    }
+
+
+def _node_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"a node name is letters, digits, '.', '_', '-', got {shown(name)}")
+    return name
+
+
+def _node(r: _Reader, value: object, key: str) -> NodeConfig:
+    node = r.mapping(value, key, {"api", "token", "token_file", "ca", "nbd"})
+    for required in ("api", "nbd"):
+        if required not in node:
+            raise ConfigError(f"{r.source}: {key}.{required}: required")
+    if ("token" in node) == ("token_file" in node):
+        raise ConfigError(f"{r.source}: {key}: expected one of 'token' and 'token_file'")
+    api = r.string(node["api"], f"{key}.api")
+    r.convert(api, f"{key}.api", _api_url)
+    nbd = r.string(node["nbd"], f"{key}.nbd")
+    target = r.convert(nbd, f"{key}.nbd", NbdTarget.from_uri)
+    if target.export:
+        raise ConfigError(
+            f"{r.source}: {key}.nbd: the node's NBD listener, without an export name, got"
+            f" {shown(nbd)}"
+        )
+    return NodeConfig(
+        api=api,
+        nbd=nbd,
+        token=r.string(node["token"], f"{key}.token") if "token" in node else None,
+        token_file=(
+            Path(r.string(node["token_file"], f"{key}.token_file"))
+            if "token_file" in node
+            else None
+        ),
+        ca=Path(r.string(node["ca"], f"{key}.ca")) if "ca" in node else None,
+    )
+
+
+def _api_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+        raise ValueError(f"expected an http:// or https:// URL, got {shown(url)}")
+    return url
 
 
 def _storages(r: _Reader, value: object, base: Path | None) -> dict[str, StorageSpec]:

@@ -12,6 +12,7 @@ import queue
 import signal
 import ssl
 from collections.abc import Callable, Mapping
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -25,8 +26,11 @@ from backend.config import (
     parse_host_port,
 )
 from backend.nbd import TLSPolicy
+from backend.node_clients import ConfiguredNodes
+from backend.replication.supervisor import ResyncSupervisor
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
+from backend.server.metrics import ReplicaSample, VolumeReplication
 from backend.server.server import ServeError, Server, TCPAddress, UnixAddress, inherited_sockets
 from backend.server.tls import TLSConfigError, TLSFiles, server_context
 from backend.storage import FileStorage, Storage, StorageError
@@ -106,6 +110,7 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
             holders=holders,
             profiles=config.storages,
             default_storage=config.default_storage,
+            nodes=ConfiguredNodes(config.nodes),
         )
         service.start_serving()
         if not service.catalogue.volumes():
@@ -183,6 +188,33 @@ def _api(config: ServeConfig, table: Exports, server: Server) -> ApiServer | Non
     return api
 
 
+def _supervisor(config: ServeConfig, table: Exports) -> ResyncSupervisor | None:
+    """The resync supervisor of the catalogue's replicated volumes (none with --export)."""
+    if not isinstance(table, VolumeExports):
+        return None
+    supervisor = ResyncSupervisor(
+        table.service.replicated_engines, config.replication.probe_interval
+    )
+    supervisor.start()
+    return supervisor
+
+
+def _replication_metrics(
+    service: VolumeService, supervisor: ResyncSupervisor
+) -> tuple[VolumeReplication, ...]:
+    """The metrics of the open replicated volumes (docs/operations.md)."""
+    samples = []
+    for volume, engine in sorted(service.replicated_engines().items()):
+        status = engine.status()
+        replicas = []
+        for m in status.members:
+            copied = supervisor.copied_bytes(volume, engine, m.member)
+            copied += m.resync.bytes_copied if m.resync is not None else 0
+            replicas.append(ReplicaSample(volume, m.member, m.state == "in_sync", copied))
+        samples.append(VolumeReplication(volume, status.members_failed, tuple(replicas)))
+    return tuple(samples)
+
+
 def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> int:
     """Run ``nbs serve`` with ``config`` until SIGTERM/SIGINT; on SIGHUP, ``load()`` gives
     the new configuration (read from ``source``: the config file or "the command line").
@@ -224,6 +256,9 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         server.close_listeners()
         table.close()
         raise
+    supervisor = _supervisor(config, table)
+    if supervisor is not None and isinstance(table, VolumeExports):
+        server.replication_metrics = partial(_replication_metrics, table.service, supervisor)
     signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -255,6 +290,9 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         serving.metrics.close()
     # The API first: nothing may change the catalogue while the NBD side closes it.
     api_clean = api.stop(serving.config.shutdown_grace) if api is not None else True
+    if supervisor is not None:
+        # Before the engines close: a resync cut by their close resumes at the next start.
+        supervisor.close(timeout=1.0)
     clean = server.shutdown(serving.config.shutdown_grace) and api_clean
     log.info("stopped%s", "" if clean else " with errors")
     # Stopped: a repeated SIGTERM or Ctrl-C must not turn a clean exit into death by signal

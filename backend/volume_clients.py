@@ -12,11 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from backend.config import load_config
+from backend.node_clients import ConfiguredNodes
 from backend.storage import StorageError
 from backend.volumes import transfer
 from backend.volumes.datadir import default_data_dir
 from backend.volumes.model import ImportRequest, InvalidRequestError, VolumeInfo
 from backend.volumes.operations import VolumeOperations
+from backend.volumes.replicated import StorageNodes
 from backend.volumes.service import Progress, VolumeService
 from backend.volumes.storages import StorageSpec
 
@@ -24,9 +26,16 @@ from backend.volumes.storages import StorageSpec
 class LocalVolumes:
     """The volume operations on a data directory, done in this process."""
 
-    def __init__(self, data_dir: Path, profiles: Mapping[str, StorageSpec] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        profiles: Mapping[str, StorageSpec] | None = None,
+        nodes: StorageNodes | None = None,
+    ) -> None:
         # A relative --storage dir:path is the user's, relative to where the command runs.
-        self.service = VolumeService(data_dir, profiles=profiles, paths_relative_to=Path.cwd())
+        self.service = VolumeService(
+            data_dir, profiles=profiles, paths_relative_to=Path.cwd(), nodes=nodes
+        )
         self.list = self.service.list
         self.info = self.service.info
         self.create = self.service.create
@@ -73,5 +82,9 @@ def open_client(args: argparse.Namespace) -> VolumeOperations:
     remote = client_for(args.data_dir, args.server, None, args.token_file, ca_file=args.ca_file)
     if remote is not None:
         return remote
-    profiles = load_config(args.config).storages if getattr(args, "config", None) else None
-    return LocalVolumes(args.data_dir or default_data_dir(), profiles)
+    if not getattr(args, "config", None):
+        return LocalVolumes(args.data_dir or default_data_dir())
+    config = load_config(args.config)
+    return LocalVolumes(
+        args.data_dir or default_data_dir(), config.storages, ConfiguredNodes(config.nodes)
+    )

@@ -270,12 +270,38 @@ def _show_volume(info: VolumeInfo, as_json: bool) -> None:
             )
             for h in info.holders
         ),
+        *_replication_rows(info),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"),
         ("description", info.description or "-"),
         ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
     ]
     for key, value in rows:
         print(f"{key + ':':<13}{value}")
+
+
+def _replication_rows(info: VolumeInfo) -> list[tuple[str, str]]:
+    r = info.replication
+    if r is None:
+        return []
+    source = "serving engine" if r.live else "catalogue"
+    rows = [
+        (
+            "replication",
+            f"epoch {r.epoch}, generation {r.generation}, min_insync {r.min_insync} (from the"
+            f" {source})",
+        )
+    ]
+    for replica in r.replicas:
+        state = replica.state.replace("_", "-")
+        if replica.resync_total is not None and replica.resync_done is not None:
+            done, total = replica.resync_done, replica.resync_total
+            state += f" {done * 100 // total if total else 100}% ({done}/{total} bytes)"
+        if replica.last_error:
+            state += f" (failed: {replica.last_error})"
+        if r.live:
+            state += f", {replica.in_flight} in flight"
+        rows.append(("replica", f"{replica.node} {replica.volume} {state}"))
+    return rows
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -146,6 +146,28 @@ class HolderOut(BaseModel):
     )
 
 
+class ReplicaOut(BaseModel):
+    """Mirrors backend.volumes.model.ReplicaInfo."""
+
+    node: str = Field(description="the storage node (a name from the engine's nodes: config)")
+    volume: str = Field(description="the replica volume's name on that node")
+    state: str = Field(description="in_sync, resyncing or out")
+    in_flight: int = Field(description="requests outstanding on it (live engine only)")
+    resync_done: int | None = Field(description="bytes handled of resync_total, while resyncing")
+    resync_total: int | None = Field(description="bytes its resync has to handle")
+    last_error: str | None = Field(description="why it is out, when the live engine knows")
+
+
+class ReplicationOut(BaseModel):
+    """Mirrors backend.volumes.model.ReplicationInfo."""
+
+    epoch: int
+    generation: int = Field(description="the committed membership generation")
+    min_insync: int
+    live: bool = Field(description="true: from the serving engine; false: the catalogue's")
+    replicas: list[ReplicaOut]
+
+
 class VolumeOut(BaseModel):
     """Mirrors backend.volumes.model.VolumeInfo."""
 
@@ -164,6 +186,9 @@ class VolumeOut(BaseModel):
     holders: list[HolderOut] = Field(description="the NBD clients that have it open now")
     uid: str = Field(description="tells the volume from an earlier one of the same name")
     epoch: int = Field(description="the highest replication epoch the volume promised")
+    replication: ReplicationOut | None = Field(
+        default=None, description="a replicated volume's membership and replicas"
+    )
 
     @classmethod
     def of(cls, info: VolumeInfo) -> VolumeOut:

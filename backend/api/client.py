@@ -30,6 +30,8 @@ from backend.volumes.model import (
     Holder,
     ImportRequest,
     InvalidRequestError,
+    ReplicaInfo,
+    ReplicationInfo,
     SnapshotInfo,
     VolumeError,
     VolumeInfo,
@@ -49,7 +51,18 @@ _UNIX_HOST = "http://nbs"  # the host part of URLs sent over a Unix socket; neve
 
 def _volume(data: dict[str, Any]) -> VolumeInfo:
     holders = tuple(Holder(**h) for h in data.get("holders", ()))
-    return VolumeInfo(**{**data, "snapshots": tuple(data["snapshots"]), "holders": holders})
+    replication = data.get("replication")
+    if replication is not None:
+        replicas = tuple(ReplicaInfo(**r) for r in replication["replicas"])
+        replication = ReplicationInfo(**{**replication, "replicas": replicas})
+    return VolumeInfo(
+        **{
+            **data,
+            "snapshots": tuple(data["snapshots"]),
+            "holders": holders,
+            "replication": replication,
+        }
+    )
 
 
 def _snapshot(data: dict[str, Any]) -> SnapshotInfo:

@@ -120,12 +120,33 @@ class ExportTotals:
     open: int = 0  # in transmission now
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplicaSample:
+    """One replica of an open replicated volume, as the serving layer reports it (the server
+    knows no replication: the composition layer fills these in)."""
+
+    volume: str
+    member: str
+    in_sync: bool
+    resync_bytes: int  # bytes copied to it by resyncs (this engine's lifetime)
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeReplication:
+    """An open replicated volume's replicas and failure count."""
+
+    volume: str
+    failures: int  # members failed by the engine (this engine's lifetime)
+    replicas: tuple[ReplicaSample, ...]
+
+
 @dataclasses.dataclass
 class Snapshot:
     connections_total: int
     connections_open: int
     exports: dict[str, ExportTotals]
     connections_refused: int = 0  # closed at once: over a connection limit
+    replication: tuple[VolumeReplication, ...] = ()
 
 
 class ServerStats:

@@ -98,6 +98,31 @@ class NbsCollector:
             for kind, buckets, total_ns in _histograms(stats.latency):
                 latency.add_metric([name, kind], buckets, total_ns / 1e9)
         yield from (export_open, export_total, requests, read, written, errors, rejected, latency)
+        yield from _replication(snap)
+
+
+def _replication(snap: Snapshot) -> Iterator[Metric]:
+    in_sync = GaugeMetricFamily(
+        "nbs_replica_in_sync",
+        "1 if the replica of an open replicated volume is in sync, else 0",
+        labels=["volume", "member"],
+    )
+    resync = CounterMetricFamily(
+        "nbs_replica_resync_bytes",
+        "Bytes copied to the replica by resyncs since the engine opened the volume",
+        labels=["volume", "member"],
+    )
+    failures = CounterMetricFamily(
+        "nbs_replica_failures",
+        "Replicas the engine failed (removed from the in-sync set) since it opened the volume",
+        labels=["volume"],
+    )
+    for volume in snap.replication:
+        failures.add_metric([volume.volume], volume.failures)
+        for replica in volume.replicas:
+            in_sync.add_metric([volume.volume, replica.member], int(replica.in_sync))
+            resync.add_metric([volume.volume, replica.member], replica.resync_bytes)
+    yield from (in_sync, resync, failures)
 
 
 def _histograms(latency: list[int]) -> Iterator[tuple[str, list[tuple[str, float]], int]]:

@@ -23,7 +23,7 @@ import ssl
 import stat
 import struct
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import monotonic
@@ -33,7 +33,7 @@ from backend.server.exports import Export, Exports, close_storages
 from backend.server.holders import Holders
 from backend.server.limits import Admission, ConnectionLimits
 from backend.server.memory import release_large_buffers
-from backend.server.metrics import ServerStats, Snapshot
+from backend.server.metrics import ServerStats, Snapshot, VolumeReplication
 from backend.server.session import Session
 from backend.server.throttled_log import ThrottledLog
 
@@ -105,6 +105,9 @@ class Server:
         self._shut_down = False
         self.holders = Holders()  # who uses each export (the one-writer rule lives there)
         self.stats = ServerStats()
+        # Replicated volumes' samples for the metrics endpoint: the serving layer, which
+        # knows the engines, sets this (the server knows no replication).
+        self.replication_metrics: Callable[[], tuple[VolumeReplication, ...]] = tuple
         # Exports removed by a reload, with the generation that removed them; a session
         # remembers the generation it was accepted in.
         self._generation = 0
@@ -315,7 +318,9 @@ class Server:
         """Request and connection counts per export, for the metrics endpoint."""
         with self._lock:
             live = [(s.export.name if s.export else None, s.stats) for s in self._sessions]
-            return self.stats.snapshot(live)
+            snapshot = self.stats.snapshot(live)
+        # Outside the lock: engines take their own locks to report.
+        return dataclasses.replace(snapshot, replication=self.replication_metrics())
 
     # ------------------------------------------------------------------ reloading
 

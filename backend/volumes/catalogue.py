@@ -9,7 +9,13 @@ Each volume and layer records its storage (a StorageSpec, stored as JSON: the on
 become text, backend.volumes.storages):
 layers of one chain always share it.  Schema 1 catalogues (before storages) are upgraded in
 place: their volumes are on ``file``; schema 2 ones get ``shared`` (off: one writer at a time);
-schema 3 ones get each volume's ``uid`` (made at migration) and ``epoch`` 0 (never fenced).
+schema 3 ones get each volume's ``uid`` (made at migration) and ``epoch`` 0 (never fenced);
+schema 4 ones get the (empty) ``memberships`` and ``replicas`` tables.
+
+``memberships`` holds the membership record of each replicated volume this catalogue's engine
+serves (backend.replication.membership; keyed by the engine volume's uid), changed only by
+compare-and-swap on its generation (backend.volumes.memberships); ``replicas`` the replica
+volumes a replicated volume's layer has on storage nodes (backend.volumes.replicated).
 
 A volume's ``uid`` tells it from an earlier volume of the same name; its ``epoch`` is the
 highest replication epoch it has promised (docs/replication.md, "Replica protocol").
@@ -32,9 +38,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backend.replication.membership import Membership
 from backend.volumes.storages import FILE, StorageSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The default column value of catalogues older than storages: FILE's JSON (a unit test checks).
 FILE_STORAGE = '{"kind": "file", "layers": [], "params": {}}'
 _SCHEMA = """
@@ -68,6 +75,21 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created REAL NOT NULL,
     PRIMARY KEY (volume, name)
 );
+CREATE TABLE IF NOT EXISTS memberships (
+    volume_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    members TEXT NOT NULL,
+    in_sync TEXT NOT NULL,
+    resyncing TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    layer TEXT NOT NULL,
+    node TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (layer, node)
+);
 """
 
 
@@ -86,6 +108,17 @@ class VolumeRow:
     shared: bool = False  # several clients may hold it writable at once (multi-attach)
     uid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     epoch: int = 0  # the highest replication epoch promised
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRow:
+    """The replica of a replicated volume's ``layer`` on storage node ``node``: the volume
+    ``volume`` there, whose uid is ``uid`` (its export name carries it: fencing)."""
+
+    layer: str
+    node: str
+    volume: str
+    uid: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +145,17 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
         shared=bool(row["shared"]),
         uid=row["uid"],
         epoch=row["epoch"],
+    )
+
+
+def _membership(row: sqlite3.Row) -> Membership:
+    return Membership(
+        volume_id=row["volume_id"],
+        epoch=row["epoch"],
+        generation=row["generation"],
+        members=tuple(json.loads(row["members"])),
+        in_sync=frozenset(json.loads(row["in_sync"])),
+        resyncing=frozenset(json.loads(row["resyncing"])),
     )
 
 
@@ -151,6 +195,7 @@ class Catalogue:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(volumes)")}
             if "shared" not in columns:  # schema 2 → 3
                 db.execute("ALTER TABLE volumes ADD COLUMN shared INTEGER NOT NULL DEFAULT 0")
+            # schema 4 → 5: the memberships table, made by _SCHEMA above
             if "uid" not in columns:  # schema 3 → 4
                 db.execute("ALTER TABLE volumes ADD COLUMN uid TEXT NOT NULL DEFAULT ''")
                 db.execute("ALTER TABLE volumes ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
@@ -254,6 +299,20 @@ class Catalogue:
         with self.transaction() as changes:
             return changes.raise_epoch(uid, epoch)
 
+    def membership(self, volume_id: str) -> Membership | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM memberships WHERE volume_id = ?", (volume_id,)
+            ).fetchone()
+        return _membership(row) if row else None
+
+    def replicas(self, layer: str) -> list[ReplicaRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM replicas WHERE layer = ? ORDER BY rowid", (layer,)
+            ).fetchall()
+        return [ReplicaRow(r["layer"], r["node"], r["volume"], r["uid"]) for r in rows]
+
     def layer_storage(self, layer: str) -> StorageSpec | None:
         with self._lock:
             row = self._db.execute("SELECT storage FROM layers WHERE id = ?", (layer,)).fetchone()
@@ -343,3 +402,42 @@ class Changes:
     def remove_snapshots(self, volume: str) -> None:
         """Every snapshot of ``volume`` (the volume is being deleted)."""
         self._db.execute("DELETE FROM snapshots WHERE volume = ?", (volume,))
+
+    # ------------------------------------------------------------------ memberships
+
+    def membership(self, volume_id: str) -> Membership | None:
+        """The stored record, read inside this transaction (the compare of a swap)."""
+        row = self._db.execute(
+            "SELECT * FROM memberships WHERE volume_id = ?", (volume_id,)
+        ).fetchone()
+        return _membership(row) if row else None
+
+    def put_membership(self, m: Membership) -> None:
+        """Store ``m`` in place of the volume's record, if any."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO memberships"
+            " (volume_id, epoch, generation, members, in_sync, resyncing)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                m.volume_id,
+                m.epoch,
+                m.generation,
+                json.dumps(list(m.members)),
+                json.dumps(sorted(m.in_sync)),
+                json.dumps(sorted(m.resyncing)),
+            ),
+        )
+
+    def remove_membership(self, volume_id: str) -> None:
+        self._db.execute("DELETE FROM memberships WHERE volume_id = ?", (volume_id,))
+
+    # ------------------------------------------------------------------ replicas
+
+    def add_replica(self, row: ReplicaRow) -> None:
+        self._db.execute(
+            "INSERT INTO replicas (layer, node, volume, uid) VALUES (?, ?, ?, ?)",
+            (row.layer, row.node, row.volume, row.uid),
+        )
+
+    def remove_replica(self, layer: str, node: str) -> None:
+        self._db.execute("DELETE FROM replicas WHERE layer = ? AND node = ?", (layer, node))

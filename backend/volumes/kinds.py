@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from backend.replication.policy import ReplicationPolicy
+from backend.replication.tracking import DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY
 from backend.storage import Storage, chunked, cow
 from backend.storage.layers import CachingStorage, RetryingStorage
 from backend.storage.layers.caching import DEFAULT_BLOCK
@@ -43,13 +45,18 @@ from backend.volumes.options import (
     seconds,
     size_up_to,
 )
+from backend.volumes.replicated import ReplicatedBackend, StorageNodes, min_insync_of
+
+if TYPE_CHECKING:  # the catalogue imports this registry (through storages)
+    from backend.volumes.catalogue import Catalogue
 
 Params = Mapping[str, Any]
 
 
 class Site(Protocol):
     """What a factory may use besides its options: the volume service's data directory and
-    default chunk size, and one shared Ceph connection per (conf, timeout)."""
+    default chunk size, one shared Ceph connection per (conf, timeout), the configured
+    storage nodes and the catalogue (replicated volumes record their replicas there)."""
 
     @property
     def data_dir(self) -> Path: ...
@@ -58,6 +65,11 @@ class Site(Protocol):
     def chunk_size(self) -> int: ...
 
     def cluster(self, conf: str, timeout: float) -> Any: ...
+
+    @property
+    def nodes(self) -> StorageNodes: ...
+
+    def catalogue(self) -> Catalogue: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +221,42 @@ def _nbd_url(value: str) -> str:
     return value
 
 
+def _node_list(value: str) -> str:
+    names = value.split("/")
+    if any(not name for name in names) or len(set(names)) != len(names) or len(names) > 16:
+        raise ValueError("must be 1-16 distinct node names joined by '/', e.g. a/b/c")
+    return value
+
+
+def _replicated_backend(params: Params, site: Site) -> Backend[Any]:
+    nodes = str(params["nodes"]).split("/")
+    unknown = [n for n in nodes if n not in site.nodes.names()]
+    if unknown:
+        known = ", ".join(site.nodes.names()) or "none"
+        raise InvalidRequestError(
+            f"storage node {unknown[0]!r} is not in the config's nodes: (configured: {known})"
+        )
+    min_insync = min_insync_of(nodes, params["min_insync"])
+    if min_insync > len(nodes):
+        raise InvalidRequestError(f"min_insync={min_insync} is more than the {len(nodes)} nodes")
+    policy = ReplicationPolicy(
+        min_insync=min_insync,
+        below_min=params["below_min"],
+        below_min_wait=float(params["wait"]),
+        child_timeout=float(params["timeout"]),
+        resync_rate=int(params["resync_rate"] or 0),
+    )
+    return ReplicatedBackend(
+        nodes,
+        policy,
+        int(params["granularity"]),
+        min(float(params["reconnect"]), policy.child_timeout),
+        directory=site.nodes,
+        data_dir=site.data_dir,
+        catalogue=site.catalogue,
+    )
+
+
 def _cache(storage: Storage, params: Params) -> Storage:
     return CachingStorage(
         storage,
@@ -315,6 +363,27 @@ KINDS: dict[str, StorageKind] = {
             ),
         },
         backend=_nbd_backend,
+    ),
+    "replicated": StorageKind(
+        "N replica volumes on the storage nodes of the config (`nodes:`), one per node, kept"
+        " identical by this server's engine; snapshots, clones and resizing are not built yet"
+        " (see [replication.md](replication.md#replicated-volumes))",
+        {
+            "nodes": Option(
+                Values(_node_list, "node names from `nodes:` joined by `/`, e.g. `a/b/c`"),
+                required=True,
+            ),
+            "min_insync": Option(count(1, 16), shown_default="a majority of the nodes"),
+            "below_min": Option(choice("wait", "fail"), default="wait"),
+            "wait": Option(seconds(0, MAX_WAIT), default=30.0),
+            "timeout": Option(seconds(0, MAX_TIMEOUT, zero=False), default=10.0),
+            "reconnect": Option(seconds(0, MAX_TIMEOUT), default=2.0),
+            "resync_rate": Option(size_up_to(MAX_CACHE), shown_default="unlimited"),
+            "granularity": Option(
+                power_of_two(MIN_GRANULARITY, MAX_GRANULARITY), default=DEFAULT_GRANULARITY
+            ),
+        },
+        backend=_replicated_backend,
     ),
 }
 

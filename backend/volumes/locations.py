@@ -7,13 +7,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from backend.storage import StorageError
 from backend.volumes.backends import Backend
+from backend.volumes.catalogue import Catalogue
 from backend.volumes.kinds import KINDS
+from backend.volumes.replicated import NoNodes, StorageNodes
 from backend.volumes.storages import StorageSpec
 
 
@@ -21,9 +23,18 @@ class Backends:
     """Backends by location (a spec without its layers).  Thread safe.  Also the registry
     factories' :class:`~backend.volumes.kinds.Site`."""
 
-    def __init__(self, data_dir: Path, chunk_size: int) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        chunk_size: int,
+        *,
+        nodes: StorageNodes | None = None,
+        catalogue: Callable[[], Catalogue] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.chunk_size = chunk_size
+        self._nodes = nodes or NoNodes()
+        self._catalogue = catalogue
         self._lock = threading.Lock()
         self._backends: dict[StorageSpec, Backend[Any]] = {}
         self._clusters: dict[tuple[str, float], Any] = {}
@@ -53,6 +64,16 @@ class Backends:
             cluster = RadosCluster(conf, timeout=timeout)
             self._clusters[key] = cluster
         return cluster
+
+    @property
+    def nodes(self) -> StorageNodes:
+        return self._nodes
+
+    def catalogue(self) -> Catalogue:
+        """The volume service's catalogue (the one open now: it changes on first write)."""
+        if self._catalogue is None:
+            raise StorageError(errno.EINVAL, "no catalogue for replicated volumes here")
+        return self._catalogue()
 
     def __iter__(self) -> Iterator[Backend[Any]]:
         with self._lock:

@@ -139,6 +139,31 @@ class Holder:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplicaInfo:
+    """One replica of a replicated volume, as ``nbs volume info`` shows it."""
+
+    node: str
+    volume: str  # the replica volume's name on the node
+    state: str  # in_sync, resyncing or out
+    in_flight: int = 0  # requests the engine has outstanding on it (live only)
+    resync_done: int | None = None  # bytes handled of resync_total, while resyncing
+    resync_total: int | None = None
+    last_error: str | None = None  # why it is out, if the live engine knows
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationInfo:
+    """A replicated volume's membership: from the serving engine when it has the volume open
+    (``live``), else as last committed to the catalogue."""
+
+    epoch: int
+    generation: int
+    min_insync: int
+    live: bool
+    replicas: tuple[ReplicaInfo, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class VolumeInfo:
     name: str
     size: int
@@ -155,6 +180,7 @@ class VolumeInfo:
     holders: tuple[Holder, ...] = ()  # who has it open (when asked of a running server)
     uid: str = ""  # tells it from an earlier volume of the same name
     epoch: int = 0  # the highest replication epoch it promised (docs/replication.md)
+    replication: ReplicationInfo | None = None  # a replicated volume's replicas
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic
 
+from backend.replication.engine import ReplicatedStorage
 from backend.storage import Storage, StorageError
 from backend.volumes.backends import Backend, StorageT
 from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
@@ -54,6 +55,7 @@ from backend.volumes.model import (
     InUseError,
     InvalidRequestError,
     NotFoundError,
+    ReplicationInfo,
     SnapshotInfo,
     StorageFailureError,
     VolumeError,
@@ -61,6 +63,12 @@ from backend.volumes.model import (
     check_labels,
     check_name,
     parse_size,
+)
+from backend.volumes.replicated import (
+    ReplicatedBackend,
+    StorageNodes,
+    min_insync_of,
+    replication_info,
 )
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
@@ -95,6 +103,7 @@ class VolumeService:
         profiles: Mapping[str, StorageSpec] | None = None,
         default_storage: StorageSpec = FILE,
         paths_relative_to: Path | None = None,
+        nodes: StorageNodes | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.layers = data_dir / "layers"
@@ -104,7 +113,9 @@ class VolumeService:
         self.default_storage = default_storage
         # Where relative ``dir`` paths of --storage start; None (the API): refused.
         self.paths_relative_to = paths_relative_to
-        self.backends = Backends(data_dir, chunk_size)
+        self.backends = Backends(
+            data_dir, chunk_size, nodes=nodes, catalogue=lambda: self.catalogue
+        )
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
         self._open: dict[str, _Opened[Any]] = {}
@@ -245,7 +256,18 @@ class VolumeService:
             holders=holders,
             uid=row.uid,
             epoch=row.epoch,
+            replication=self._replication(row),
         )
+
+    def _replication(self, row: VolumeRow) -> ReplicationInfo | None:
+        if row.storage.kind != "replicated":
+            return None
+        params = KINDS["replicated"].resolved(dict(row.storage.params))
+        min_insync = min_insync_of(str(params["nodes"]).split("/"), params["min_insync"])
+        with self._lock:
+            opened = self._open.get(row.name)
+        engine = opened.base if opened is not None else None
+        return replication_info(self.catalogue, row.top, min_insync, engine)
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
         """Volumes other than ``owner`` whose chain contains ``layer`` (its clones)."""
@@ -280,6 +302,15 @@ class VolumeService:
 
     def generation(self) -> int:
         return self.catalogue.generation()
+
+    def replicated_engines(self) -> dict[str, ReplicatedStorage]:
+        """The engines of the replicated volumes open now, by volume name."""
+        with self._lock:
+            return {
+                name: opened.base
+                for name, opened in self._open.items()
+                if isinstance(opened.backend, ReplicatedBackend)
+            }
 
     def storage(self, name: str) -> Storage:
         """The open storage of a volume (shared by every connection to it)."""

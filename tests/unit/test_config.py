@@ -151,3 +151,74 @@ def test_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_max_request_defaults_to_64mib_and_takes_bytes() -> None:
     assert parse_config({}, "f.yaml").max_request == 64 << 20
     assert parse_config({"max_request": 1 << 20}, "f.yaml").max_request == 1 << 20
+
+
+def test_storage_nodes_parse() -> None:
+    config = parse_config(
+        {
+            "nodes": {
+                "a": {"api": "http://127.0.0.1:9001", "token": "t", "nbd": "nbd://127.0.0.1:1"},
+                "b.2": {
+                    "api": "https://node-b:9443",
+                    "token_file": "/etc/nbs/b.token",
+                    "ca": "/etc/nbs/ca.pem",
+                    "nbd": "nbds://node-b:10809?tls-certificates=/etc/nbs/pki",
+                },
+            }
+        },
+        "nbs.yaml",
+    )
+    a, b = config.nodes["a"], config.nodes["b.2"]
+    assert (a.api, a.token, a.token_file) == ("http://127.0.0.1:9001", "t", None)
+    assert (b.token, b.token_file, b.ca) == (
+        None,
+        Path("/etc/nbs/b.token"),
+        Path("/etc/nbs/ca.pem"),
+    )
+    target = b.target("r-1;epoch=3;uid=u")
+    assert (target.host, target.port, target.tls, target.export) == (
+        "node-b",
+        10809,
+        True,
+        "r-1;epoch=3;uid=u",
+    )
+    assert target.tls_certificates == "/etc/nbs/pki"
+    assert parse_config({}, "x").nodes == {}
+
+
+NODE = {"api": "http://127.0.0.1:9001", "token": "t", "nbd": "nbd://127.0.0.1:10809"}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "message"),
+    [
+        ([], "nbs.yaml: nodes: expected a mapping of node names to nodes, got []"),
+        ({"a/b": NODE}, "nbs.yaml: nodes: a node name is letters"),
+        ({"a": {**NODE, "port": 1}}, "nbs.yaml: nodes.a.port: unknown key"),
+        ({"a": {"token": "t", "nbd": "nbd://h"}}, "nbs.yaml: nodes.a.api: required"),
+        ({"a": {"api": "http://h", "token": "t"}}, "nbs.yaml: nodes.a.nbd: required"),
+        ({"a": {**NODE, "token_file": "/t"}}, "nodes.a: expected one of 'token' and 'token_file'"),
+        ({"a": {k: v for k, v in NODE.items() if k != "token"}}, "expected one of 'token'"),
+        ({"a": {**NODE, "api": "ftp://h"}}, "nodes.a.api: expected an http:// or https:// URL"),
+        ({"a": {**NODE, "api": "http://"}}, "nodes.a.api: expected an http:// or https:// URL"),
+        ({"a": {**NODE, "nbd": "http://h"}}, "nbs.yaml: nodes.a.nbd: "),
+        ({"a": {**NODE, "nbd": "nbd://h/vol"}}, "nodes.a.nbd: the node's NBD listener, without"),
+        ({"a": {**NODE, "token": ""}}, "nodes.a.token: expected a non-empty string"),
+    ],
+)
+def test_bad_storage_nodes(nodes: object, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"nodes": nodes}, "nbs.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_replication_probe_interval() -> None:
+    assert parse_config({}, "x").replication.probe_interval == 2.0
+    config = parse_config({"replication": {"probe_interval": 0.5}}, "x")
+    assert config.replication.probe_interval == 0.5
+    for bad in (0, -1, "2", True, float("nan"), 4000):
+        with pytest.raises(ConfigError, match=r"replication\.probe_interval: expected seconds"):
+            parse_config({"replication": {"probe_interval": bad}}, "x")
+    with pytest.raises(ConfigError, match=r"replication\.every: unknown key"):
+        parse_config({"replication": {"every": 1}}, "x")

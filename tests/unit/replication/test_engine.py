@@ -447,3 +447,39 @@ def test_status_is_printable(volume: Volume, open_engine: Callable[..., Engine])
 def _swallow(action: Callable[[], object]) -> None:
     with contextlib.suppress(StorageError):
         action()
+
+
+def test_quiesced_holds_writes_until_the_block_ends(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A write started inside quiesced() reaches no member until the block ends."""
+    engine = open_engine()
+    engine.write(0, b"a" * 4096)
+    done = threading.Event()
+
+    def write() -> None:
+        engine.write(4096, b"b" * 4096)
+        done.set()
+
+    thread = threading.Thread(target=write)
+    with engine.quiesced() as membership:
+        assert membership.in_sync == {"r0", "r1", "r2"}
+        thread.start()
+        assert not done.wait(0.3)
+        for member in ("r0", "r1", "r2"):
+            image = volume.replicas.image(member)
+            assert image[:8192] == b"a" * 4096 + bytes(4096)
+    assert done.wait(5)
+    thread.join(5)
+    assert all(volume.replicas.image(m)[4096:8192] == b"b" * 4096 for m in ("r0", "r1", "r2"))
+
+
+def test_quiesced_flushes_every_member_first(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """The flush is the point's durability: a member whose flush fails is out before the
+    block runs (a snapshot of it would not be of that point)."""
+    engine = open_engine()
+    volume.replicas.faults["r2"].set("error", {"flush"})
+    with engine.quiesced() as membership:
+        assert membership.in_sync == {"r0", "r1"}

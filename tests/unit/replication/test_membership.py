@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,8 @@ from backend.replication.membership import (
     resync_started,
     take_epoch,
 )
+from backend.volumes.catalogue import Catalogue
+from backend.volumes.memberships import CatalogueMembershipStore
 
 ABC = ("a", "b", "c")
 
@@ -164,9 +167,28 @@ def test_replacing_a_member_keeps_its_place() -> None:
         member_replaced(m, "z", "e")
 
 
+StoreFactory = Callable[[], MembershipStore]
+
+
+@pytest.fixture(params=["memory", "catalogue"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Empty stores of one implementation: the Protocol's contract holds for every one."""
+    catalogues: list[Catalogue] = []
+
+    def make() -> MembershipStore:
+        if request.param == "memory":
+            return InMemoryMembershipStore()
+        catalogues.append(Catalogue(tmp_path / f"catalogue-{len(catalogues)}.sqlite3"))
+        return CatalogueMembershipStore(catalogues[-1])
+
+    yield make
+    for catalogue in catalogues:
+        catalogue.close()
+
+
 @pytest.fixture
-def store() -> MembershipStore:
-    store = InMemoryMembershipStore()
+def store(new_store: StoreFactory) -> MembershipStore:
+    store = new_store()
     store.commit(Membership.new("v", ABC), None)
     return store
 
@@ -188,18 +210,20 @@ def test_compare_and_swap(store: MembershipStore) -> None:
         store.commit(Membership.new("v", ABC), None)  # created twice
 
 
-def test_the_store_refuses_skipped_generations_and_older_epochs(store: MembershipStore) -> None:
+def test_the_store_refuses_skipped_generations_and_older_epochs(
+    store: MembershipStore, new_store: StoreFactory
+) -> None:
     current = store.load("v")
     skipped = dataclasses.replace(member_failed(current, "c"), generation=5)
     with pytest.raises(InvalidMembershipError, match="generation 5 follows 1, expected 2"):
         store.commit(skipped, current.generation)
     with pytest.raises(InvalidMembershipError, match="generation 2 follows None, expected 1"):
-        InMemoryMembershipStore().commit(member_failed(current, "c"), None)
+        new_store().commit(member_failed(current, "c"), None)
     assert store.load("v") == current
 
 
-def test_the_store_refuses_an_epoch_going_back() -> None:
-    store = InMemoryMembershipStore()
+def test_the_store_refuses_an_epoch_going_back(new_store: StoreFactory) -> None:
+    store = new_store()
     store.commit(dataclasses.replace(Membership.new("v", ABC), epoch=4), None)
     older = dataclasses.replace(store.load("v"), epoch=3, generation=2)
     with pytest.raises(InvalidMembershipError, match="epoch 3 is older than 4"):

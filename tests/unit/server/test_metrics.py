@@ -17,9 +17,11 @@ from backend.server.metrics import (
     BLOCK,
     LATENCY_BOUNDS_NS,
     SUM,
+    ReplicaSample,
     ServerStats,
     SessionStats,
     Snapshot,
+    VolumeReplication,
     record,
 )
 from backend.server.metrics_endpoint import MetricsEndpoint, MetricsError, NbsCollector
@@ -198,3 +200,27 @@ def test_endpoint_reports_an_address_in_use() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(MetricsError, match=f"127.0.0.1:{port}"):
             MetricsEndpoint("127.0.0.1", port, lambda: Snapshot(0, 0, {}))
+
+
+def test_replicated_volumes_metrics() -> None:
+    """The serving layer's replica samples become the three replica series."""
+    replication = (
+        VolumeReplication(
+            "vol",
+            2,
+            (ReplicaSample("vol", "a", True, 0), ReplicaSample("vol", "b", False, 4096)),
+        ),
+    )
+    registry = CollectorRegistry()
+    registry.register(NbsCollector(lambda: Snapshot(0, 0, {}, 0, replication)))
+    text = generate_latest(registry).decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("nbs_replica_in_sync", frozenset({("volume", "vol"), ("member", "a")}))] == 1
+    assert samples[("nbs_replica_in_sync", frozenset({("volume", "vol"), ("member", "b")}))] == 0
+    key = ("nbs_replica_resync_bytes_total", frozenset({("volume", "vol"), ("member", "b")}))
+    assert samples[key] == 4096
+    assert samples[("nbs_replica_failures_total", frozenset({("volume", "vol")}))] == 2

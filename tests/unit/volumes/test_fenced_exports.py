@@ -135,5 +135,5 @@ def test_schema_3_catalogue_gets_uids_and_epoch_zero(tmp_path: Path) -> None:
     assert [r.epoch for r in rows] == [0, 0]
     assert len({r.uid for r in rows}) == 2
     assert all(len(r.uid) == 32 for r in rows)
-    assert catalogue._schema() == str(SCHEMA_VERSION) == "4"
+    assert catalogue._schema() == str(SCHEMA_VERSION) == "5"
     catalogue.close()

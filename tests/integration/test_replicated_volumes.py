@@ -1,0 +1,259 @@
+"""Replicated volumes end to end, real processes on loopback: three storage nodes (``nbs
+serve`` with their management API, tests/integration/storage_nodes.py) and one engine (``nbs
+serve`` whose config names them); qemu-io writes through the engine, and each replica is read
+through its own node with libnbd."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from backend.replication.membership import Membership
+from backend.volumes.catalogue import Catalogue
+from tests.integration.conftest import NbsServer, require_module, require_tool, start_server
+from tests.integration.helpers import free_port, nbs
+from tests.integration.storage_nodes import StorageNode
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+Nodes = Callable[[int], list[StorageNode]]
+
+
+class Engine:
+    """The engine: ``nbs serve`` over its own data directory, ``nodes:`` naming the storage
+    nodes (``bad_token`` gives the named node a wrong token)."""
+
+    def __init__(self, workdir: Path, nodes: list[StorageNode], bad_token: str = "") -> None:
+        self.data_dir = workdir / "engine"
+        self.data_dir.mkdir(parents=True)
+        self.config = workdir / "engine.yaml"
+        self.metrics_port = free_port()
+        lines = [
+            "replication: {probe_interval: 0.2}",
+            f'metrics: {{listen: "127.0.0.1:{self.metrics_port}"}}',
+            "nodes:",
+        ]
+        for node in nodes:
+            token = "wrong" if node.name == bad_token else node.token
+            lines += [
+                f"  {node.name}:",
+                f"    api: {node.api_url}",
+                f"    token: {token}",
+                f"    nbd: nbd://127.0.0.1:{node.nbd_port}",
+            ]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.port = free_port()
+        self.log = workdir / "engine.log"
+        self.server: NbsServer | None = None
+
+    def start(self) -> None:
+        args = ["--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
+        self.server = start_server([*args, "--config", str(self.config)], self.log, 30)
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.alive():
+            self.server.process.terminate()
+            try:
+                self.server.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.server.process.kill()
+                self.server.process.wait()
+            if self.server.process.stdout is not None:
+                self.server.process.stdout.close()
+
+    def membership(self, replica: str) -> Membership:
+        """The committed membership of the volume whose replicas are named ``replica``."""
+        catalogue = Catalogue(self.data_dir / "catalogue.sqlite3")
+        try:
+            found = catalogue.membership(replica.removeprefix("r-"))
+        finally:
+            catalogue.close()
+        assert found is not None
+        return found
+
+    def info(self, volume: str) -> dict[str, Any]:
+        """``nbs volume info --json`` (answered by the engine's API: it serves the catalogue)."""
+        return json.loads(self.volume("info", volume, "--json").stdout)  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+
+    def uri(self, volume: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{volume}"
+
+    def volume(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return nbs("volume", *args, "--data-dir", str(self.data_dir), check=check)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, storage_nodes: Nodes) -> Iterator[tuple[Engine, list[StorageNode]]]:
+    nodes = storage_nodes(3)
+    engine = Engine(tmp_path, nodes)
+    engine.start()
+    yield engine, nodes
+    engine.stop()
+
+
+def replicas_on(node: StorageNode) -> list[str]:
+    with node.api() as api:
+        return [v.name for v in api.list() if v.name.startswith("r-")]
+
+
+def create_replicated(engine: Engine, name: str, nodes: list[StorageNode], *extra: str) -> None:
+    spec = "replicated:nodes=" + "/".join(n.name for n in nodes) + "".join(extra)
+    engine.volume("create", name, "--size", str(SIZE), "--storage", spec)
+
+
+def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    args = [require_tool("qemu-io"), "-f", "raw"]
+    for command in commands:
+        args += ["-c", command]
+    return subprocess.run([*args, uri], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_writes_through_the_engine_land_on_every_replica_and_delete_removes_them(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes)
+    names = [replicas_on(node) for node in nodes]
+    assert all(len(n) == 1 for n in names), names
+    assert len({n[0] for n in names}) == 1  # one name, r-LAYER, on every node
+    done = qemu_io(
+        engine.uri("vol"),
+        "write -P 0xab 0 1M",
+        "write -P 0xcd 5M 64k",
+        "write -z 8M 1M",
+        "flush",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error" not in (done.stdout + done.stderr).lower()
+    expected = bytearray(SIZE)
+    expected[0:MiB] = b"\xab" * MiB
+    expected[5 * MiB : 5 * MiB + 65536] = b"\xcd" * 65536
+    for node in nodes:
+        assert node.volume_bytes(names[0][0]) == bytes(expected), node.name
+    info = engine.info("vol")
+    assert info["storage"].startswith("replicated:")
+    assert info["replication"]["min_insync"] == 2  # a majority of 3 by default
+    assert [r["state"] for r in info["replication"]["replicas"]] == ["in_sync"] * 3
+    engine.volume("delete", "vol")
+    assert [replicas_on(node) for node in nodes] == [[], [], []]
+
+
+def test_a_node_refusing_the_token_is_one_line_and_leaves_nothing(
+    tmp_path: Path, storage_nodes: Nodes
+) -> None:
+    nodes = storage_nodes(3)
+    engine = Engine(tmp_path, nodes, bad_token=nodes[2].name)
+    engine.start()
+    try:
+        spec = "replicated:nodes=" + "/".join(n.name for n in nodes)
+        failed = engine.volume("create", "vol", "--size", "16MiB", "--storage", spec, check=False)
+        assert failed.returncode == 2, failed
+        assert failed.stderr.count("\n") == 1, failed.stderr
+        assert "node2" in failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert [replicas_on(node) for node in nodes] == [[], [], []]
+        listed = json.loads(engine.volume("list", "--json").stdout)
+        assert "vol" not in [v["name"] for v in listed]
+    finally:
+        engine.stop()
+
+
+def test_unknown_node_and_resize_are_refused_in_one_line(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    engine, nodes = cluster
+    failed = engine.volume(
+        "create", "x", "--size", "1MiB", "--storage", "replicated:nodes=node0/zz", check=False
+    )
+    assert failed.returncode == 2
+    assert "storage node 'zz' is not in the config's nodes" in failed.stderr
+    assert failed.stderr.count("\n") == 1
+    create_replicated(engine, "vol", nodes)
+    refused = engine.volume("resize", "vol", "32MiB", check=False)
+    assert refused.returncode == 2, refused
+    assert refused.stderr.count("\n") == 1, refused.stderr
+
+
+def test_kill_9_of_one_node_under_writes_gives_no_client_error(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """One qemu-io session spans the kill: the engine fails the dead member (committed to
+    its catalogue before the write is acknowledged) and goes on with the other two."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
+    name = replicas_on(nodes[0])[0]
+    session = subprocess.Popen(
+        [require_tool("qemu-io"), "-f", "raw", engine.uri("vol")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert session.stdin is not None
+    writes = [f"write -P {i % 250 + 1} {i * 256}k 256k" for i in range(48)]
+    try:
+        session.stdin.write("\n".join(writes[:24]) + "\nflush\n")
+        session.stdin.flush()
+        nodes[1].kill()
+        session.stdin.write("\n".join(writes[24:]) + "\nflush\nquit\n")
+        session.stdin.flush()
+        output, _ = session.communicate(timeout=120)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert session.returncode == 0, output
+    assert "error" not in output.lower(), output
+    assert output.count("wrote 262144/262144 bytes") == 48, output
+    expected = b"".join(bytes([i % 250 + 1]) * (256 << 10) for i in range(48))
+    for node in (nodes[0], nodes[2]):
+        assert node.volume_bytes(name)[: len(expected)] == expected, node.name
+    membership = engine.membership(name)
+    assert membership.state(nodes[1].name) == "out"
+    assert membership.in_sync == {nodes[0].name, nodes[2].name}
+    shown = engine.info("vol")["replication"]
+    assert shown["live"] is True
+    assert [(r["node"], r["volume"], r["state"]) for r in shown["replicas"]] == [
+        (nodes[0].name, name, "in_sync"),
+        (nodes[1].name, name, "out"),
+        (nodes[2].name, name, "in_sync"),
+    ]
+    assert shown["min_insync"] == 2
+    # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
+    nodes[1].restart()
+    deadline = time.monotonic() + 60
+    while engine.membership(name).in_sync != {n.name for n in nodes}:
+        assert time.monotonic() < deadline, engine.log.read_text()
+        time.sleep(0.1)
+    shown = engine.info("vol")["replication"]
+    assert [r["state"] for r in shown["replicas"]] == ["in_sync"] * 3
+    assert shown["generation"] > membership.generation
+    metrics = engine.metrics()
+    for node in nodes:
+        assert f'nbs_replica_in_sync{{member="{node.name}",volume="vol"}} 1.0' in metrics
+    copied = re.search(
+        rf'nbs_replica_resync_bytes_total{{member="{nodes[1].name}",volume="vol"}} (\S+)', metrics
+    )
+    assert copied is not None, metrics
+    assert float(copied.group(1)) > 0
+    assert 'nbs_replica_failures_total{volume="vol"} 1.0' in metrics
+    text = engine.volume("info", "vol").stdout
+    assert f"replica:     {nodes[1].name} {name} in-sync, 0 in flight" in text, text
+    assert f"{nodes[1].name} in sync again" in engine.log.read_text()
+    first = nodes[0].volume_bytes(name)
+    assert first[: len(expected)] == expected
+    assert nodes[1].volume_bytes(name) == first
+    assert nodes[2].volume_bytes(name) == first
