@@ -224,9 +224,8 @@ def start_nbs(
     env: dict[str, str] | None = None,
     volume: bool = False,
 ) -> Server:
-    log = workdir / f"{name}.log"
     nbs = command or nbs_command()
-    cmd = [*nbs, "serve", "--listen", f"{HOST}:0"]
+    cmd = ["--listen", f"{HOST}:0"]
     if volume:
         # The image imported into a catalogue volume (copy-on-write files): the path a VM's
         # volume takes, rather than a plain file export.
@@ -236,6 +235,21 @@ def start_nbs(
         cmd += ["--data-dir", str(data)]
     else:
         cmd += ["--export", f"{EXPORT}={image}"]
+    return start_serve(name, cmd, workdir, command=nbs, env=env)
+
+
+def start_serve(
+    name: str,
+    args: list[str],
+    workdir: Path,
+    *,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """``nbs serve ARGS`` (output in WORKDIR/NAME.log), once it printed its listening line;
+    ``port`` is the port it listens on."""
+    log = workdir / f"{name}.log"
+    cmd = [*(command or nbs_command()), "serve", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -373,10 +387,10 @@ class Snapshot:
     io_pressure_us: int | None
 
     @classmethod
-    def take(cls, pid: int) -> Snapshot:
-        return cls(
-            time.monotonic(), cpu_seconds(pid), pressure_total_us("cpu"), pressure_total_us("io")
-        )
+    def take(cls, *pids: int) -> Snapshot:
+        """``server_cpu``: the CPU time of every process in ``pids``, summed."""
+        cpu = sum(cpu_seconds(pid) for pid in pids)
+        return cls(time.monotonic(), cpu, pressure_total_us("cpu"), pressure_total_us("io"))
 
 
 def _pressure_pct(before: int | None, after: int | None, wall: float) -> float | None:
@@ -496,12 +510,12 @@ def measure_final_memory(server: Server) -> None:
 # ---------------------------------------------------------------------- fio
 
 
-def fio_command(server: Server, workload: Workload, runtime: int, output: Path) -> list[str]:
+def fio_command(uri: str, workload: Workload, runtime: int, output: Path) -> list[str]:
     return [
         "fio",
         f"--name={workload.key}",
         "--ioengine=nbd",
-        f"--uri={server.uri}",
+        f"--uri={uri}",
         f"--rw={workload.rw}",
         f"--bs={workload.bs}",
         f"--iodepth={workload.iodepth}",
@@ -522,21 +536,29 @@ def _percentile_us(stats: dict[str, Any], percent: str) -> float:
 
 def run_fio(server: Server, workload: Workload, runtime: int, workdir: Path) -> dict[str, Any]:
     """One fio run; returns its numbers (and fio's whole job object under ``fio_job``)."""
-    output = workdir / f"{workload.key}-{server.name}.json"
-    cmd = fio_command(server, workload, runtime, output)
-    before = Snapshot.take(server.pid)
+    return measure_fio(server.uri, server.name, workload, runtime, workdir, pids=[server.pid])
+
+
+def measure_fio(
+    uri: str, name: str, workload: Workload, runtime: int, workdir: Path, *, pids: list[int]
+) -> dict[str, Any]:
+    """One fio run against ``uri``, reported under server ``name``; the server CPU is that
+    of every process in ``pids`` (e.g. an engine and its storage nodes)."""
+    output = workdir / f"{workload.key}-{name}.json"
+    cmd = fio_command(uri, workload, runtime, output)
+    before = Snapshot.take(*pids)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=False)
-    usage = usage_between(before, Snapshot.take(server.pid))
+    usage = usage_between(before, Snapshot.take(*pids))
     if done.returncode != 0 or not output.exists():
         raise RuntimeError(f"fio failed ({done.returncode}): {done.stderr[-2000:]}")
     job = json.loads(output.read_text())["jobs"][0]
     if job["error"]:
-        raise RuntimeError(f"fio job error {job['error']} against {server.name}")
+        raise RuntimeError(f"fio job error {job['error']} against {name}")
     side = job[workload.direction]
     ios = side["total_ios"]
     return {
         "workload": workload.key,
-        "server": server.name,
+        "server": name,
         "iops": side["iops"],
         "mb_s": side["bw_bytes"] / 1e6,
         "p50_lat_us": _percentile_us(side["lat_ns"], "50"),
