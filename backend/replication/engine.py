@@ -228,7 +228,7 @@ class ReplicatedStorage(Storage):
         while True:
             member = self._least_busy(exclude=bad)
             try:
-                data = self._call(member, lambda s: s.read(offset, length))
+                data = self._inline(member, lambda s: s.read(offset, length))
             except StorageError:
                 bad.append(member)
                 continue
@@ -292,7 +292,7 @@ class ReplicatedStorage(Storage):
         self._check_usable()
         member = self._least_busy()
         with contextlib.suppress(StorageError):  # advisory
-            self._call(member, lambda s: s.cache(offset, length))
+            self._inline(member, lambda s: s.cache(offset, length))
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._check_usable()
@@ -300,7 +300,7 @@ class ReplicatedStorage(Storage):
         while True:
             member = self._least_busy(exclude=tried)
             try:
-                return self._call(member, lambda s: s.extents(offset, length))
+                return self._inline(member, lambda s: s.extents(offset, length))
             except StorageError:
                 tried.append(member)
 
@@ -409,6 +409,16 @@ class ReplicatedStorage(Storage):
             raise StorageError(errno.EIO, f"member {member} did not answer") from None
         except concurrent.futures.CancelledError:  # by close()
             raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
+
+    def _inline(self, member: str, op: Callable[[Storage], T]) -> T:
+        """``op`` on one member on the caller's thread: a guest read waits for one member
+        anyway, and a hop through the pool costs more than a read from memory.  A member
+        that hangs is bounded by its own request timeout (NbdStorage's), not child_timeout;
+        the read then goes to another member."""
+        storage = self._children[member].storage
+        if storage is None:
+            raise StorageError(errno.EIO, f"member {member} is not open")
+        return self._run(member, storage, op)
 
     def _note_error(self, member: str, reason: str) -> None:
         with self._cond:
