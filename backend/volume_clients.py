@@ -46,6 +46,8 @@ class LocalVolumes:
         self.clone = self.service.clone
         self.delete_snapshot = self.service.delete_snapshot
         self.gc = self.service.gc
+        self.add_replica = self.service.add_replica
+        self.remove_replica = self.service.remove_replica
         self.close = self.service.close
 
     def import_image(

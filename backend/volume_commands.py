@@ -207,6 +207,18 @@ def add_commands(sub: Any) -> None:
     gc = vsub.add_parser("gc", help="clean up what a crash left behind")
     gc.set_defaults(func=cmd_gc)
 
+    rep = vsub.add_parser("replica", help="add or remove a replicated volume's replicas")
+    rsub = _Leaves(rep.add_subparsers(dest="replica_command", required=True, metavar="COMMAND"))
+    for verb, func, text in (
+        ("add", cmd_replica_add, "a new replica on NODE (resynced by nbs serve)"),
+        ("remove", cmd_replica_remove, "remove and delete the replica on NODE"),
+    ):
+        leaf = rsub.add_parser(verb, help=text)
+        leaf.add_argument("volume")
+        leaf.add_argument("node")
+        leaf.add_argument("--json", action="store_true")
+        leaf.set_defaults(func=func)
+
     snap = sub.add_parser("snapshot", help="create, list, delete snapshots")
     ssub = _Leaves(snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND"))
     screate = ssub.add_parser("create", help="point-in-time snapshot, while the volume is in use")
@@ -416,6 +428,16 @@ def cmd_clone(args: argparse.Namespace) -> int:
         _show_volume(info, True)
     else:
         print(f"cloned {args.source} as volume {info.name}")
+    return 0
+
+
+def cmd_replica_add(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).add_replica(args.volume, args.node), args.json)
+    return 0
+
+
+def cmd_replica_remove(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).remove_replica(args.volume, args.node), args.json)
     return 0
 
 

@@ -125,6 +125,10 @@ class VolumeImport(_Request):
         return ImportRequest(CreateRequest(name, **options), self.source)
 
 
+class ReplicaAdd(_Request):
+    node: str = Field(description="a storage node named in the serving engine's nodes: config")
+
+
 class SnapshotCreate(_Request):
     name: Name
 
@@ -552,6 +556,23 @@ def create_app(
         )
         response.headers["Location"] = f"{PREFIX}/volumes/{quote(info.name)}"
         return VolumeOut.of(info)
+
+    @app.post(
+        "/v1/volumes/{name}/replicas",
+        status_code=201,
+        tags=["volumes"],
+        responses=_errors(404, 409),
+    )
+    def add_replica(name: str, body: ReplicaAdd) -> VolumeOut:
+        """A replicated volume gets a replica on another storage node, resynced in the
+        background (the volume must be detached)."""
+        return VolumeOut.of(service.add_replica(name, body.node))
+
+    @app.delete("/v1/volumes/{name}/replicas/{node}", tags=["volumes"], responses=_errors(404, 409))
+    def remove_replica(name: str, node: str) -> VolumeOut:
+        """A replicated volume's replica on ``node`` leaves it and is deleted (the volume must
+        be detached; the last in-sync replica never leaves)."""
+        return VolumeOut.of(service.remove_replica(name, node))
 
     @app.post("/v1/gc", tags=["volumes"])
     def gc() -> GcOut:

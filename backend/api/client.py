@@ -191,6 +191,14 @@ class RemoteVolumes:
         params = {"force": "true"} if force else None
         self._call("DELETE", _volume_path(name), params=params)
 
+    def add_replica(self, name: str, node: str) -> VolumeInfo:
+        path = f"{_volume_path(name)}/replicas"
+        return _volume(self._call("POST", path, body={"node": node}))
+
+    def remove_replica(self, name: str, node: str) -> VolumeInfo:
+        path = f"{_volume_path(name)}/replicas/{quote(node, safe='')}"
+        return _volume(self._call("DELETE", path))
+
     def snapshot(self, volume: str, name: str) -> SnapshotInfo:
         path = f"{_volume_path(volume)}/snapshots"
         return _snapshot(self._call("POST", path, body={"name": name}))

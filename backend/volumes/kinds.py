@@ -366,7 +366,8 @@ KINDS: dict[str, StorageKind] = {
     ),
     "replicated": StorageKind(
         "N replica volumes on the storage nodes of the config (`nodes:`), one per node, kept"
-        " identical by this server's engine; snapshots, clones and resizing are not built yet"
+        " identical by this server's engine; snapshots are taken on every replica at one point;"
+        " resizing is not built yet"
         " (see [replication.md](replication.md#replicated-volumes))",
         {
             "nodes": Option(

@@ -14,7 +14,12 @@ What each catalogue operation does:
 * open: the engine over one NbdStorage per member, each opened with the export name
   ``REPLICA;epoch=E;uid=UID`` (the node refuses older epochs: fencing).
 * remove: deletes every recorded replica through its node's API, then the map and membership.
-* snapshots, clones, resizing and read-only views: refused in one line (not built yet).
+* snapshot: the engine quiesced (no write in flight, all flushed), every replica is
+  snapshotted through its node's API with one name ``s-UUID``; the snapshot's layer is
+  ``LAYER@s-UUID`` and its replicas rows name ``r-LAYER@s-UUID``.  Refused while a replica
+  is not in sync.  A clone is a new replicated volume whose replicas are clones, on the same
+  nodes, of each replica's snapshot.
+* resizing and read-only views: refused in one line (not built yet).
 
 The membership's volume id is the volume's top layer id, as are the map's and replica's names.
 """
@@ -25,15 +30,24 @@ import builtins
 import contextlib
 import errno
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from backend.replication.engine import ReplicatedStorage
-from backend.replication.membership import Membership, MembershipStore, UnknownVolumeError
+from backend.replication.membership import (
+    Membership,
+    MembershipStore,
+    TransitionError,
+    UnknownVolumeError,
+    member_added,
+    member_removed,
+)
 from backend.replication.policy import ReplicationPolicy
-from backend.replication.tracking import RegionMap
+from backend.replication.tracking import RegionMap, missed
 from backend.storage.base import Storage, StorageError
 from backend.storage.nbd import NbdStorage, NbdTarget
 from backend.volumes.backends import Backend, Commit, Progress
@@ -43,6 +57,7 @@ from backend.volumes.model import (
     NotFoundError,
     ReplicaInfo,
     ReplicationInfo,
+    SnapshotInfo,
     VolumeError,
     VolumeInfo,
 )
@@ -60,6 +75,20 @@ class NodeVolumes(Protocol):
     def create(self, request: CreateRequest) -> VolumeInfo: ...
 
     def delete(self, name: str, *, force: bool = False) -> None: ...
+
+    def snapshot(self, volume: str, name: str) -> SnapshotInfo: ...
+
+    def delete_snapshot(self, volume: str, name: str) -> None: ...
+
+    def clone(
+        self,
+        volume: str,
+        snapshot: str,
+        new_name: str,
+        *,
+        description: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> VolumeInfo: ...
 
 
 class StorageNodes(Protocol):
@@ -133,6 +162,10 @@ def replication_info(
     )
 
 
+def _clone(api: NodeVolumes, *, volume: str, snap: str, name: str) -> VolumeInfo:
+    return api.clone(volume, snap, name)
+
+
 def replica_name(layer: str) -> str:
     return f"r-{layer}"
 
@@ -196,36 +229,145 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         return self._maps / f"{layer}.map"
 
     def create(self, layer: str, size: int) -> None:
+        name = replica_name(layer)
+        description = f"replica {layer}"
+        for node in self.nodes:
+            self._make_replica(
+                layer,
+                node,
+                name,
+                lambda api: api.create(CreateRequest(name, size, description=description)),
+            )
+        self._make_tracking(layer, size, self.nodes)
+
+    def new_clone_layer(self) -> str:
+        return uuid.uuid4().hex
+
+    def clone(self, layer: str, parent: builtins.list[str], size: int) -> None:
+        """A replica per replica of the snapshot ``parent[-1]``, cloned on its own node from
+        that replica's snapshot (thin where the node's storage is)."""
+        snapshot = parent[-1]
+        name = replica_name(layer)
+        nodes = []
+        for source in self._catalogue().replicas(snapshot):
+            volume, _, snap = source.volume.partition("@")
+            self._make_replica(
+                layer, source.node, name, partial(_clone, volume=volume, snap=snap, name=name)
+            )
+            nodes.append(source.node)
+        if not nodes:
+            raise StorageError(errno.ENOENT, f"snapshot layer {snapshot} has no replicas")
+        self._make_tracking(layer, size, nodes)
+
+    def _make_replica(
+        self, layer: str, node: str, name: str, make: Callable[[NodeVolumes], VolumeInfo]
+    ) -> None:
+        """``make`` one replica on ``node``, then record it (so a failure later removes it)."""
         from backend.volumes.catalogue import ReplicaRow  # noqa: PLC0415
 
+        try:
+            with self._directory.volumes(node) as api:
+                info = make(api)
+        except InvalidRequestError as err:
+            raise InvalidRequestError(f"storage node {node}: {err}") from None
+        except VolumeError as err:
+            raise StorageError(
+                errno.EIO, f"storage node {node} could not make replica {name}: {err}"
+            ) from None
+        with self._catalogue().transaction() as changes:
+            changes.add_replica(ReplicaRow(layer, node, name, info.uid))
+
+    def add_replica(self, layer: str, node: str, size: int) -> None:
+        """A new replica on ``node``: made there, then a member, out until the resync
+        supervisor has copied everything to it (the engine, when it next opens, gives a
+        member with no record of what it missed a plane marking all of it)."""
+        if node not in self._directory.names():
+            known = ", ".join(self._directory.names()) or "none"
+            raise InvalidRequestError(f"no storage node {node!r} is configured (known: {known})")
+        store = self.memberships
+        current = store.load(layer)
+        if node in current.members:
+            raise InvalidRequestError(f"storage node {node} already holds a replica")
         name = replica_name(layer)
-        for node in self.nodes:
+        description = f"replica {layer}"
+        self._make_replica(
+            layer,
+            node,
+            name,
+            lambda api: api.create(CreateRequest(name, size, description=description)),
+        )
+        try:
+            store.commit(member_added(current, node), current.generation)
+        except BaseException:
+            self._delete_replicas(layer, [node])
+            raise
+
+    def remove_replica(self, layer: str, node: str) -> None:
+        """``node`` leaves the volume (committed first), then its replica is deleted; one
+        whose node fails stays recorded and the error says so."""
+        store = self.memberships
+        current = store.load(layer)
+        if node not in current.members:
+            raise NotFoundError(f"storage node {node} holds no replica of this volume")
+        try:
+            new = member_removed(current, node)
+        except TransitionError as err:
+            raise InvalidRequestError(str(err)) from None
+        if len(new.members) < self.policy.min_insync:
+            raise InvalidRequestError(
+                f"{len(new.members)} replicas would be left, fewer than min_insync="
+                f"{self.policy.min_insync}"
+            )
+        store.commit(new, current.generation)
+        regions = RegionMap.open(self.map_path(layer))
+        try:
+            if missed(node) in regions.planes:
+                regions.remove_plane(missed(node))
+        finally:
+            regions.close()
+        self._delete_replicas(layer, [node])
+
+    def _delete_replicas(self, layer: str, nodes: Sequence[str]) -> None:
+        """Delete the recorded replicas of ``layer`` on ``nodes`` and their rows; raises
+        StorageError naming the ones that could not be deleted (their rows stay)."""
+        failed = []
+        for replica in self._catalogue().replicas(layer):
+            if replica.node not in nodes:
+                continue
+            volume, _, snap = replica.volume.partition("@")
             try:
-                with self._directory.volumes(node) as api:
-                    info = api.create(CreateRequest(name, size, description=f"replica {layer}"))
-            except InvalidRequestError as err:
-                raise InvalidRequestError(f"storage node {node}: {err}") from None
+                with (
+                    self._directory.volumes(replica.node) as api,
+                    contextlib.suppress(NotFoundError),  # gone already
+                ):
+                    if snap:
+                        api.delete_snapshot(volume, snap)
+                    else:
+                        api.delete(volume, force=True)
             except VolumeError as err:
-                raise StorageError(
-                    errno.EIO, f"storage node {node} could not create replica {name}: {err}"
-                ) from None
+                failed.append(f"{replica.volume} on {replica.node}: {err}")
+                continue
             with self._catalogue().transaction() as changes:
-                changes.add_replica(ReplicaRow(layer, node, name, info.uid))
+                changes.remove_replica(layer, replica.node)
+        if failed:
+            raise StorageError(errno.EIO, "cannot delete replica " + "; ".join(failed))
+
+    def _make_tracking(self, layer: str, size: int, nodes: Sequence[str]) -> None:
         self._maps.mkdir(mode=0o700, exist_ok=True)
         try:
             RegionMap.create(self.map_path(layer), size, self.granularity).close()
         except (OSError, ValueError) as err:
             raise StorageError(errno.EIO, f"cannot create the region map: {err}") from err
-        self.memberships.commit(Membership.new(layer, self.nodes), None)
+        self.memberships.commit(Membership.new(layer, nodes), None)
 
     def open(self, chain: builtins.list[str], read_only: bool) -> ReplicatedVolumeStorage:
-        if read_only or len(chain) != 1:
+        layer = chain[-1]
+        if read_only or "@" in layer:
             # A second engine on the volume would take a new epoch and fence the first.
             raise StorageError(
                 errno.EOPNOTSUPP,
                 "a read-only view or snapshot of a replicated volume is not supported yet",
             )
-        layer = chain[0]
         replicas = {r.node: r for r in self._catalogue().replicas(layer)}
 
         def open_child(member: str, epoch: int) -> Storage:
@@ -257,7 +399,45 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
             raise StorageError(errno.EIO, f"replicated volume {layer}: {err}") from err
 
     def snapshot(self, storage: ReplicatedVolumeStorage, top: str, commit: Commit) -> None:
-        raise InvalidRequestError("snapshots of replicated volumes are not supported yet")
+        """Every replica snapshotted through its node's API under one name, at one point of
+        the write stream (the engine quiesced: no write in flight, all flushed).  Refused
+        while a replica is not in sync: a snapshot missing a replica could not be cloned
+        with the volume's redundancy (docs/replication.md)."""
+        from backend.volumes.catalogue import ReplicaRow  # noqa: PLC0415
+
+        snap = f"s-{uuid.uuid4().hex}"
+        frozen = f"{top}@{snap}"
+        replicas = self._catalogue().replicas(top)
+        taken: list[ReplicaRow] = []
+        with storage.quiesced() as membership:
+            behind = sorted(set(membership.members) - membership.in_sync)
+            if behind:
+                raise InvalidRequestError(
+                    f"a snapshot needs every replica in sync; {', '.join(behind)} is not"
+                    " (wait for its resync, see nbs volume info)"
+                )
+            try:
+                for replica in replicas:
+                    with self._directory.volumes(replica.node) as api:
+                        api.snapshot(replica.volume, snap)
+                    taken.append(
+                        ReplicaRow(frozen, replica.node, f"{replica.volume}@{snap}", replica.uid)
+                    )
+            except VolumeError as err:
+                self._delete_snapshots(taken)
+                raise StorageError(
+                    errno.EIO, f"snapshot on storage node {replica.node} failed: {err}"
+                ) from None
+            with self._catalogue().transaction() as changes:
+                for row in taken:
+                    changes.add_replica(row)
+            commit(frozen, top)
+
+    def _delete_snapshots(self, rows: Sequence[ReplicaRow]) -> None:
+        for row in rows:
+            volume, _, snap = row.volume.partition("@")
+            with contextlib.suppress(VolumeError), self._directory.volumes(row.node) as api:
+                api.delete_snapshot(volume, snap)
 
     def flatten(
         self,
@@ -273,21 +453,7 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
     def remove(self, layer: str) -> None:
         """Delete every recorded replica; a node that fails keeps its row (and this raises),
         so ``nbs volume gc`` tries again and says which node failed."""
-        failed = []
-        for replica in self._catalogue().replicas(layer):
-            try:
-                with (
-                    self._directory.volumes(replica.node) as api,
-                    contextlib.suppress(NotFoundError),  # gone already
-                ):
-                    api.delete(replica.volume, force=True)
-            except VolumeError as err:
-                failed.append(f"{replica.volume} on {replica.node}: {err}")
-                continue
-            with self._catalogue().transaction() as changes:
-                changes.remove_replica(layer, replica.node)
-        if failed:
-            raise StorageError(errno.EIO, "cannot delete replica " + "; ".join(failed))
+        self._delete_replicas(layer, [r.node for r in self._catalogue().replicas(layer)])
         with self._catalogue().transaction() as changes:
             changes.remove_membership(layer)
         with contextlib.suppress(FileNotFoundError):

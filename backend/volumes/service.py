@@ -259,6 +259,61 @@ class VolumeService:
             replication=self._replication(row),
         )
 
+    def add_replica(self, name: str, node: str) -> VolumeInfo:
+        """A replicated volume gets a replica on ``node`` (resynced by ``nbs serve``)."""
+        with self._mutating():
+            row, backend, was_open = self._replicated(name)
+            try:
+                backend.add_replica(row.top, node, row.size)
+            except StorageError as err:
+                raise StorageFailureError(f"cannot add a replica to {name!r}: {err}") from err
+            finally:
+                self._reopen(name, was_open)
+        log.info("volume %s: replica added on %s", name, node)
+        return self.info(name)
+
+    def remove_replica(self, name: str, node: str) -> VolumeInfo:
+        """A replicated volume's replica on ``node`` is removed and deleted."""
+        with self._mutating():
+            row, backend, was_open = self._replicated(name)
+            try:
+                backend.remove_replica(row.top, node)
+            except StorageError as err:
+                raise StorageFailureError(f"cannot remove the replica of {name!r}: {err}") from err
+            finally:
+                self._reopen(name, was_open)
+        log.info("volume %s: replica on %s removed", name, node)
+        return self.info(name)
+
+    def _reopen(self, name: str, was_open: bool) -> None:
+        """Open the engine again if it was (``nbs serve``): its resync supervisor then brings
+        a new replica in."""
+        if was_open:
+            try:
+                self._opened(name)
+            except (StorageError, VolumeError) as err:
+                log.warning("volume %s: cannot reopen after a replica change: %s", name, err)
+
+    def _replicated(self, name: str) -> tuple[VolumeRow, ReplicatedBackend, bool]:
+        """A replicated volume's row and backend, its engine closed: the membership is then
+        changed in the catalogue only (mutate lock held).  Changing the replicas of a volume
+        clients hold is not built yet: the engine would have to take the change itself."""
+        row = self._row(name)
+        backend = self._backend(row.storage)
+        if not isinstance(backend, ReplicatedBackend):
+            raise InvalidRequestError(f"volume {name!r} is not replicated ({row.storage})")
+        self._check_local_if_closed(name, "change replicas of")
+        clients = len(self.holders(name))
+        if clients:
+            raise InUseError(
+                f"volume {name!r} is open by {clients} client(s): its replicas change only"
+                " while it is detached (for now)"
+            )
+        opened = self._open.pop(name, None)
+        if opened is not None:
+            opened.top.close()
+        return row, backend, opened is not None
+
     def _replication(self, row: VolumeRow) -> ReplicationInfo | None:
         if row.storage.kind != "replicated":
             return None

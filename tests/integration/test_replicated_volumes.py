@@ -90,7 +90,10 @@ class Engine:
         return f"nbd://127.0.0.1:{self.port}/{volume}"
 
     def volume(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return nbs("volume", *args, "--data-dir", str(self.data_dir), check=check)
+        return self.nbs("volume", *args, check=check)
+
+    def nbs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return nbs(*args, "--data-dir", str(self.data_dir), check=check)
 
 
 @pytest.fixture
@@ -232,6 +235,10 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
         (nodes[2].name, name, "in_sync"),
     ]
     assert shown["min_insync"] == 2
+    refused = engine.nbs("snapshot", "create", "vol", "s", check=False)
+    assert refused.returncode == 2, refused
+    assert "a snapshot needs every replica in sync; node1 is not" in refused.stderr
+    assert refused.stderr.count("\n") == 1
     # Back: the supervisor resyncs it (what it missed only) and it is in sync again.
     nodes[1].restart()
     deadline = time.monotonic() + 60
@@ -257,3 +264,74 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     assert first[: len(expected)] == expected
     assert nodes[1].volume_bytes(name) == first
     assert nodes[2].volume_bytes(name) == first
+
+
+def test_snapshot_and_clone_of_a_replicated_volume(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """The snapshot is taken on every replica at one point; the clone's replicas are clones
+    of those snapshots on the same nodes; deleting everything leaves no replica behind."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x11 0 2M")
+    assert done.returncode == 0, done.stderr
+    engine.nbs("snapshot", "create", "vol", "s1")
+    done = qemu_io(engine.uri("vol"), "write -P 0x22 1M 2M")
+    assert done.returncode == 0, done.stderr
+    engine.volume("clone", "vol@s1", "copy")
+    info = engine.info("copy")
+    assert info["storage"].startswith("replicated:")
+    copies = {r["volume"] for r in info["replication"]["replicas"]}
+    assert len(copies) == 1
+    [copy] = copies
+    expected = b"\x11" * (2 * MiB) + bytes(SIZE - 2 * MiB)
+    for node in nodes:
+        assert node.volume_bytes(copy) == expected, node.name
+    done = qemu_io(engine.uri("copy"), "write -P 0x33 0 4k", "flush")
+    assert done.returncode == 0, done.stderr
+    for node in nodes:
+        assert node.volume_bytes(copy)[:8192] == b"\x33" * 4096 + b"\x11" * 4096
+    volume = engine.info("vol")["replication"]["replicas"][0]["volume"]
+    for node in nodes:  # the source went on; its snapshot did not
+        assert node.volume_bytes(volume)[: 3 * MiB] == b"\x11" * MiB + b"\x22" * (2 * MiB)
+    engine.volume("delete", "copy")
+    engine.nbs("snapshot", "delete", "vol@s1")
+    engine.volume("delete", "vol")
+    engine.volume("gc")
+    for node in nodes:
+        with node.api() as api:
+            assert [v.name for v in api.list() if v.name.startswith("r-")] == []
+            assert [s for s in api.snapshots() if s.volume.startswith("r-")] == []
+
+
+def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> None:
+    """add: made on the node, out, then resynced by the supervisor to the same bytes;
+    remove: deleted from its node; never below min_insync."""
+    require_module("nbd")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes[:2])
+    done = qemu_io(engine.uri("vol"), "write -P 0x5a 1M 3M", "flush")
+    assert done.returncode == 0, done.stderr
+    name = replicas_on(nodes[0])[0]
+    added = json.loads(engine.volume("replica", "add", "vol", nodes[2].name, "--json").stdout)
+    assert [r["node"] for r in added["replication"]["replicas"]] == [n.name for n in nodes]
+    assert replicas_on(nodes[2]) == [name]
+    deadline = time.monotonic() + 60
+    while engine.membership(name).in_sync != {n.name for n in nodes}:
+        assert time.monotonic() < deadline, engine.log.read_text()
+        time.sleep(0.1)
+    assert nodes[2].volume_bytes(name) == nodes[0].volume_bytes(name)
+    assert nodes[2].volume_bytes(name)[MiB : 4 * MiB] == b"\x5a" * (3 * MiB)
+    engine.volume("replica", "remove", "vol", nodes[0].name)
+    assert replicas_on(nodes[0]) == []
+    shown = engine.info("vol")["replication"]
+    assert [r["node"] for r in shown["replicas"]] == [nodes[1].name, nodes[2].name]
+    refused = engine.volume("replica", "remove", "vol", nodes[1].name, check=False)
+    assert refused.returncode == 2, refused
+    assert "fewer than min_insync=2" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    done = qemu_io(engine.uri("vol"), "read -P 0x5a 1M 3M")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 3145728/3145728 bytes" in done.stdout
+    assert "fail" not in (done.stdout + done.stderr).lower()

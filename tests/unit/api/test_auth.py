@@ -22,6 +22,8 @@ MUTATIONS = [
     ("DELETE", "/v1/volumes/v/snapshots/s", None),
     ("POST", "/v1/volumes/v/snapshots/s/clone", {"name": "c"}),
     ("POST", "/v1/volumes/v/import", {"source": "/etc/hostname"}),
+    ("POST", "/v1/volumes/v/replicas", {"node": "a"}),
+    ("DELETE", "/v1/volumes/v/replicas/a", None),
     ("POST", "/v1/gc", None),
 ]
 READS = ["/v1/volumes", "/v1/volumes/v", "/v1/snapshots", "/v1/exports", "/v1/status"]

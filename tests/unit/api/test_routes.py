@@ -328,3 +328,13 @@ def test_service_is_left_open(tmp_path: Path) -> None:
         api.get("/v1/volumes")
     assert service.list() == []
     service.close()
+
+
+def test_replica_changes_of_a_volume_that_is_not_replicated_are_a_4xx(api: TestClient) -> None:
+    api.post("/v1/volumes", json={"name": "a", "size": MiB})
+    response = api.post("/v1/volumes/a/replicas", json={"node": "n"})
+    assert error(response) == (400, "invalid")
+    assert "volume 'a' is not replicated" in response.json()["error"]["message"]
+    assert error(api.delete("/v1/volumes/a/replicas/n"))[0] == 400
+    assert error(api.post("/v1/volumes/zz/replicas", json={"node": "n"})) == (404, "not-found")
+    assert error(api.post("/v1/volumes/a/replicas", json={"nod": "n"}))[0] == 400
