@@ -37,7 +37,9 @@ How to rerun (from the repository root, on an otherwise idle machine)::
 
 Options: ``--size 1G`` (each volume), ``--resync-size`` (bytes written while node2 is away;
 default ``--size``), ``--runtime SECONDS``, ``--dir DIR`` (work directory parent),
-``--json OUT``, ``--markdown``.
+``--json OUT``, ``--markdown``, ``--profile-engine OUT`` (the engine runs under cProfile on
+every thread, bench/profile_serve.py, and OUT gets its profile: slower, for finding where its
+time goes, not for the figures).
 
 Standard library and this repository only (the servers run this tree's ``backend.cli`` on
 this interpreter).  Needs fio with its nbd engine.  Every process it starts is stopped by
@@ -181,8 +183,9 @@ class Cluster:
     """The three storage nodes and the engine, started in order; ``close()`` stops every
     process by PID.  Each node's ports are picked once so a restarted node is found again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, profile: Path | None = None) -> None:
         self.workdir = workdir
+        self.profile = profile
         self.nodes: dict[str, Server] = {}
         self.node_ports = {name: (free_port(), free_port()) for name in NODES}  # nbd, api
         self.engine: Server | None = None
@@ -237,8 +240,11 @@ class Cluster:
         config = self.workdir / "engine.yaml"
         config.write_text("\n".join(lines) + "\n")
         args = ["--listen", f"{HOST}:0", "--data-dir", str(self.engine_data)]
+        command = NBS
+        if self.profile is not None:
+            command = [sys.executable, str(ROOT / "bench" / "profile_serve.py"), str(self.profile)]
         self.engine = start_serve(
-            "engine", [*args, "--config", str(config)], self.workdir, command=NBS, env=ENV
+            "engine", [*args, "--config", str(config)], self.workdir, command=command, env=ENV
         )
         self.servers.append(self.engine)
         wait_http(f"http://{HOST}:{self.metrics_port}/metrics", self.engine)
@@ -557,6 +563,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, help="parent of the work directory (default: tmp)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write every raw number here")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    parser.add_argument(
+        "--profile-engine", type=Path, metavar="OUT", help="profile the engine (cProfile) into OUT"
+    )
     args = parser.parse_args(argv)
     args.resync_size = args.resync_size or args.size
     if args.resync_size > args.size:
@@ -573,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"size": args.size, "resync_size": args.resync_size, "runtime": args.runtime}
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir)))
-        cluster = Cluster(workdir)
+        cluster = Cluster(workdir, args.profile_engine)
         stack.callback(cluster.close)
         for name in NODES:
             cluster.start_node(name)
@@ -589,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         resync = measure_resync(cluster, args.resync_size, workdir)
     machine["loadavg_end"] = os.getloadavg()
     print(report(machine, config, results, resync, args.markdown))
+    if args.profile_engine:
+        print(f"bench: the engine's profile is in {args.profile_engine}", file=sys.stderr)
     if args.json:
         document = {
             "machine": machine,
