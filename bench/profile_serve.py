@@ -2,6 +2,10 @@
 """Run ``nbs ARGS`` (e.g. ``serve ...``) in this process with cProfile on every thread, and
 write the merged profile to OUT (a pstats file) when it exits.
 
+The clock is each thread's CPU time (``time.thread_time``): on a machine where CPU is the
+limit, that is where the time goes; a thread blocked on a lock or a socket costs nothing.
+``--wall`` uses the wall clock instead (cProfile's default), which shows the waits.
+
 cProfile profiles only the thread that enables it, and ``nbs serve`` does its work on
 threads (sessions, storage workers, the replication engine's fan-out pool): so every thread
 started here runs its target under a profiler of its own, and the profiles are added up at
@@ -9,7 +13,7 @@ exit.  Threads still running then (daemons) are included as far as they got.  Ex
 profiled server to be about twice as slow; the profile tells where the time goes, not how
 much there is.
 
-    python bench/profile_serve.py OUT.pstats serve --listen 127.0.0.1:0 --data-dir DIR
+    python bench/profile_serve.py [--wall] OUT.pstats serve --listen 127.0.0.1:0 --data-dir DIR
     python -c "import pstats; pstats.Stats('OUT.pstats').sort_stats('tottime').print_stats(30)"
 
 bench/replication.py --profile-engine OUT runs its engine this way.
@@ -21,6 +25,8 @@ import cProfile
 import pstats
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 _profiles: list[cProfile.Profile] = []
 _lock = threading.Lock()
 _thread_run = threading.Thread.run
+_clock: Callable[[], float] = time.thread_time
 
 
 def _profiled_run(self: threading.Thread) -> None:
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(_clock)
     with _lock:
         _profiles.append(profile)
     profile.enable()
@@ -43,17 +50,22 @@ def _profiled_run(self: threading.Thread) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) < 3:
-        print("usage: profile_serve.py OUT.pstats NBS-ARGS...", file=sys.stderr)
+    global _clock  # set once, before any thread starts
+    args = sys.argv[1:]
+    if args[:1] == ["--wall"]:
+        _clock = time.perf_counter
+        args = args[1:]
+    if len(args) < 2:
+        print("usage: profile_serve.py [--wall] OUT.pstats NBS-ARGS...", file=sys.stderr)
         return 2
-    out = Path(sys.argv[1])
+    out = Path(args[0])
     threading.Thread.run = _profiled_run  # type: ignore[method-assign]
     from backend.cli import main as nbs_main  # noqa: PLC0415 - after the patch above
 
-    own = cProfile.Profile()
+    own = cProfile.Profile(_clock)
     own.enable()
     try:
-        return nbs_main(sys.argv[2:])
+        return nbs_main(args[1:])
     finally:
         own.disable()
         with _lock:
