@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from backend.volumes.catalogue import Catalogue
 from tests.integration.conftest import NbsServer, require_module, require_tool, start_server
 from tests.integration.helpers import free_port, nbs
 from tests.integration.storage_nodes import StorageNode
+from tests.integration.test_nbdcopy_fio import fio
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -335,3 +337,39 @@ def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> No
     assert done.returncode == 0, done.stdout + done.stderr
     assert "read 3145728/3145728 bytes" in done.stdout
     assert "fail" not in (done.stdout + done.stderr).lower()
+
+
+def written_bytes(engine: Engine, export: str) -> float:
+    found = re.search(rf'nbs_written_bytes_total{{export="{export}"}} (\S+)', engine.metrics())
+    return float(found.group(1)) if found else 0.0
+
+
+def test_fio_verify_through_a_kill_9_of_one_node(
+    cluster: tuple[Engine, list[StorageNode]], tmp_path: Path
+) -> None:
+    """fio's nbd engine writes 4k at QD16 with crc32c headers and reads everything back; a
+    node is killed part way through the writes: zero errors, every block verifies."""
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
+    reports: list[dict[str, object]] = []
+    options = ("--rw=randwrite", "--bs=4k", "--iodepth=16")
+    thread = threading.Thread(
+        target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while written_bytes(engine, "vol") < 2 * MiB:
+        assert thread.is_alive(), "fio ended before a node could be killed under it"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert thread.is_alive()
+    nodes[1].kill()
+    thread.join(180)
+    assert not thread.is_alive()
+    [job] = reports[0]["jobs"]  # type: ignore[misc]
+    assert job["error"] == 0
+    assert job.get("total_err", 0) == 0
+    assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == SIZE
+    name = replicas_on(nodes[0])[0]
+    assert engine.membership(name).state(nodes[1].name) == "out"
+    assert nodes[0].volume_bytes(name) == nodes[2].volume_bytes(name)
