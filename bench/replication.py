@@ -54,6 +54,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,20 +74,20 @@ from bench.run import (  # noqa: E402
     Server,
     Snapshot,
     Workload,
-    _by_key,
-    _check_alive,
-    _num,
-    _on_sigterm,
-    _optional,
-    _table,
+    by_key,
+    check_alive,
     cpu_seconds,
     free_port,
     keep_log_tails,
     machine_info,
     measure_fio,
+    num,
+    on_sigterm,
+    optional,
     parse_size,
     start_serve,
     stop_server,
+    table,
     usage_between,
     write_json,
 )
@@ -141,7 +142,7 @@ class Goal:
     at_most: bool
 
     def ratio(self, results: list[dict[str, Any]]) -> float:
-        found = _by_key(results)
+        found = by_key(results)
         mine = found[(self.workload, self.volume)][self.metric]
         theirs = found[(self.workload, self.versus)][self.metric]
         return float(mine / theirs)
@@ -294,7 +295,7 @@ def wait_http(url: str, server: Server, timeout: float = 30.0) -> None:
         ):
             if answer.status == 200:
                 return
-        _check_alive(server)
+        check_alive(server)
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
         time.sleep(0.05)
@@ -434,7 +435,7 @@ def measure_resync(cluster: Cluster, size: int, workdir: Path) -> dict[str, Any]
 
 
 def performance_table(results: list[dict[str, Any]], markdown: bool) -> str:
-    found = _by_key(results)
+    found = by_key(results)
     header = ["workload"]
     for volume in VOLUMES:
         header += [f"{volume.label} IOPS", f"{volume.label} MB/s", f"{volume.label} p50 µs"]
@@ -444,7 +445,7 @@ def performance_table(results: list[dict[str, Any]], markdown: bool) -> str:
         row = [workload.label]
         for volume in VOLUMES:
             r = found[(workload.key, volume.name)]
-            row += [_num(r["iops"]), _num(r["mb_s"]), _num(r["p50_lat_us"], 1)]
+            row += [num(r["iops"]), num(r["mb_s"]), num(r["p50_lat_us"], 1)]
         r3, r1, plain = (found[(workload.key, v.name)] for v in VOLUMES)
         row += [
             f"{r3['iops'] / r1['iops']:.2f}",
@@ -452,11 +453,11 @@ def performance_table(results: list[dict[str, Any]], markdown: bool) -> str:
             f"{r3['p50_lat_us'] / plain['p50_lat_us']:.2f}",
         ]
         rows.append(row)
-    return _table(header, rows, markdown)
+    return table(header, rows, markdown)
 
 
 def cpu_table(results: list[dict[str, Any]], markdown: bool) -> str:
-    found = _by_key(results)
+    found = by_key(results)
     header = ["workload"]
     for volume in VOLUMES:
         header += [f"{volume.label} CPU µs/IO (engine + nodes)", f"{volume.label} pressure %"]
@@ -467,12 +468,12 @@ def cpu_table(results: list[dict[str, Any]], markdown: bool) -> str:
             r = found[(workload.key, volume.name)]
             total = r["server_cpu_us_per_io"] or 0
             row += [
-                f"{_num(total, 1)} ({_num(r['engine_cpu_us_per_io'] or 0, 1)}"
-                f" + {_num(r['nodes_cpu_us_per_io'] or 0, 1)})",
-                _optional(r["cpu_pressure_pct"]),
+                f"{num(total, 1)} ({num(r['engine_cpu_us_per_io'] or 0, 1)}"
+                f" + {num(r['nodes_cpu_us_per_io'] or 0, 1)})",
+                optional(r["cpu_pressure_pct"]),
             ]
         rows.append(row)
-    return _table(header, rows, markdown)
+    return table(header, rows, markdown)
 
 
 def goals(results: list[dict[str, Any]], resync: dict[str, Any]) -> list[dict[str, Any]]:
@@ -504,7 +505,7 @@ def goals_table(verdicts: list[dict[str, Any]], markdown: bool) -> str:
     rows = [
         [v["goal"], v["measured"], v["limit"], "met" if v["met"] else "NOT met"] for v in verdicts
     ]
-    return _table(["goal", "measured", "goal", "verdict"], rows, markdown)
+    return table(["goal", "measured", "target", "verdict"], rows, markdown)
 
 
 def resync_lines(resync: dict[str, Any]) -> list[str]:
@@ -512,7 +513,7 @@ def resync_lines(resync: dict[str, Any]) -> list[str]:
         f"Resync: {resync['written_while_away']:,} bytes written to r3 with {resync['member']}"
         f" away ({resync['degraded_write_mb_s']:,.0f} MB/s degraded);"
         f" the engine copied {resync['bytes_copied']:,} bytes in {resync['engine_seconds']:.1f} s"
-        f" = {_optional(resync['mb_s'])} MB/s ({resync['copied_per_written']:.2f}x the bytes"
+        f" = {optional(resync['mb_s'])} MB/s ({resync['copied_per_written']:.2f}x the bytes"
         f" written); {resync['wall_seconds_from_restart']:.1f} s from the node's restart to in"
         f" sync (metrics) = {resync['wall_mb_s']:,.0f} MB/s; engine + nodes CPU"
         f" {resync['cpu_s']:.1f} s meanwhile.",
@@ -577,7 +578,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if shutil.which("fio") is None:
+        print("bench: fio is not installed (it needs fio with its nbd engine)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, on_sigterm)
     machine = machine_info()
     config = {"size": args.size, "resync_size": args.resync_size, "runtime": args.runtime}
     with contextlib.ExitStack() as stack:
