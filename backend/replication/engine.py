@@ -602,7 +602,11 @@ class ReplicatedStorage(Storage):
             if err.source or not fail_target:
                 raise
             self._fail_member(target, (offset, length), f"copy: {err.error}")
-            return 0
+        except StorageError as err:  # no answer within child_timeout
+            if not fail_target:
+                raise
+            self._fail_member(target, (offset, length), f"copy: {err}")
+        return 0
 
     def _drain_writes(self) -> None:
         """Wait for the writes in flight now (they may hold an older membership)."""
@@ -638,9 +642,7 @@ class ReplicatedStorage(Storage):
                     in_flight=c.in_flight,
                     errors=c.errors,
                     last_error=c.last_error,
-                    missed_bytes=(
-                        self._regions.marked_bytes(missed(x)) if missed(x) in planes else None
-                    ),
+                    missed_bytes=self._missed_bytes(x, planes),
                     resync=c.resync,
                 )
                 for x, c in ((x, self._children[x]) for x in m.members)
@@ -658,6 +660,12 @@ class ReplicatedStorage(Storage):
                 read_repairs=self._repairs,
                 members_failed=self._failed,
             )
+
+    def _missed_bytes(self, member: str, planes: set[str]) -> int | None:
+        try:
+            return self._regions.marked_bytes(missed(member)) if missed(member) in planes else None
+        except ValueError:  # removed meanwhile (its resync just ended)
+            return None
 
 
 def _close_quietly(storage: Storage) -> None:
