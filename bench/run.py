@@ -224,9 +224,8 @@ def start_nbs(
     env: dict[str, str] | None = None,
     volume: bool = False,
 ) -> Server:
-    log = workdir / f"{name}.log"
     nbs = command or nbs_command()
-    cmd = [*nbs, "serve", "--listen", f"{HOST}:0"]
+    cmd = ["--listen", f"{HOST}:0"]
     if volume:
         # The image imported into a catalogue volume (copy-on-write files): the path a VM's
         # volume takes, rather than a plain file export.
@@ -236,6 +235,21 @@ def start_nbs(
         cmd += ["--data-dir", str(data)]
     else:
         cmd += ["--export", f"{EXPORT}={image}"]
+    return start_serve(name, cmd, workdir, command=nbs, env=env)
+
+
+def start_serve(
+    name: str,
+    args: list[str],
+    workdir: Path,
+    *,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """``nbs serve ARGS`` (output in WORKDIR/NAME.log), once it printed its listening line;
+    ``port`` is the port it listens on."""
+    log = workdir / f"{name}.log"
+    cmd = [*(command or nbs_command()), "serve", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -285,7 +299,7 @@ def start_baseline(
     return start_nbs(image, workdir, name=name, command=command, env=env, volume=volume)
 
 
-def _check_alive(server: Server) -> None:
+def check_alive(server: Server) -> None:
     if server.proc.poll() is not None:
         tail = server.log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{tail}")
@@ -298,7 +312,7 @@ def wait_log_line(server: Server, pattern: re.Pattern[str]) -> str:
         match = pattern.search(server.log.read_text(errors="replace"))
         if match:
             return match[1]
-        _check_alive(server)
+        check_alive(server)
         time.sleep(0.05)
     raise TimeoutError(f"{server.name} not ready after {READY_TIMEOUT}s")
 
@@ -307,7 +321,7 @@ def wait_greeting(server: Server) -> None:
     """Poll until the server accepts a connection and completes an NBD greeting."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        _check_alive(server)
+        check_alive(server)
         with contextlib.suppress(OSError):
             probe_and_abort(server.port)
             return
@@ -373,10 +387,10 @@ class Snapshot:
     io_pressure_us: int | None
 
     @classmethod
-    def take(cls, pid: int) -> Snapshot:
-        return cls(
-            time.monotonic(), cpu_seconds(pid), pressure_total_us("cpu"), pressure_total_us("io")
-        )
+    def take(cls, *pids: int) -> Snapshot:
+        """``server_cpu``: the CPU time of every process in ``pids``, summed."""
+        cpu = sum(cpu_seconds(pid) for pid in pids)
+        return cls(time.monotonic(), cpu, pressure_total_us("cpu"), pressure_total_us("io"))
 
 
 def _pressure_pct(before: int | None, after: int | None, wall: float) -> float | None:
@@ -496,12 +510,12 @@ def measure_final_memory(server: Server) -> None:
 # ---------------------------------------------------------------------- fio
 
 
-def fio_command(server: Server, workload: Workload, runtime: int, output: Path) -> list[str]:
+def fio_command(uri: str, workload: Workload, runtime: int, output: Path) -> list[str]:
     return [
         "fio",
         f"--name={workload.key}",
         "--ioengine=nbd",
-        f"--uri={server.uri}",
+        f"--uri={uri}",
         f"--rw={workload.rw}",
         f"--bs={workload.bs}",
         f"--iodepth={workload.iodepth}",
@@ -522,21 +536,29 @@ def _percentile_us(stats: dict[str, Any], percent: str) -> float:
 
 def run_fio(server: Server, workload: Workload, runtime: int, workdir: Path) -> dict[str, Any]:
     """One fio run; returns its numbers (and fio's whole job object under ``fio_job``)."""
-    output = workdir / f"{workload.key}-{server.name}.json"
-    cmd = fio_command(server, workload, runtime, output)
-    before = Snapshot.take(server.pid)
+    return measure_fio(server.uri, server.name, workload, runtime, workdir, pids=[server.pid])
+
+
+def measure_fio(
+    uri: str, name: str, workload: Workload, runtime: int, workdir: Path, *, pids: list[int]
+) -> dict[str, Any]:
+    """One fio run against ``uri``, reported under server ``name``; the server CPU is that
+    of every process in ``pids`` (e.g. an engine and its storage nodes)."""
+    output = workdir / f"{workload.key}-{name}.json"
+    cmd = fio_command(uri, workload, runtime, output)
+    before = Snapshot.take(*pids)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120, check=False)
-    usage = usage_between(before, Snapshot.take(server.pid))
+    usage = usage_between(before, Snapshot.take(*pids))
     if done.returncode != 0 or not output.exists():
         raise RuntimeError(f"fio failed ({done.returncode}): {done.stderr[-2000:]}")
     job = json.loads(output.read_text())["jobs"][0]
     if job["error"]:
-        raise RuntimeError(f"fio job error {job['error']} against {server.name}")
+        raise RuntimeError(f"fio job error {job['error']} against {name}")
     side = job[workload.direction]
     ios = side["total_ios"]
     return {
         "workload": workload.key,
-        "server": server.name,
+        "server": name,
         "iops": side["iops"],
         "mb_s": side["bw_bytes"] / 1e6,
         "p50_lat_us": _percentile_us(side["lat_ns"], "50"),
@@ -608,7 +630,7 @@ def machine_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------- output
 
 
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = [header, ["---"] * len(header), *rows]
         return "\n".join("| " + " | ".join(row) + " |" for row in lines)
@@ -622,20 +644,20 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     )
 
 
-def _by_key(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+def by_key(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["workload"], r["server"]): r for r in results}
 
 
-def _num(value: float, digits: int = 0) -> str:
+def num(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _optional(value: float | None) -> str:
-    return "n/a" if value is None else _num(value)
+def optional(value: float | None) -> str:
+    return "n/a" if value is None else num(value)
 
 
 def performance_table(results: list[dict[str, Any]], names: list[str], markdown: bool) -> str:
-    found = _by_key(results)
+    found = by_key(results)
     header = ["workload"]
     for name in names:
         header += [f"{name} IOPS", f"{name} MB/s", f"{name} p50 lat µs"]
@@ -650,7 +672,7 @@ def performance_table(results: list[dict[str, Any]], names: list[str], markdown:
         row = [workload.label]
         for name in names:
             r = found[(workload.key, name)]
-            row += [_num(r["iops"]), _num(r["mb_s"]), _num(r["p50_lat_us"], 1)]
+            row += [num(r["iops"]), num(r["mb_s"]), num(r["p50_lat_us"], 1)]
         if compare:
             ratio = found[(workload.key, "nbs")]["iops"] / found[(workload.key, "nbdkit")]["iops"]
             row.append(f"{ratio:.2f}")
@@ -659,11 +681,11 @@ def performance_table(results: list[dict[str, Any]], names: list[str], markdown:
             row.append(f"{new['iops'] / old['iops']:.2f}")
             row.append(f"{old['p50_lat_us'] / new['p50_lat_us']:.2f}")
         rows.append(row)
-    return _table(header, rows, markdown)
+    return table(header, rows, markdown)
 
 
 def cpu_table(results: list[dict[str, Any]], names: list[str], markdown: bool) -> str:
-    found = _by_key(results)
+    found = by_key(results)
     header = ["workload"]
     for name in names:
         header += [f"{name} CPU %", f"{name} CPU µs/IO", f"{name} run: CPU pressure %"]
@@ -673,12 +695,12 @@ def cpu_table(results: list[dict[str, Any]], names: list[str], markdown: bool) -
         for name in names:
             r = found[(workload.key, name)]
             row += [
-                _num(r["server_cpu_pct"]),
-                _num(r["server_cpu_us_per_io"] or 0, 1),
-                _optional(r["cpu_pressure_pct"]),
+                num(r["server_cpu_pct"]),
+                num(r["server_cpu_us_per_io"] or 0, 1),
+                optional(r["cpu_pressure_pct"]),
             ]
         rows.append(row)
-    return _table(header, rows, markdown)
+    return table(header, rows, markdown)
 
 
 def memory_table(servers: list[Server], markdown: bool) -> str:
@@ -697,15 +719,15 @@ def memory_table(servers: list[Server], markdown: bool) -> str:
         rows.append(
             [
                 server.name,
-                _num(m["idle_rss_kib"] / KIB, 1),
-                _num(m["rss_with_connections_kib"] / KIB, 1),
-                _num(m["per_connection_kib"]),
-                _num(m["after_fio_rss_kib"] / KIB, 1),
-                _num(m["peak_hwm_kib"] / KIB, 1),
+                num(m["idle_rss_kib"] / KIB, 1),
+                num(m["rss_with_connections_kib"] / KIB, 1),
+                num(m["per_connection_kib"]),
+                num(m["after_fio_rss_kib"] / KIB, 1),
+                num(m["peak_hwm_kib"] / KIB, 1),
                 f"{m['idle_threads']} / {m['threads_with_connections']}",
             ]
         )
-    return _table(header, rows, markdown)
+    return table(header, rows, markdown)
 
 
 def report(
@@ -793,13 +815,13 @@ def start_servers(
     return servers
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     names = [args.only] if args.only else list(SERVERS)
     machine = machine_info()
     config: dict[str, Any] = {
