@@ -254,19 +254,6 @@ def test_replica_add_and_remove(cluster: tuple[Engine, list[StorageNode]]) -> No
     assert "fail" not in (done.stdout + done.stderr).lower()
 
 
-def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, Any]:
-    """fio's nbd engine over the whole volume, verify=crc32c: its JSON report."""
-    output = tmp_path / "fio.json"
-    args = [require_tool("fio"), "--name=verify", "--ioengine=nbd", f"--uri={uri}"]
-    args += ["--verify=crc32c", "--do_verify=1", "--verify_state_save=0"]
-    args += ["--output-format=json", f"--output={output}", *options]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=180, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(output.read_text())
-    assert isinstance(report, dict)
-    return report
-
-
 def written_bytes(engine: Engine, export: str) -> float:
     found = re.search(rf'nbs_written_bytes_total{{export="{export}"}} (\S+)', engine.metrics())
     return float(found.group(1)) if found else 0.0
@@ -279,8 +266,8 @@ def test_fio_verify_through_a_kill_9_of_one_node(
     node is killed part way through the writes: zero errors, every block verifies."""
     engine, nodes = cluster
     create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
-    reports: list[dict[str, Any]] = []
-    options = ("--rw=randwrite", "--bs=4k", "--iodepth=16")
+    reports: list[dict[str, object]] = []
+    options = ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16m")
     thread = threading.Thread(
         target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
     )
