@@ -10,9 +10,14 @@ Writes go to regions already in doubt (the steady state between flushes: the reg
 needs no I/O); the first write to a region costs one fdatasync of the map, measured by
 bench/tracking.py.
 
+With ``--nbd`` every member (and the bare baseline) is an NbdStorage to this project's
+server in the same process (MemoryStorage behind it, loopback TCP): the engine's submit path
+(docs/decisions/0106) instead of its pool; the servers share the interpreter with the engine,
+so the figures are the whole stack's, for comparison before/after a change only.
+
 How to rerun (from the repository root)::
 
-    .venv/bin/python bench/replication_engine.py [--seconds 2]
+    .venv/bin/python bench/replication_engine.py [--seconds 2] [--nbd]
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from pathlib import Path
 from backend.replication.engine import ReplicatedStorage
 from backend.replication.membership import InMemoryMembershipStore, Membership
 from backend.replication.tracking import RegionMap
+from backend.server.exports import Export, ExportTable
+from backend.server.server import Server, TCPAddress
 from backend.storage import MemoryStorage, Storage, StorageError
 from backend.storage.layers.forwarding import ForwardingStorage
+from backend.storage.nbd import NbdStorage, NbdTarget
 
 MIB = 1024 * 1024
 SIZE = 256 * MIB
@@ -76,12 +84,35 @@ def qd16(storage: Storage, seconds: float) -> tuple[float, float]:
     return ios / wall, cpu / ios * 1e6
 
 
-def engine(directory: Path, n: int) -> tuple[ReplicatedStorage, RegionMap]:
+class Served:
+    """MemoryStorages served by in-process servers on loopback; ``open`` connects to one."""
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+
+    def open(self) -> NbdStorage:
+        server = Server(
+            ExportTable([Export("disk", MemoryStorage(SIZE))]), tcp=[TCPAddress("127.0.0.1", 0)]
+        )
+        server.bind()
+        server.start()
+        self.servers.append(server)
+        port = int(server.uris[0].rsplit(":", 1)[1])
+        return NbdStorage(NbdTarget.from_uri(f"nbd://127.0.0.1:{port}/disk"))
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown(grace=5)
+
+
+def engine(
+    directory: Path, n: int, served: Served | None = None
+) -> tuple[ReplicatedStorage, RegionMap]:
     store = InMemoryMembershipStore()
     names = [f"r{i}" for i in range(n)]
     store.commit(Membership.new("bench", names), None)
     regions = RegionMap.create(directory / f"map{n}", SIZE, G)
-    disks = {m: MemoryStorage(SIZE) for m in names}
+    disks: dict[str, Storage] = {m: served.open() if served else MemoryStorage(SIZE) for m in names}
     replicated = ReplicatedStorage("bench", SIZE, store, regions, lambda m, _e: disks[m])
     for offset in range(0, SIZE, G):  # steady state: every region already in doubt
         replicated.write(offset, b"w")
@@ -142,17 +173,23 @@ def resync_rate(directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--nbd", action="store_true", help="members over NBD (in-process)")
     args = parser.parse_args()
+    served = Served() if args.nbd else None
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        bare = MemoryStorage(SIZE)
-        report("MemoryStorage", bare, args.seconds)
+        bare = served.open() if served else MemoryStorage(SIZE)
+        report("NbdStorage" if served else "MemoryStorage", bare, args.seconds)
+        bare.close()
         for n in (1, 3):
-            replicated, regions = engine(directory, n)
+            replicated, regions = engine(directory, n, served)
             report(f"replicated, {n} member(s)", replicated, args.seconds)
             replicated.close()
             regions.close()
-        resync_rate(directory)
+        if served:
+            served.stop()
+        else:
+            resync_rate(directory)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,14 @@ from backend.replication.membership import (
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.status import EngineStatus, MemberStatus, ResyncProgress
 from backend.replication.tracking import IN_DOUBT, RegionMap, missed
-from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.base import (
+    Capabilities,
+    Extent,
+    Request,
+    RequestLostError,
+    Storage,
+    StorageError,
+)
 from backend.storage.ranges import RangeLock
 
 log = logging.getLogger(__name__)
@@ -257,7 +264,7 @@ class ReplicatedStorage(Storage):
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         payload = bytes(data)
-        self._mutate(offset, len(payload), lambda s: s.write(offset, payload, fua))
+        self._mutate(Request("write", offset, len(payload), payload, fua))
 
     def write_zeroes(
         self,
@@ -269,12 +276,12 @@ class ReplicatedStorage(Storage):
     ) -> None:
         if fast:
             raise StorageError(errno.ENOTSUP, "a replicated volume has no fast zero")
-        self._mutate(offset, length, lambda s: s.write_zeroes(offset, length, fua, may_trim))
+        self._mutate(Request("zero", offset, length, fua=fua, may_trim=may_trim))
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         # Sent to every member: a trim applied to some members only would let the others'
         # old data come back through a read (nbd-rs trimmed replica 0 only).
-        self._mutate(offset, length, lambda s: s.trim(offset, length, fua))
+        self._mutate(Request("trim", offset, length, fua=fua))
 
     def flush(self) -> None:
         self._check_usable()
@@ -328,7 +335,8 @@ class ReplicatedStorage(Storage):
 
     # -- the write path ------------------------------------------------------------------
 
-    def _mutate(self, offset: int, length: int, op: Callable[[Storage], None]) -> None:
+    def _mutate(self, request: Request) -> None:
+        offset, length = request.offset, request.length
         self._check_usable()
         self._wait_min_insync()
         with self._ranges.hold(offset, offset + length):
@@ -341,7 +349,7 @@ class ReplicatedStorage(Storage):
                 planes = [IN_DOUBT, *(missed(x) for x in m.members if x in m.out)]
                 self._regions.mark(planes, offset, length)
                 targets = [x for x in m.members if x not in m.out]
-                for member, reason in self._fan_out(targets, op):
+                for member, reason in self._fan_out(targets, request):
                     self._fail_member(member, (offset, length), reason)
             finally:
                 with self._cond:
@@ -350,18 +358,74 @@ class ReplicatedStorage(Storage):
                     self._cond.notify_all()
         self._wait_min_insync()
 
-    def _fan_out(self, members: list[str], op: Callable[[Storage], None]) -> list[tuple[str, str]]:
-        """Run ``op`` on every member in parallel; return the failures (member, why)."""
+    def _fan_out(self, members: list[str], request: Request) -> list[tuple[str, str]]:
+        """Do ``request`` on every member in parallel; return the failures (member, why).
+
+        A member that can submit (NbdStorage) is sent the request from this thread, and the
+        replies are collected here: no thread hand-off per member.  Others, and a request
+        whose connection dropped (it is done again, reconnecting), go through the pool.
+        Every request counts in flight from before it is sent until nobody will touch it
+        again, the same as the pool's (``_wait_idle``)."""
+        timeout = self._policy.child_timeout
+        deadline = time.monotonic() + timeout
+        failures: list[tuple[str, str]] = []
+        targets: list[tuple[str, _Child, Storage]] = []
+        with self._cond:
+            for member in members:
+                child = self._children[member]
+                if child.storage is None:
+                    failures.append((member, "not open"))
+                    continue
+                child.in_flight += 1
+                targets.append((member, child, child.storage))
+        sent: list[tuple[str, _Child, Storage, object]] = []
+        pooled: list[tuple[str, Storage]] = []
+        ended: list[_Child] = []
+        for member, child, storage in targets:
+            handle = None
+            if storage.capabilities.can_submit:
+                try:
+                    handle = storage.submit(request)
+                except StorageError as err:
+                    self._request_failed(member, child, storage, err)
+                    failures.append((member, str(err)))
+                    ended.append(child)
+                    continue
+            if handle is None:
+                pooled.append((member, storage))
+            else:
+                sent.append((member, child, storage, handle))
+        for member, child, storage, handle in sent:
+            try:
+                if not storage.wait(handle, deadline - time.monotonic()):
+                    self._note_error(member, f"no answer within {timeout} s")
+                    failures.append((member, f"no answer within {timeout} s"))
+            except RequestLostError:
+                pooled.append((member, storage))  # still counted: the pool's run ends it
+                continue
+            except StorageError as err:
+                self._request_failed(member, child, storage, err)
+                failures.append((member, str(err)))
+            ended.append(child)
+        if ended:
+            with self._cond:
+                for child in ended:
+                    child.in_flight -= 1
+                self._cond.notify_all()
+        if pooled:
+            failures += self._pool_fan_out(pooled, request, deadline)
+        return failures
+
+    def _pool_fan_out(
+        self, members: list[tuple[str, Storage]], request: Request, deadline: float
+    ) -> list[tuple[str, str]]:
+        """``request`` on each member in a pool thread, already counted in flight."""
         failures: list[tuple[str, str]] = []
         futures: dict[concurrent.futures.Future[None], str] = {}
-        for member in members:
-            storage = self._children[member].storage
-            if storage is None:
-                failures.append((member, "not open"))
-                continue
-            futures[self._submit(member, storage, op)] = member
+        for member, storage in members:
+            futures[self._submit(member, storage, request.apply, counted=True)] = member
         timeout = self._policy.child_timeout
-        done, late = concurrent.futures.wait(futures, timeout)
+        done, late = concurrent.futures.wait(futures, max(0.0, deadline - time.monotonic()))
         for future in done:
             if future.cancelled():  # by close()
                 self._check_usable()
@@ -376,7 +440,7 @@ class ReplicatedStorage(Storage):
     def _fan_out_flush(self) -> None:
         m = self._membership
         targets = [x for x in m.members if x not in m.out]
-        for member, reason in self._fan_out(targets, lambda s: s.flush()):
+        for member, reason in self._fan_out(targets, Request("flush")):
             self._fail_member(member, None, f"flush: {reason}")
 
     def _run(
@@ -392,13 +456,7 @@ class ReplicatedStorage(Storage):
         try:
             return op(storage)
         except StorageError as err:
-            self._note_error(member, str(err))
-            if err.errno == errno.EPERM and child.storage is storage:
-                # The member's current connection is refused its epoch: a newer engine took
-                # the volume.  Not a member failure to record (the catalogue is no longer ours
-                # to change).  From a connection already replaced, it is the replica fencing
-                # a request of ours that outlived it: nothing more.
-                self._fence(f"member {member} refused: {err}")
+            self._request_failed(member, child, storage, err)
             raise
         finally:
             with self._cond:
@@ -406,12 +464,28 @@ class ReplicatedStorage(Storage):
                 if not child.in_flight:
                     self._cond.notify_all()
 
+    def _request_failed(
+        self, member: str, child: _Child, storage: Storage, err: StorageError
+    ) -> None:
+        if child.storage is not storage:
+            # From a connection already dropped (the member failed meanwhile, e.g. this
+            # request was abandoned at child_timeout): the status keeps why it failed.
+            return
+        self._note_error(member, str(err))
+        if err.errno == errno.EPERM:
+            # The member's current connection is refused its epoch: a newer engine took the
+            # volume.  Not a member failure to record (the catalogue is no longer ours to
+            # change).  From a connection already replaced, it is the replica fencing a
+            # request of ours that outlived it: nothing more.
+            self._fence(f"member {member} refused: {err}")
+
     def _submit(
-        self, member: str, storage: Storage, op: Callable[[Storage], T]
+        self, member: str, storage: Storage, op: Callable[[Storage], T], counted: bool = False
     ) -> concurrent.futures.Future[T]:
         child = self._children[member]
-        with self._cond:
-            child.in_flight += 1  # queued counts: it may still run after a resync began
+        if not counted:
+            with self._cond:
+                child.in_flight += 1  # queued counts: it may still run after a resync began
         try:
             return self._pool.submit(self._run, member, storage, op, True)
         except RuntimeError:  # shut down by close() meanwhile

@@ -19,6 +19,7 @@ import abc
 import dataclasses
 import errno as errno_mod
 import os
+from typing import Literal
 
 
 class StorageError(Exception):
@@ -59,6 +60,11 @@ class Capabilities:
     # on one connection covers writes completed on all of them (NBD_FLAG_CAN_MULTI_CONN).
     can_multi_conn: bool = True
     thread_safe: bool = True
+    # submit() sends a write, zero, trim or flush without waiting and wait() collects its
+    # reply (Storage.submit): one thread can have a request on several storages at once (the
+    # replication engine's fan-out, docs/decisions/0106).  Layers never forward it (a submit
+    # passed through would skip the layer), so ForwardingStorage declares it False.
+    can_submit: bool = False
     # Requests are cheap and never block for long (page-cache file I/O): the server may run
     # them on the connection's own thread instead of a worker pool.
     inline: bool = True
@@ -82,6 +88,39 @@ class Extent:
     length: int
     hole: bool = False
     zero: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A write, zero, trim or flush, as a value: handed to ``Storage.submit`` or done at once
+    by ``apply``.  ``data`` is the payload of a write (``length`` is then its length)."""
+
+    kind: Literal["write", "zero", "trim", "flush"]
+    offset: int = 0
+    length: int = 0
+    data: bytes | None = None
+    fua: bool = False
+    may_trim: bool = True
+
+    def apply(self, storage: Storage) -> None:
+        """Do the request on ``storage`` the blocking way."""
+        if self.kind == "write":
+            assert self.data is not None
+            storage.write(self.offset, self.data, self.fua)
+        elif self.kind == "zero":
+            storage.write_zeroes(self.offset, self.length, self.fua, self.may_trim)
+        elif self.kind == "trim":
+            storage.trim(self.offset, self.length, self.fua)
+        else:
+            storage.flush()
+
+
+class RequestLostError(StorageError):
+    """The connection a submitted request went out on dropped before its reply: whether it
+    was done is unknown, and doing it again is safe (every NBD command is idempotent)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno_mod.ECONNRESET, message)
 
 
 class Storage(abc.ABC):
@@ -148,6 +187,21 @@ class Storage(abc.ABC):
         ``StorageError(ENOTSUP)``, as here.
         """
         raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot be resized")
+
+    def submit(self, request: Request) -> object | None:
+        """Send ``request`` without waiting for it; return a handle for ``wait``, or None
+        when it cannot go that way now (the caller then does ``request.apply``).
+
+        An optional ability, declared by ``Capabilities.can_submit``; without it this raises
+        ``StorageError(ENOTSUP)``, as here.
+        """
+        raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot submit requests")
+
+    def wait(self, handle: object, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the request behind ``handle``: True once it is
+        done, False if not (the request is abandoned: nobody will wait for it again).
+        Raises StorageError for its failure, RequestLostError when it must be done again."""
+        raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot submit requests")
 
     @abc.abstractmethod
     def close(self) -> None:

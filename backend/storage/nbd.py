@@ -30,7 +30,9 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import random
+import select
 import socket
 import ssl
 import struct
@@ -44,7 +46,14 @@ from backend.nbd import NEED_DATA, ConnectionClosed, NBDError
 from backend.nbd.client import ClientConnection, ExportInfo, Reply, TLSReady
 from backend.nbd.constants import Cmd, CmdFlag, Error, StateFlag
 from backend.nbd.constants import TransmissionFlag as Flag
-from backend.storage.base import Capabilities, Extent, Storage, StorageError
+from backend.storage.base import (
+    Capabilities,
+    Extent,
+    Request,
+    RequestLostError,
+    Storage,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +215,7 @@ class _Link:
         self._send_lock = threading.Lock()
         self._mutex = threading.Lock()  # _reading, _waiters, every waiter's flags
         self._reading = False
+        self._poll: select.poll | None = None  # made by the first exact wait
         self._waiters: dict[int, _Waiter] = {}
         self.down: _LinkDownError | None = None
 
@@ -266,9 +276,11 @@ class _Link:
                 raise self.down or _LinkDownError(str(err)) from err
         return waiter
 
-    def wait(self, waiter: _Waiter, timeout: float) -> bool:
+    def wait(self, waiter: _Waiter, timeout: float, exact: bool = False) -> bool:
         """Wait for ``waiter``'s reply (or the link's death); False after ``timeout`` seconds
-        (0: no limit) without either."""
+        (0: no limit) without either.  Not ``exact``: a caller reading the socket notices the
+        timeout between replies only (the kernel's receive timeout, ``request_timeout``,
+        bounds each read); ``exact``: it polls before each read, one system call more."""
         deadline = time.monotonic() + timeout if timeout > 0 else None
         while True:
             with self._mutex:
@@ -281,7 +293,7 @@ class _Link:
                     waiter.sleeping = True
             if leader:
                 try:
-                    self._read_until(waiter, deadline)
+                    self._read_until(waiter, deadline, exact)
                 finally:
                     with self._mutex:
                         self._reading = False
@@ -306,14 +318,16 @@ class _Link:
             if waiter.done:
                 return True
 
-    def _read_until(self, waiter: _Waiter, deadline: float | None) -> None:
+    def _read_until(self, waiter: _Waiter, deadline: float | None, exact: bool = False) -> None:
         """Read replies, handing each to its waiter, until ``waiter``'s came or the link died
-        (or the deadline passed, checked between reads)."""
+        (or the deadline passed, checked between reads, and before each when ``exact``)."""
         core, sock = self._core, self._sock
         try:
             while not waiter.done:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or (exact and not self._readable(left)):
+                        return
                 target = core.payload_buffer()
                 if target is not None:
                     count = sock.recv_into(target)
@@ -342,6 +356,16 @@ class _Link:
             self.kill(_LinkDownError("the server stopped answering", errno.ETIMEDOUT))
         except (OSError, NBDError) as err:
             self.kill(_LinkDownError(f"connection failed: {err}"))
+
+    def _readable(self, timeout: float) -> bool:
+        """Whether the socket has something to read within ``timeout`` seconds (a hang-up
+        or an error counts: the read then says what)."""
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
+        return bool(self._poll.poll(math.ceil(timeout * 1000)))
 
     def kill(self, down: _LinkDownError) -> None:
         """Close the connection; every request still waiting learns it is down."""
@@ -372,6 +396,15 @@ class _Link:
                 self._sock.sendall(self._core.disconnect())
         self.kill(_LinkDownError("closed", errno.ESHUTDOWN))
         self._sock.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    """A submitted request: the connection it went out on and its waiter."""
+
+    link: _Link
+    waiter: _Waiter
+    command: Cmd
 
 
 def _dial(target: NbdTarget, timeout: float) -> socket.socket:
@@ -422,6 +455,7 @@ def _capabilities(info: ExportInfo) -> Capabilities:
         can_cache=bool(flags & Flag.SEND_CACHE),
         can_multi_conn=bool(flags & Flag.CAN_MULTI_CONN),
         thread_safe=True,
+        can_submit=True,
         inline=False,  # every request waits for the network
         rotational=bool(flags & Flag.ROTATIONAL),
         min_block=minimum,
@@ -572,6 +606,64 @@ class NbdStorage(Storage):
                 result.append(Extent(pos, count, hole=hole, zero=zero))
             pos += count
         return result or [Extent(offset, length)]
+
+    # ------------------------------------------------------------------ submit and wait
+
+    def submit(self, request: Request) -> _Pending | None:
+        """Send ``request`` as one NBD command on an open connection, without waiting.  None
+        when it is not one command (longer than a request may be, FUA emulated, no FLUSH)
+        or no connection is open now: the blocking call splits, emulates and reconnects."""
+        caps = self._caps
+        if request.kind != "flush" and caps.read_only:
+            return None
+        if request.fua and not caps.can_fua:
+            return None
+        flags = int(CmdFlag.FUA) if request.fua else 0
+        payload: memoryview | None = None
+        if request.kind == "write":
+            assert request.data is not None
+            if not 0 < len(request.data) <= caps.max_block:
+                return None
+            command, length, payload = Cmd.WRITE, len(request.data), memoryview(request.data)
+        elif request.kind in ("zero", "trim"):
+            if not caps.can_zero or not 0 < request.length <= _LONG_PIECE - _LONG_PIECE % (
+                caps.min_block
+            ):
+                return None
+            command, length = Cmd.WRITE_ZEROES, request.length
+            if request.kind == "zero" and not request.may_trim:
+                flags |= CmdFlag.NO_HOLE
+        else:
+            if not caps.can_flush:
+                return None
+            command, length = Cmd.FLUSH, 0
+        link = self._links[self._next % len(self._links)]
+        self._next += 1
+        if link is None or link.down is not None:
+            return None
+        try:
+            waiter = link.submit(command, request.offset, length, flags, payload)
+        except _LinkDownError:
+            return None
+        return _Pending(link, waiter, command)
+
+    def wait(self, handle: object, timeout: float) -> bool:
+        assert isinstance(handle, _Pending)
+        link, waiter = handle.link, handle.waiter
+        if not link.wait(waiter, max(timeout, 1e-6), exact=True):
+            link.forget(waiter)
+            return False
+        if waiter.down is not None:
+            raise RequestLostError(f"{handle.command.name} to {self.target}: {waiter.down.reason}")
+        reply = waiter.reply
+        assert reply is not None
+        if reply.error == Error.ESHUTDOWN:
+            link.kill(_LinkDownError("the server is shutting down", errno.ESHUTDOWN))
+            raise RequestLostError(f"{handle.command.name} to {self.target}: server shutting down")
+        if reply.error:
+            what = reply.message or f"{handle.command.name} failed on {self.target}"
+            raise StorageError(reply.error, what)
+        return True
 
     def close(self) -> None:
         if self._closed:

@@ -12,7 +12,9 @@ storage lent to a temporary server).
 
 from __future__ import annotations
 
-from backend.storage.base import Capabilities, Extent, Storage
+import dataclasses
+
+from backend.storage.base import Capabilities, Extent, Request, Storage
 
 
 class ForwardingStorage(Storage):
@@ -33,7 +35,9 @@ class ForwardingStorage(Storage):
 
     @property
     def capabilities(self) -> Capabilities:
-        return self._inner.capabilities
+        caps = self._inner.capabilities
+        # submit() is not passed on (below), so it is not declared either.
+        return dataclasses.replace(caps, can_submit=False) if caps.can_submit else caps
 
     def read(self, offset: int, length: int) -> bytes:
         return self._inner.read(offset, length)
@@ -65,6 +69,14 @@ class ForwardingStorage(Storage):
 
     def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
         self._inner.resize(new_size, allow_shrink=allow_shrink)
+
+    def submit(self, request: Request) -> object | None:
+        # Refused, not forwarded: a request submitted to ``inner`` would skip this layer's
+        # write (a cache to update, a retry to make).
+        return Storage.submit(self, request)
+
+    def wait(self, handle: object, timeout: float) -> bool:
+        return Storage.wait(self, handle, timeout)
 
     def close(self) -> None:
         """Close ``inner`` if owned; a borrowed one stays open for its owner."""

@@ -11,6 +11,12 @@ member's disk.  Faults are per member and shared by every child opened on it:
   reorders concurrent requests);
 * ``unreachable``: opening the member fails (a dead node).
 
+With ``serve`` (tests/unit/server/clients.py ``in_process_servers``) each child is an
+NbdStorage talking to this project's server in process, which serves the FaultyStorage: the
+engine then takes its submit path (docs/decisions/0106), with errors crossing the wire, and
+each member's server fences older epochs as a replica's does (backend/server/fencing.py:
+a connection under a newer epoch waits for the older connections' requests to end).
+
 Replicas also enforce epochs the way replica servers do: a child opened with an epoch lower
 than the highest one promised (by any ``open_child`` or ``promise``) refuses every request.
 """
@@ -22,16 +28,21 @@ import errno
 import random
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from backend.replication.engine import ReplicatedStorage
 from backend.replication.membership import InMemoryMembershipStore, Membership
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import RegionMap
+from backend.server.exports import Export
+from backend.server.fencing import Fence
+from backend.server.server import Server
 from backend.storage import MemoryStorage, Storage, StorageError
-from backend.storage.base import Extent
+from backend.storage.base import Capabilities, Extent
 from backend.storage.layers.forwarding import ForwardingStorage
+from backend.storage.nbd import NbdStorage, NbdTarget
+from tests.unit.server.clients import port_of
 
 ALL = frozenset({"read", "write", "flush", "extents"})
 
@@ -73,6 +84,11 @@ class FaultyStorage(ForwardingStorage):
         self._epoch = epoch
         self._replicas = replicas
         self.closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Served over NBD, requests run on the server's workers, so a hang holds only itself.
+        return dataclasses.replace(super().capabilities, inline=False)
 
     def _gate(self, kind: str) -> None:
         if self.closed:
@@ -123,13 +139,33 @@ class FaultyStorage(ForwardingStorage):
         self.closed = True
 
 
+class _NbdChild(NbdStorage):
+    """A member over NBD; closing it drops what its connection still has running on the
+    server, as a replica server does when the connection goes."""
+
+    def __init__(self, served: FaultyStorage, target: NbdTarget) -> None:
+        super().__init__(target, reconnect_deadline=0)
+        self._served = served
+
+    def close(self) -> None:
+        self._served.closed = True
+        super().close()
+
+
 class Replicas:
     """Member disks, their faults, and the epoch each promised (per member, as each replica
     server keeps its own: an engine reconnecting one member under a newer epoch fences only
     that member's older connections)."""
 
-    def __init__(self, members: Collection[str], size: int) -> None:
+    def __init__(
+        self,
+        members: Collection[str],
+        size: int,
+        serve: Callable[..., Server] | None = None,
+    ) -> None:
         self.size = size
+        self.serve = serve
+        self.fences = {m: Fence(m, 0, lambda epoch: True) for m in members}
         self.disks = {m: MemoryStorage(size) for m in members}
         self.faults = {m: Fault() for m in members}
         self.promised = dict.fromkeys(members, 0)
@@ -140,7 +176,12 @@ class Replicas:
             raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
         self.promised[member] = max(self.promised[member], epoch)
         self.opened.append((member, epoch))
-        return FaultyStorage(member, self.disks[member], self.faults[member], epoch, self)
+        child = FaultyStorage(member, self.disks[member], self.faults[member], epoch, self)
+        if self.serve is None:
+            return child
+        server = self.serve(Export("disk", child, fence=self.fences[member], epoch=epoch))
+        target = NbdTarget.from_uri(f"nbd://127.0.0.1:{port_of(server)}/disk")
+        return _NbdChild(child, target)
 
     def promise(self, epoch: int) -> None:
         """Every member promises ``epoch`` (another engine attached)."""
@@ -172,13 +213,18 @@ class Volume:
 
     @classmethod
     def create(
-        cls, directory: Path, members: Collection[str], size: int, granularity: int = 4096
+        cls,
+        directory: Path,
+        members: Collection[str],
+        size: int,
+        granularity: int = 4096,
+        serve: Callable[..., Server] | None = None,
     ) -> Volume:
         store = InMemoryMembershipStore()
         store.commit(Membership.new("vol", members), None)
         path = directory / "vol.map"
         RegionMap.create(path, size, granularity, syncer=_no_sync).close()
-        return cls(Replicas(members, size), store, path, granularity)
+        return cls(Replicas(members, size, serve), store, path, granularity)
 
     def open(self, policy: ReplicationPolicy | None = None) -> Engine:
         regions = RegionMap.open(self.map_path, syncer=_no_sync)

@@ -20,6 +20,7 @@ from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import IN_DOUBT, missed
 from backend.storage import StorageError
 from tests.unit.replication.replicas import Engine, Volume, members
+from tests.unit.server.clients import in_process_servers
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -28,9 +29,17 @@ G = 64 * KIB
 QUICK = ReplicationPolicy(child_timeout=2.0, below_min_wait=0.5)
 
 
-@pytest.fixture
-def volume(tmp_path: Path) -> Volume:
-    return Volume.create(tmp_path, list(members(3)), SIZE, granularity=G)
+@pytest.fixture(params=["memory", "nbd"])
+def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
+    """Members in memory (the engine's pool path) or over NBD to in-process servers (its
+    submit path: docs/decisions/0106)."""
+    if request.param == "memory":
+        yield Volume.create(tmp_path, list(members(3)), SIZE, granularity=G)
+        return
+    with in_process_servers() as serve:
+        volume = Volume.create(tmp_path, list(members(3)), SIZE, granularity=G, serve=serve)
+        yield volume
+        volume.replicas.heal()  # nothing stays hung on a server being shut down
 
 
 @pytest.fixture

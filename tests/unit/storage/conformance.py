@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from backend.storage.base import Extent, Storage, StorageError
+from backend.storage.base import Extent, Request, Storage, StorageError
 
 StorageFactory = Callable[[int], Storage]
 
@@ -334,6 +334,35 @@ def test_resize_is_declared(storage: Storage) -> None:
     storage.resize(SIZE - 500, allow_shrink=True)
     assert storage.size == SIZE - 500
     assert storage.read(SIZE - 1000, 500) == tail[:500]
+
+
+def test_submit_is_declared(storage: Storage) -> None:
+    """``can_submit`` says whether ``submit``/``wait`` work; without it, ENOTSUP.  With it, a
+    request submitted is done once ``wait`` says so (or, when ``submit`` declines, by its
+    ``apply``), several may be in flight at once, and each reads back as sent."""
+    first, second = pattern(13, 5000), pattern(14, 3000)
+    requests = [
+        Request("write", 100, len(first), first),
+        Request("write", 300_000, len(second), second, fua=True),
+        Request("zero", 200, 1000),
+        Request("trim", 300_500, 100),
+        Request("flush"),
+    ]
+    if not storage.capabilities.can_submit:
+        with pytest.raises(StorageError) as excinfo:
+            storage.submit(requests[0])
+        assert excinfo.value.errno == errno.ENOTSUP
+        assert storage.read(100, 5000) == bytes(5000)
+        return
+    for batch in (requests[:2], requests[2:]):
+        handles = [(r, storage.submit(r)) for r in batch]
+        for request, handle in handles:
+            if handle is None:
+                request.apply(storage)
+            else:
+                assert storage.wait(handle, 10)
+    assert storage.read(100, 5000) == first[:100] + bytes(1000) + first[1100:]
+    assert storage.read(300_000, 3000) == second[:500] + bytes(100) + second[600:]
 
 
 def test_concurrent_disjoint_writes(storage: Storage) -> None:

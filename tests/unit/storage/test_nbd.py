@@ -5,6 +5,7 @@ test_nbd_storage.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ import pytest
 from backend.server.exports import Export
 from backend.server.server import Server
 from backend.storage import MemoryStorage, StorageError
-from backend.storage.nbd import NbdStorage, NbdTarget
+from backend.storage.base import Capabilities, Request, RequestLostError
+from backend.storage.nbd import NbdStorage, NbdTarget, _LinkDownError
 from tests.unit.server.clients import FailingStorage, GatedStorage, in_process_servers, port_of
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
@@ -213,4 +215,87 @@ def test_a_reply_missing_past_the_request_timeout_kills_the_connection(serve: Se
         assert not storage.connected
     finally:
         remote.gate.set()
+        storage.close()
+
+
+class _HeldWrites(MemoryStorage):
+    """Memory storage (on the worker pool) whose writes wait until ``release`` is set."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = threading.Event()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, inline=False)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        assert self.release.wait(10), "never released"
+        super().write(offset, data, fua)
+
+
+def test_submit_sends_one_command_and_declines_what_is_not_one(serve: Serve) -> None:
+    server = serve(Export("vol", MemoryStorage(16 << 20)), max_request=4 << 20)
+    storage = NbdStorage(target(server))
+    try:
+        assert storage.capabilities.can_submit
+        long = pattern(1, storage.capabilities.max_block + 1)
+        assert storage.submit(Request("write", 0, len(long), long)) is None  # split by write()
+        handles = [
+            storage.submit(Request("write", i * 4096, 4096, b"%d" % i * 4096)) for i in (0, 1)
+        ]
+        assert all(handle is not None and storage.wait(handle, 10) for handle in handles)
+        assert storage.read(0, 8192) == b"0" * 4096 + b"1" * 4096
+        storage._links[0].kill(_LinkDownError("test"))  # type: ignore[union-attr]
+        assert storage.submit(Request("flush")) is None  # no connection: write() reconnects
+    finally:
+        storage.close()
+
+
+def test_wait_gives_up_after_its_timeout_and_the_connection_goes_on(serve: Serve) -> None:
+    remote = _HeldWrites(1 << 20)
+    server = serve(Export("vol", remote))
+    storage = NbdStorage(target(server))
+    try:
+        handle = storage.submit(Request("write", 0, 5, b"hello"))
+        assert handle is not None
+        assert storage.wait(handle, 0.2) is False
+        remote.release.set()
+        storage.write(4096, b"world")
+        assert storage.read(0, 5) == b"hello"  # it was done, after the caller gave up
+        assert storage.connected
+    finally:
+        remote.release.set()
+        storage.close()
+
+
+def test_wait_raises_the_remote_errno(serve: Serve) -> None:
+    server = serve(Export("vol", FailingStorage(1 << 20)))
+    storage = NbdStorage(target(server))
+    try:
+        handle = storage.submit(Request("write", 0, 1, bytes([errno.ENOSPC])))
+        assert handle is not None
+        with pytest.raises(StorageError) as excinfo:
+            storage.wait(handle, 10)
+        assert excinfo.value.errno == errno.ENOSPC
+    finally:
+        storage.close()
+
+
+def test_a_request_whose_connection_drops_is_lost_and_can_be_done_again(serve: Serve) -> None:
+    remote = _HeldWrites(1 << 20)
+    server = serve(Export("vol", remote))
+    storage = NbdStorage(target(server), reconnect_deadline=10)
+    try:
+        request = Request("write", 0, 5, b"again")
+        handle = storage.submit(request)
+        assert handle is not None
+        storage._links[0].kill(_LinkDownError("test"))  # type: ignore[union-attr]
+        with pytest.raises(RequestLostError):
+            storage.wait(handle, 10)
+        remote.release.set()
+        request.apply(storage)  # the blocking call reconnects
+        assert storage.read(0, 5) == b"again"
+    finally:
+        remote.release.set()
         storage.close()
