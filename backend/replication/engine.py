@@ -185,6 +185,13 @@ class ReplicatedStorage(Storage):
                     # Out with no record of what it missed (new, or a crash between): all.
                     self._regions.add_plane(name)
                     self._regions.mark([name], 0, self._size)
+                elif self._membership.state(member) == "out":
+                    # A write registered before the member failed marks only IN_DOUBT, and
+                    # adds its region to the plane after its fan-out; a crash between left
+                    # the region in doubt but not in the plane, and the reconcile is about
+                    # to clear IN_DOUBT: what was in doubt, the out member may lack.
+                    for offset, length in list(self._regions.regions(IN_DOUBT)):
+                        self._regions.mark([name], offset, length)
                 elif self._membership.state(member) == "in_sync" and name in planes:
                     self._regions.remove_plane(name)
 

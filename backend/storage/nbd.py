@@ -322,11 +322,18 @@ class _Link:
         """Read replies, handing each to its waiter, until ``waiter``'s came or the link died
         (or the deadline passed, checked between reads, and before each when ``exact``)."""
         core, sock = self._core, self._sock
+        final = False
         try:
             while not waiter.done:
                 if deadline is not None:
                     left = deadline - time.monotonic()
-                    if left <= 0 or (exact and not self._readable(left)):
+                    if left <= 0 and (final or not exact):
+                        return
+                    # Exact: a reply that arrived before the deadline still counts when the
+                    # caller comes late (it waited for another member first): one last
+                    # look at what the socket holds now.
+                    final = left <= 0
+                    if exact and not self._readable(max(left, 0.0)):
                         return
                 target = core.payload_buffer()
                 if target is not None:

@@ -10,7 +10,8 @@ brings them back with a resync, and crashes and reopens the engine.  The oracle:
 * after the final resync every member is byte-identical.
 
 Scale and reproduce with environment variables: ``NBS_CHAOS_RUNS`` (default 1000) and
-``NBS_CHAOS_SEED`` (default: random, printed; a failure names the run's own seed).
+``NBS_CHAOS_SEED`` (default: random, printed; a failure names the run's own seed);
+``NBS_CHAOS_NBD_RUNS`` (default 200) for the runs with members over NBD.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.replication.policy import ReplicationPolicy
+from backend.server.server import Server
 from backend.storage import StorageError
 from tests.unit.replication.replicas import Engine, Volume, members
+from tests.unit.server.clients import in_process_servers
 
 BLOCK = 1024
 BLOCKS = 48  # regions of 4 KiB hold four blocks, shared by neighbouring guest threads
@@ -38,6 +42,9 @@ ZERO = 0  # the version of a block of zeroes that no write made (the initial con
 # child_timeout: a healthy member must never miss it, also on a loaded 2-core machine (a
 # 100 ms stall was seen with a CI run beside); each hang of a member costs it once.
 POLICY = ReplicationPolicy(child_timeout=0.25, below_min_wait=0.0)
+# Over NBD a request crosses four more threads (the server's session, worker and writer) of
+# the same interpreter, each a turn for the global lock among a dozen busy threads.
+NBD_POLICY = ReplicationPolicy(child_timeout=1.0, below_min_wait=0.0)
 
 
 def stamp(block: int, version: int) -> bytes:
@@ -71,14 +78,17 @@ class Block:
 
 
 class Run:
-    def __init__(self, seed: int, directory: Path) -> None:
+    def __init__(
+        self, seed: int, directory: Path, serve: Callable[..., Server] | None = None
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.volume = Volume.create(directory, list(members(3)), SIZE)
+        self.volume = Volume.create(directory, list(members(3)), SIZE, serve=serve)
         self.blocks = [Block() for _ in range(BLOCKS)]
         self.versions = iter(range(1, 1 << 62))
         self.lock = threading.Lock()
-        self.engine = self.volume.open(POLICY)
+        self.policy = NBD_POLICY if serve else POLICY
+        self.engine = self.volume.open(self.policy)
         self.crashed = threading.Event()
         self.errors: list[BaseException] = []
 
@@ -176,7 +186,7 @@ class Run:
             raise self.errors[0]
         self.volume.replicas.heal()
         if self.crashed.is_set():
-            self.engine = self.volume.open(POLICY)
+            self.engine = self.volume.open(self.policy)
         engine = self.engine
         for member in engine.membership.members:
             if engine.membership.state(member) == "out":
@@ -191,7 +201,16 @@ class Run:
 
 
 def test_chaos() -> None:
-    runs = int(os.environ.get("NBS_CHAOS_RUNS", "1000"))
+    chaos(int(os.environ.get("NBS_CHAOS_RUNS", "1000")), nbd=False)
+
+
+def test_chaos_over_nbd() -> None:
+    """The same runs with every member an NbdStorage to an in-process server (the engine's
+    submit path, docs/decisions/0106); fewer, as each run starts servers."""
+    chaos(int(os.environ.get("NBS_CHAOS_NBD_RUNS", "200")), nbd=True)
+
+
+def chaos(runs: int, nbd: bool) -> None:
     seed = int(os.environ.get("NBS_CHAOS_SEED", str(random.randrange(1 << 32))))
     print(f"chaos: {runs} runs, NBS_CHAOS_SEED={seed}")
     master = random.Random(seed)
@@ -201,7 +220,15 @@ def test_chaos() -> None:
             run_dir = Path(directory) / str(i)
             run_dir.mkdir()
             try:
-                Run(run_seed, run_dir).run()
+                if nbd:
+                    with in_process_servers() as serve:
+                        run = Run(run_seed, run_dir, serve)
+                        try:
+                            run.run()
+                        finally:
+                            run.volume.replicas.heal()  # nothing stays hung on the servers
+                else:
+                    Run(run_seed, run_dir).run()
             except BaseException as err:
                 err.add_note(
                     f"chaos run {i}: reproduce with NBS_CHAOS_SEED={seed} (run seed {run_seed})"
