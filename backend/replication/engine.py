@@ -429,8 +429,15 @@ class ReplicatedStorage(Storage):
         """``request`` on each member in a pool thread, already counted in flight."""
         failures: list[tuple[str, str]] = []
         futures: dict[concurrent.futures.Future[None], str] = {}
-        for member, storage in members:
-            futures[self._submit(member, storage, request.apply, counted=True)] = member
+        for index, (member, storage) in enumerate(members):
+            try:
+                futures[self._submit(member, storage, request.apply, counted=True)] = member
+            except StorageError:  # closed meanwhile: the ones not handed over end here
+                with self._cond:
+                    for rest, _ in members[index + 1 :]:
+                        self._children[rest].in_flight -= 1
+                    self._cond.notify_all()
+                raise
         timeout = self._policy.child_timeout
         done, late = concurrent.futures.wait(futures, max(0.0, deadline - time.monotonic()))
         for future in done:
