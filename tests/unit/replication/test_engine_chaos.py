@@ -36,8 +36,9 @@ GUESTS = 3
 OPS = 12
 ZERO = 0  # the version of a block of zeroes that no write made (the initial content)
 # child_timeout: a healthy member must never miss it, also on a loaded 2-core machine (a
-# 100 ms stall was seen with a CI run beside); each hang of a member costs it once.
-POLICY = ReplicationPolicy(child_timeout=0.25, below_min_wait=0.0)
+# 100 ms stall was seen with a CI run beside).  It costs little: a hang ends when the chaos
+# thread clears the fault (milliseconds later) or crashes the engine (closing the connection).
+POLICY = ReplicationPolicy(child_timeout=1.0, below_min_wait=0.0)
 
 
 def stamp(block: int, version: int) -> bytes:
