@@ -176,9 +176,13 @@ class ReplicatedStorage(Storage):
                 self._fail_member(member, None, f"cannot open: {err}")
 
     def _settle_planes(self) -> None:
-        """Every out member has a missed plane; no other member has one."""
+        """Every out member has a missed plane; no other member has one.  An out member also
+        missed whatever was in doubt when the last engine stopped: a write in flight then
+        may have reached the others (reconcile makes them agree) and not it, and the failure
+        that would have added its region to the member's plane may never have run."""
         with self._changes:
             planes = set(self._regions.planes)
+            doubt = list(self._regions.regions(IN_DOUBT))
             for member in self._membership.members:
                 name = missed(member)
                 if self._membership.state(member) == "out" and name not in planes:
@@ -186,11 +190,7 @@ class ReplicatedStorage(Storage):
                     self._regions.add_plane(name)
                     self._regions.mark([name], 0, self._size)
                 elif self._membership.state(member) == "out":
-                    # A write registered before the member failed marks only IN_DOUBT, and
-                    # adds its region to the plane after its fan-out; a crash between left
-                    # the region in doubt but not in the plane, and the reconcile is about
-                    # to clear IN_DOUBT: what was in doubt, the out member may lack.
-                    for offset, length in list(self._regions.regions(IN_DOUBT)):
+                    for offset, length in doubt:
                         self._regions.mark([name], offset, length)
                 elif self._membership.state(member) == "in_sync" and name in planes:
                     self._regions.remove_plane(name)

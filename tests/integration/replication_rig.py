@@ -190,5 +190,51 @@ def qemu_io(
     )
 
 
+class QemuIoSession:
+    """One qemu-io kept open on ``uri`` while a test breaks things around it: ``send``
+    queues commands, ``finish`` sends the last ones and ends it (end of input quits qemu-io)
+    and returns what it printed.  Left running (a failed test), it is killed by PID."""
+
+    def __init__(self, uri: str) -> None:
+        self.process = subprocess.Popen(
+            [require_tool("qemu-io"), "-f", "raw", uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def __enter__(self) -> QemuIoSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill it if it still runs."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, *commands: str) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write("".join(f"{command}\n" for command in commands))
+        stdin.flush()
+
+    def finish(self, *commands: str, timeout: float = 120) -> str:
+        if commands:
+            self.send(*commands)
+        output, _ = self.process.communicate(timeout=timeout)
+        return output
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
 def replica_bytes(nodes: list[StorageNode], replica: str) -> list[bytes]:
     return [node.volume_bytes(replica) for node in nodes]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import require_module, require_tool
+from tests.integration.conftest import require_module
 from tests.integration.helpers import fio
 from tests.integration.replication_rig import (
     Engine,
     MiB,
+    QemuIoSession,
     create_replicated,
     qemu_io,
     replicas_on,
@@ -115,26 +115,11 @@ def test_kill_9_of_one_node_under_writes_gives_no_client_error(
     engine, nodes = cluster
     create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
     name = replicas_on(nodes[0])[0]
-    session = subprocess.Popen(
-        [require_tool("qemu-io"), "-f", "raw", engine.uri("vol")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert session.stdin is not None
     writes = [f"write -P {i % 250 + 1} {i * 256}k 256k" for i in range(48)]
-    try:
-        session.stdin.write("\n".join(writes[:24]) + "\nflush\n")
-        session.stdin.flush()
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send(*writes[:24], "flush")
         nodes[1].kill()
-        session.stdin.write("\n".join(writes[24:]) + "\nflush\nquit\n")
-        session.stdin.flush()
-        output, _ = session.communicate(timeout=120)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        output = session.finish(*writes[24:], "flush")
     assert session.returncode == 0, output
     assert "error" not in output.lower(), output
     assert output.count("wrote 262144/262144 bytes") == 48, output

@@ -32,6 +32,7 @@ from tests.integration.helpers import fio, guest_disk, nbs
 from tests.integration.replication_rig import (
     Engine,
     MiB,
+    QemuIoSession,
     create_replicated,
     qemu_io,
     replica_bytes,
@@ -228,29 +229,12 @@ def test_link_blackholed_reset_and_slowed_then_healed(rig: Rig) -> None:
 
     # Reset under a stream of writes: no client error; the member drops out or reconnects.
     failures = engine.membership(replica).generation
-    session = subprocess.Popen(
-        [require_tool("qemu-io"), "-f", "raw", engine.uri("vol")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert session.stdin is not None
-    try:
-        session.stdin.write("".join(f"write -P 0x{0x30 + i:x} {i * 64}k 64k\n" for i in range(16)))
-        session.stdin.flush()
+    writes = [f"write -P 0x{0x30 + i:x} {i * 64}k 64k" for i in range(32)]
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send(*writes[:16])
         wait_for(lambda: links[1].active > 0, 30, "the engine's link to the member")
         links[1].reset()
-        session.stdin.write(
-            "".join(f"write -P 0x{0x30 + i:x} {i * 64}k 64k\n" for i in range(16, 32))
-            + "flush\nquit\n"
-        )
-        session.stdin.flush()
-        output, _ = session.communicate(timeout=60)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        output = session.finish(*writes[16:], "flush", timeout=60)
     assert session.returncode == 0, output
     assert "error" not in output.lower(), output
     assert output.count("wrote 65536/65536 bytes") == 32, output
@@ -340,32 +324,14 @@ def test_two_of_three_lost_with_below_min_wait(rig: Rig) -> None:
     ok(qemu_io(engine.uri("vol"), "write -P 0x41 0 2M", "flush"))
     nodes[1].kill()
     nodes[2].kill()
-    session = subprocess.Popen(
-        [
-            require_tool("qemu-io"),
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x42 0 64k",
-            "-c",
-            "flush",
-            engine.uri("vol"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send("write -P 0x42 0 64k", "flush")
         time.sleep(TIMEOUT + 2)  # long enough to fail both members if it were to fail
-        assert session.poll() is None, "the write did not wait below min_insync"
+        assert session.alive(), "the write did not wait below min_insync"
         # Reads go on meanwhile (a read-only client: the waiting one holds the volume).
         ok(qemu_io(engine.uri("vol"), "read -P 0x41 64k 1M", read_only=True))
         nodes[1].restart()
-        output, _ = session.communicate(timeout=40)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        output = session.finish(timeout=40)
     assert session.returncode == 0, output
     assert "error" not in output.lower(), output
     nodes[2].restart()
@@ -383,29 +349,16 @@ def test_kill_9_of_the_engine_mid_write_reconciles_before_serving(rig: Rig) -> N
     replica = create_replicated(engine, "vol", nodes, FAST)
     # A long stream of unflushed writes (no flush: every region stays in doubt).
     commands = [f"write -P 0x{0x50 + i % 64:x} {i * 64}k 64k" for i in range(256)]
-    session = subprocess.Popen(
-        [require_tool("qemu-io"), "-f", "raw", engine.uri("vol")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert session.stdin is not None
     before = rig.links[0].counters().bytes_to_server
-    try:
-        session.stdin.write("\n".join(commands) + "\n")
-        session.stdin.flush()
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send(*commands)
         wait_for(
             lambda: rig.links[0].counters().bytes_to_server > before + 2 * MiB,
             60,
             "writes through the engine",
         )
         engine.kill()
-        session.communicate(timeout=30)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        session.finish(timeout=30)
     engine.start()
     ok(qemu_io(engine.uri("vol"), "read 0 64k"))  # the first open reconciles, then serves
     reconciled = re.findall(r"reconciled (\d+) bytes in doubt", engine.log.read_text())
@@ -439,25 +392,16 @@ def test_a_frozen_engine_fenced_by_a_second_one_lands_no_write(rig: Rig) -> None
     first, nodes = rig.engine, rig.nodes
     # below_min=fail: the fenced engine's requests fail at once instead of waiting ``wait``.
     replica = create_replicated(first, "vol", nodes, FAST, ",below_min=fail")
-    session = subprocess.Popen(
-        [require_tool("qemu-io"), "-f", "raw", first.uri("vol")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert session.stdin is not None
+    session = QemuIoSession(first.uri("vol"))
     second: Engine | None = None
     try:
-        session.stdin.write("write -P 0x61 0 1M\nflush\n")
-        session.stdin.flush()
+        session.send("write -P 0x61 0 1M", "flush")
         wait_for(lambda: first.membership(replica).epoch >= 1, 30, "the first engine's open")
         wait_for(
             lambda: all(n.volume_bytes(replica)[:MiB] == b"\x61" * MiB for n in nodes), 30, "1M"
         )
         first.freeze()
-        session.stdin.write("write -P 0xe1 4M 1M\nflush\n")  # queued while it is frozen
-        session.stdin.flush()
+        session.send("write -P 0xe1 4M 1M", "flush")  # queued while it is frozen
         # Files only: the API socket and the serve lock belong to the first process.
         shutil.copytree(
             first.data_dir, rig.workdir / "second", ignore=shutil.ignore_patterns("*.sock")
@@ -466,9 +410,7 @@ def test_a_frozen_engine_fenced_by_a_second_one_lands_no_write(rig: Rig) -> None
         second.start()
         ok(qemu_io(second.uri("vol"), "write -P 0x62 0 2M", "flush"))
         first.cont()
-        session.stdin.write("write -P 0xe2 6M 1M\nflush\nquit\n")  # after it woke
-        session.stdin.flush()
-        output, _ = session.communicate(timeout=60)
+        output = session.finish("write -P 0xe2 6M 1M", "flush", timeout=60)  # after it woke
         print(f"the fenced engine's client saw: {output.strip().splitlines()[-4:]}")
         assert "wrote 1048576/1048576 bytes at offset 0" in output
         assert output.count("write failed: Input/output error") == 2, output
@@ -481,9 +423,7 @@ def test_a_frozen_engine_fenced_by_a_second_one_lands_no_write(rig: Rig) -> None
         assert "(Operation not permitted)" in first.log.read_text()
         ok(qemu_io(second.uri("vol"), "read -P 0x62 0 2M", "read -P 0 2M 14M", read_only=True))
     finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        session.close()
         first.cont()
         if second is not None:
             second.stop()

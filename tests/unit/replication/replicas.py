@@ -23,6 +23,7 @@ than the highest one promised (by any ``open_child`` or ``promise``) refuses eve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import random
@@ -90,6 +91,21 @@ class FaultyStorage(ForwardingStorage):
         # Served over NBD, requests run on the server's workers, so a hang holds only itself.
         return dataclasses.replace(super().capabilities, inline=False)
 
+    @contextlib.contextmanager
+    def _admitted(self, kind: str) -> Iterator[None]:
+        """Count the request in flight before its epoch is checked and until it is done, as
+        a replica server does: a newer epoch waits for it (Replicas.open_child)."""
+        replicas, key = self._replicas, (self._member, self._epoch)
+        with replicas.cond:
+            replicas.in_flight[key] = replicas.in_flight.get(key, 0) + 1
+        try:
+            self._gate(kind)
+            yield
+        finally:
+            with replicas.cond:
+                replicas.in_flight[key] -= 1
+                replicas.cond.notify_all()
+
     def _gate(self, kind: str) -> None:
         if self.closed:
             raise StorageError(errno.EBADF, "connection closed")
@@ -110,30 +126,30 @@ class FaultyStorage(ForwardingStorage):
             time.sleep(fault.delay * (random.random() if fault.jitter else 1.0))
 
     def read(self, offset: int, length: int) -> bytes:
-        self._gate("read")
-        return super().read(offset, length)
+        with self._admitted("read"):
+            return super().read(offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        self._gate("write")
-        super().write(offset, data, fua)
+        with self._admitted("write"):
+            super().write(offset, data, fua)
 
     def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = True, fast: bool = False
     ) -> None:
-        self._gate("write")
-        super().write_zeroes(offset, length, fua, may_trim, fast)
+        with self._admitted("write"):
+            super().write_zeroes(offset, length, fua, may_trim, fast)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._gate("write")
-        super().trim(offset, length, fua)
+        with self._admitted("write"):
+            super().trim(offset, length, fua)
 
     def flush(self) -> None:
-        self._gate("flush")
-        super().flush()
+        with self._admitted("flush"):
+            super().flush()
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        self._gate("extents")
-        return super().extents(offset, length)
+        with self._admitted("extents"):
+            return super().extents(offset, length)
 
     def close(self) -> None:
         self.closed = True
@@ -169,12 +185,15 @@ class Replicas:
         self.disks = {m: MemoryStorage(size) for m in members}
         self.faults = {m: Fault() for m in members}
         self.promised = dict.fromkeys(members, 0)
+        # Requests in flight per (member, epoch of their connection); guarded by ``cond``.
+        self.in_flight: dict[tuple[str, int], int] = {}
+        self.cond = threading.Condition()
         self.opened: list[tuple[str, int]] = []
 
     def open_child(self, member: str, epoch: int) -> Storage:
         if self.faults[member].unreachable:
             raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
-        self.promised[member] = max(self.promised[member], epoch)
+        self._promise(member, epoch)
         self.opened.append((member, epoch))
         child = FaultyStorage(member, self.disks[member], self.faults[member], epoch, self)
         if self.serve is None:
@@ -185,8 +204,25 @@ class Replicas:
 
     def promise(self, epoch: int) -> None:
         """Every member promises ``epoch`` (another engine attached)."""
-        for member, promised in self.promised.items():
-            self.promised[member] = max(promised, epoch)
+        for member in self.promised:
+            self._promise(member, epoch)
+
+    def _promise(self, member: str, epoch: int) -> None:
+        """Promise ``epoch``, then wait for the requests of older connections still running
+        (a replica server drains them before the newer epoch is served: requests of a crashed
+        or fenced engine that were already admitted never land after this returns)."""
+        with self.cond:
+            if epoch <= self.promised[member]:
+                return
+            self.promised[member] = epoch
+
+            def drained() -> bool:
+                return not any(
+                    n for (m, e), n in self.in_flight.items() if m == member and e < epoch
+                )
+
+            if not self.cond.wait_for(drained, timeout=10):
+                raise StorageError(errno.ETIMEDOUT, f"{member}: older requests still running")
 
     def heal(self) -> None:
         for fault in self.faults.values():

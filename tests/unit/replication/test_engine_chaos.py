@@ -40,8 +40,9 @@ GUESTS = 3
 OPS = 12
 ZERO = 0  # the version of a block of zeroes that no write made (the initial content)
 # child_timeout: a healthy member must never miss it, also on a loaded 2-core machine (a
-# 100 ms stall was seen with a CI run beside); each hang of a member costs it once.
-POLICY = ReplicationPolicy(child_timeout=0.25, below_min_wait=0.0)
+# 100 ms stall was seen with a CI run beside).  It costs little: a hang ends when the chaos
+# thread clears the fault (milliseconds later) or crashes the engine (closing the connection).
+POLICY = ReplicationPolicy(child_timeout=1.0, below_min_wait=0.0)
 # Over NBD a request crosses four more threads (the server's session, worker and writer) of
 # the same interpreter, each a turn for the global lock among a dozen busy threads.
 NBD_POLICY = ReplicationPolicy(child_timeout=1.0, below_min_wait=0.0)
@@ -88,7 +89,6 @@ class Run:
         self.versions = iter(range(1, 1 << 62))
         self.lock = threading.Lock()
         self.policy = NBD_POLICY if serve else POLICY
-        self.spares = 2 if serve else 1
         self.engine = self.volume.open(self.policy)
         self.crashed = threading.Event()
         self.errors: list[BaseException] = []
@@ -155,14 +155,15 @@ class Run:
         """Fail members, bring them back, crash the engine, while the guests run."""
         rng = self.rng
         faults = self.volume.replicas.faults
+        # One member per run is never faulted, so an in-sync member always stays healthy and
+        # no write may fail.  (Checking the in-sync set before faulting another member races
+        # with a failure still being committed: two members out at once, the last in-sync
+        # one cannot be failed, and a write rightly fails with EIO.)
+        protected = rng.choice(sorted(faults))
         for _ in range(rng.randint(0, 3)):
             time.sleep(rng.random() * 0.004)
-            member = rng.choice(list(faults))
-            in_sync = self.engine.membership.in_sync
-            # An in-sync member stays healthy: no write fails.  Over NBD the previous fault's
-            # last errors may still be on their way (a member failing after this check), so
-            # two others must be in sync there.
-            if len(in_sync - {member}) >= self.spares:
+            member = rng.choice(sorted(faults))
+            if member != protected:
                 mode = rng.choices(("error", "hang", "slow"), (6, 1, 2))[0]
                 faults[member].set(mode, delay=0.0005)
             time.sleep(rng.random() * 0.004)
