@@ -324,32 +324,6 @@ def test_reconcile_after_engine_crash(volume: Volume, open_engine: Callable[...,
     assert again.membership.in_sync == {"r0", "r1", "r2"}
 
 
-def test_regions_in_doubt_at_a_crash_are_missed_by_out_members(
-    volume: Volume, open_engine: Callable[..., Engine]
-) -> None:
-    """A write registered while r2 was in sync marks only IN_DOUBT; r2 fails meanwhile (its
-    plane copied from IN_DOUBT before that mark); the write reaches r0 and r1 and the engine
-    dies before it adds its region to r2's plane.  The reconcile at the next open clears
-    IN_DOUBT: r2's plane must have the region first, or the resync leaves r2 without it."""
-    engine = open_engine()
-    volume.replicas.faults["r2"].set("error", {"write"})
-    engine.write(0, b"a" * 100)
-    assert engine.membership.state("r2") == "out"
-    engine.crash()
-    volume.replicas.heal()
-    # The durable state that crash leaves (the race itself is not reproducible on demand).
-    regions = RegionMap.open(volume.map_path, syncer=lambda fd: None)
-    regions.mark([IN_DOUBT], 2 * G, 100)
-    regions.close()
-    for member in ("r0", "r1"):
-        volume.replicas.disks[member].write(2 * G, b"b" * 100)
-    again = open_engine()
-    status = {m.member: m for m in again.status().members}
-    assert status["r2"].missed_bytes == 2 * G  # its own failure's region and the one in doubt
-    again.resync("r2")
-    assert volume.replicas.identical()
-
-
 def test_members_unreachable_at_open_are_out(
     volume: Volume, open_engine: Callable[..., Engine]
 ) -> None:
