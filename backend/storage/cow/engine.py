@@ -413,7 +413,8 @@ class CowStorage(Storage):
 
     def _write(self, offset: int, view: memoryview) -> None:
         cs = self._chunk_size
-        first, stop = chunk_span(offset, len(view), cs)
+        # chunk_span inlined: this is every guest write's path (a call costs ~5 % of it).
+        first, stop = offset // cs, (offset + len(view) - 1) // cs + 1
         top = self._layers[-1]
         bitmap = top.bitmap.bits
         if bitmap[first >> 3] >> (first & 7) & 1 and (
