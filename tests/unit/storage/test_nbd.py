@@ -1,7 +1,7 @@
 """NbdStorage over loopback against this project's server (in process, MemoryStorage behind
-it): the storage conformance suite, errors from the remote, pipelining from many threads,
-reconnection.  Against nbdkit, TLS, Unix sockets and kill -9: tests/integration/
-test_nbd_storage.py."""
+it): the storage conformance suite and the model test, errors from the remote, pipelining
+from many threads, reconnection.  Against nbdkit, TLS, Unix sockets and kill -9:
+tests/integration/test_nbd_storage.py."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from backend.storage.nbd import NbdStorage, NbdTarget, _LinkDownError
 from tests.unit.server.clients import FailingStorage, GatedStorage, in_process_servers, port_of
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
+from tests.unit.storage.model import make_model_test
 
 Serve = Callable[..., Server]
 
@@ -50,6 +51,28 @@ def read_only_storage_factory(serve: Serve) -> StorageFactory:
         return NbdStorage(target(server))
 
     return factory
+
+
+# The model test is a unittest class, built before any fixture runs: its factory finds the
+# server starter through this holder, filled by the fixture the class uses.
+_model_serve: list[Serve] = []
+
+
+@pytest.fixture
+def model_serve(serve: Serve) -> Iterator[None]:
+    _model_serve.append(serve)
+    yield
+    _model_serve.clear()
+
+
+def _model_storage(size: int) -> NbdStorage:
+    server = _model_serve[0](Export("vol", MemoryStorage(size)))
+    return NbdStorage(target(server), connections=2)
+
+
+TestNbdModel = pytest.mark.usefixtures("model_serve")(
+    make_model_test(_model_storage, max_examples=30)
+)
 
 
 def test_capabilities_follow_the_export(serve: Serve) -> None:
