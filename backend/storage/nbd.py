@@ -213,10 +213,12 @@ class _Link:
                 socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", seconds, micros)
             )
         self._send_lock = threading.Lock()
-        self._mutex = threading.Lock()  # _reading, _waiters, every waiter's flags
+        self._mutex = threading.Lock()  # _reading, _waiters, _queue, _sending, waiters' flags
         self._reading = False
         self._poll: select.poll | None = None  # made by the first exact wait
         self._waiters: dict[int, _Waiter] = {}
+        self._queue: list[bytes] = []  # small requests to send (submit), under _mutex
+        self._sending = False  # a caller is sending the queue, under _mutex
         self.down: _LinkDownError | None = None
 
     def _handshake(self) -> ExportInfo:
@@ -250,23 +252,36 @@ class _Link:
     def submit(
         self, command: Cmd, offset: int, length: int, flags: int, payload: memoryview | None
     ) -> _Waiter:
-        """Send one request; raises _LinkDownError if this connection is gone."""
+        """Send one request; raises _LinkDownError if this connection is gone.
+
+        A request up to _JOIN_BELOW bytes is queued, and sent by whichever caller is sending
+        now (flat combining): requests of concurrent callers leave in one system call and
+        reach the server in one read, and no caller waits for another's send.  A send that
+        fails kills the link: every waiter, the queued ones too, learns it from ``wait``.
+        A larger request is sent by its caller, in parts.
+        """
         waiter = _Waiter()
-        with self._send_lock:
+        small = payload is None or len(payload) <= _JOIN_BELOW
+        with self._mutex:
             if self.down is not None:
                 raise self.down
-            cookie, header = self._core.request(command, offset, length, flags)
-            with self._mutex:
-                if self.down is not None:
-                    self._core.forget(cookie)
-                    raise self.down
-                self._waiters[cookie] = waiter
             try:
-                if payload is None:
-                    self._sock.sendall(header)
-                elif len(payload) <= _JOIN_BELOW:
-                    self._sock.sendall(header + payload)
-                elif isinstance(self._sock, ssl.SSLSocket):
+                cookie, header = self._core.request(command, offset, length, flags)
+            except NBDError as err:  # the reader saw the end first and is about to kill()
+                raise _LinkDownError(f"connection closed: {err}") from err
+            self._waiters[cookie] = waiter
+            if small:
+                self._queue.append(header if payload is None else header + payload)
+                if self._sending:
+                    return waiter
+                self._sending = True
+        with self._send_lock:
+            if small:
+                self._send_queued()
+                return waiter
+            assert payload is not None
+            try:
+                if isinstance(self._sock, ssl.SSLSocket):
                     self._sock.sendall(header)
                     self._sock.sendall(payload)
                 else:
@@ -275,6 +290,24 @@ class _Link:
                 self.kill(_LinkDownError(f"send failed: {err}"))
                 raise self.down or _LinkDownError(str(err)) from err
         return waiter
+
+    def _send_queued(self) -> None:
+        """As the one sender (``_sending``, ``_send_lock`` held): send what is queued, until
+        nothing is left."""
+        while True:
+            with self._mutex:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                self._sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+            except OSError as err:
+                with self._mutex:
+                    self._queue.clear()
+                    self._sending = False
+                self.kill(_LinkDownError(f"send failed: {err}"))
+                return
 
     def wait(self, waiter: _Waiter, timeout: float, exact: bool = False) -> bool:
         """Wait for ``waiter``'s reply (or the link's death); False after ``timeout`` seconds
