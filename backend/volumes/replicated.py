@@ -529,7 +529,6 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
 
         snap = f"s-{uuid.uuid4().hex}"
         frozen = f"{top}@{snap}"
-        replicas = self._catalogue().replicas(top)
         taken: list[ReplicaRow] = []
         with storage.quiesced() as membership:
             behind = sorted(set(membership.members) - membership.in_sync)
@@ -538,6 +537,8 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
                     f"a snapshot needs every replica in sync; {', '.join(behind)} is not"
                     " (wait for its resync, see nbs volume info)"
                 )
+            # Members only: a leftover replica (left, not deleted yet) is not the volume's.
+            replicas = [r for r in self._catalogue().replicas(top) if r.node in membership.members]
             try:
                 for replica in replicas:
                     with self._directory.volumes(replica.node) as api:
