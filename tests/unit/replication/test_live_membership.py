@@ -373,3 +373,20 @@ def test_member_removed_during_its_resync(
     assert errors, "the resync of a removed member cannot succeed"
     assert engine.membership.members == ("r0", "r1", "r2")
     assert missed("r3") not in engine.regions.planes
+
+
+def test_a_member_added_while_another_is_dead_is_resynced(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """The supervisor takes out members in turn: a dead node, tried first and failing every
+    round, does not keep a new member from its resync."""
+    engine = open_engine()
+    _seed_data(engine)
+    volume.replicas.faults["r0"].set("error")
+    volume.replicas.faults["r0"].unreachable = True
+    engine.write(0, b"r0 fails on this")
+    volume.replicas.add("r3")
+    engine.add_member("r3")
+    with supervised(engine):
+        wait_in_sync(engine, {"r1", "r2", "r3"})
+    assert volume.replicas.identical(["r1", "r2", "r3"])
