@@ -19,6 +19,11 @@ What each catalogue operation does:
   ``LAYER@s-UUID`` and its replicas rows name ``r-LAYER@s-UUID``.  Refused while a replica
   is not in sync.  A clone is a new replicated volume whose replicas are clones, on the same
   nodes, of each replica's snapshot.
+* replica add / remove / replace: through the engine if this process has the volume open
+  (``ReplicatedStorage.add_member`` …, docs/decisions/0120), else committed to the
+  catalogue; a new replica is made on its node first, a leaving one deleted after it left
+  the membership (one whose node does not answer stays recorded, shown as ``leftover``,
+  and ``collect_leftovers`` (gc) deletes it later).
 * resizing and read-only views: refused in one line (not built yet).
 
 The membership's volume id is the volume's top layer id, as are the map's and replica's names.
