@@ -150,6 +150,22 @@ def wait_in_sync(engine: Engine, want: set[str], timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def resync_under_writes(engine: Engine, writers: Writers, member: str, want: set[str]) -> None:
+    """Wait for ``member``'s resync to start and end (supervised), checking that guest writes
+    were acknowledged while it ran."""
+    deadline = time.monotonic() + 30
+    while engine.membership.state(member) == "out":
+        assert time.monotonic() < deadline, f"no resync started: {engine.status()}"
+        time.sleep(0.005)
+    before = writers.acked
+    wait_in_sync(engine, want)
+    assert writers.acked > before, "no write was acknowledged during the resync"
+
+
+# Slow enough (8 MiB in about half a second) that the writers run during the resync.
+PACED = ReplicationPolicy(child_timeout=2.0, below_min_wait=0.5, resync_rate=16 * MIB)
+
+
 def check_oracle(volume: Volume, engine: Engine, writers: Writers, among: set[str]) -> None:
     assert writers.errors == []
     assert set(engine.membership.members) == among
@@ -169,15 +185,14 @@ def _seed_data(engine: Engine) -> None:
 def test_member_added_under_writes_ends_identical(
     volume: Volume, open_engine: Callable[..., Engine]
 ) -> None:
-    engine = open_engine()
+    engine = open_engine(PACED)
     _seed_data(engine)
     volume.replicas.add("r3")
     with Writers(engine) as writers, supervised(engine):
         writers.wait_for(100)
         engine.add_member("r3")
         assert engine.membership.state("r3") in ("out", "resyncing")
-        writers.wait_for(100)
-        wait_in_sync(engine, {"r0", "r1", "r2", "r3"})
+        resync_under_writes(engine, writers, "r3", {"r0", "r1", "r2", "r3"})
         writers.wait_for(50)
     check_oracle(volume, engine, writers, {"r0", "r1", "r2", "r3"})
     assert volume.store.load("vol").members == ("r0", "r1", "r2", "r3")
@@ -208,7 +223,7 @@ def test_dead_member_replaced_under_writes(
 ) -> None:
     """The operator's case: a node died (its member failed and cannot be reopened); a new
     node takes its place while the guest writes; the resync brings it in."""
-    engine = open_engine()
+    engine = open_engine(PACED)
     _seed_data(engine)
     fault = volume.replicas.faults["r2"]
     fault.set("error")
@@ -218,8 +233,7 @@ def test_dead_member_replaced_under_writes(
         writers.wait_for(50)
         assert engine.membership.state("r2") == "out"
         engine.replace_member("r2", "r3")
-        writers.wait_for(100)
-        wait_in_sync(engine, {"r0", "r1", "r3"})
+        resync_under_writes(engine, writers, "r3", {"r0", "r1", "r3"})
         writers.wait_for(50)
     check_oracle(volume, engine, writers, {"r0", "r1", "r3"})
     assert engine.membership.members == ("r0", "r1", "r3")  # r3 in r2's place
@@ -229,7 +243,7 @@ def test_dead_member_replaced_under_writes(
 def test_in_sync_member_replaced_under_writes(
     volume: Volume, open_engine: Callable[..., Engine]
 ) -> None:
-    engine = open_engine()
+    engine = open_engine(PACED)
     _seed_data(engine)
     volume.replicas.add("r3")
     with Writers(engine) as writers, supervised(engine):
@@ -237,8 +251,7 @@ def test_in_sync_member_replaced_under_writes(
         engine.replace_member("r0", "r3")
         assert volume.replicas.requests_running("r0") == 0
         left = volume.replicas.image("r0")
-        writers.wait_for(100)
-        wait_in_sync(engine, {"r1", "r2", "r3"})
+        resync_under_writes(engine, writers, "r3", {"r1", "r2", "r3"})
     assert volume.replicas.image("r0") == left
     check_oracle(volume, engine, writers, {"r1", "r2", "r3"})
 
