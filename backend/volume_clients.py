@@ -48,6 +48,7 @@ class LocalVolumes:
         self.gc = self.service.gc
         self.add_replica = self.service.add_replica
         self.remove_replica = self.service.remove_replica
+        self.replace_replica = self.service.replace_replica
         self.close = self.service.close
 
     def import_image(

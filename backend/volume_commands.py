@@ -207,7 +207,7 @@ def add_commands(sub: Any) -> None:
     gc = vsub.add_parser("gc", help="clean up what a crash left behind")
     gc.set_defaults(func=cmd_gc)
 
-    rep = vsub.add_parser("replica", help="add or remove a replicated volume's replicas")
+    rep = vsub.add_parser("replica", help="add, remove or replace a replicated volume's replicas")
     rsub = _Leaves(rep.add_subparsers(dest="replica_command", required=True, metavar="COMMAND"))
     for verb, func, text in (
         ("add", cmd_replica_add, "a new replica on NODE (resynced by nbs serve)"),
@@ -218,6 +218,15 @@ def add_commands(sub: Any) -> None:
         leaf.add_argument("node")
         leaf.add_argument("--json", action="store_true")
         leaf.set_defaults(func=func)
+    replace = rsub.add_parser(
+        "replace",
+        help="a new replica on NEW takes the place of the one on OLD (OLD's node may be dead)",
+    )
+    replace.add_argument("volume")
+    replace.add_argument("old", metavar="OLD")
+    replace.add_argument("new", metavar="NEW")
+    replace.add_argument("--json", action="store_true")
+    replace.set_defaults(func=cmd_replica_replace)
 
     snap = sub.add_parser("snapshot", help="create, list, delete snapshots")
     ssub = _Leaves(snap.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND"))
@@ -308,9 +317,11 @@ def _replication_rows(info: VolumeInfo) -> list[tuple[str, str]]:
         if replica.resync_total is not None and replica.resync_done is not None:
             done, total = replica.resync_done, replica.resync_total
             state += f" {done * 100 // total if total else 100}% ({done}/{total} bytes)"
-        if replica.last_error:
+        if replica.state == "leftover":
+            state += f" ({replica.last_error})"
+        elif replica.last_error:
             state += f" (failed: {replica.last_error})"
-        if r.live:
+        if r.live and replica.state != "leftover":
             state += f", {replica.in_flight} in flight"
         rows.append(("replica", f"{replica.node} {replica.volume} {state}"))
     return rows
@@ -438,6 +449,11 @@ def cmd_replica_add(args: argparse.Namespace) -> int:
 
 def cmd_replica_remove(args: argparse.Namespace) -> int:
     _show_volume(_service(args).remove_replica(args.volume, args.node), args.json)
+    return 0
+
+
+def cmd_replica_replace(args: argparse.Namespace) -> int:
+    _show_volume(_service(args).replace_replica(args.volume, args.old, args.new), args.json)
     return 0
 
 

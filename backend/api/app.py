@@ -155,7 +155,9 @@ class ReplicaOut(BaseModel):
 
     node: str = Field(description="the storage node (a name from the engine's nodes: config)")
     volume: str = Field(description="the replica volume's name on that node")
-    state: str = Field(description="in_sync, resyncing or out")
+    state: str = Field(
+        description="in_sync, resyncing, out, or leftover (left the volume, not deleted yet)"
+    )
     in_flight: int = Field(description="requests outstanding on it (live engine only)")
     resync_done: int | None = Field(description="bytes handled of resync_total, while resyncing")
     resync_total: int | None = Field(description="bytes its resync has to handle")
@@ -565,14 +567,25 @@ def create_app(
     )
     def add_replica(name: str, body: ReplicaAdd) -> VolumeOut:
         """A replicated volume gets a replica on another storage node, resynced in the
-        background (the volume must be detached)."""
+        background (attached or not)."""
         return VolumeOut.of(service.add_replica(name, body.node))
 
     @app.delete("/v1/volumes/{name}/replicas/{node}", tags=["volumes"], responses=_errors(404, 409))
     def remove_replica(name: str, node: str) -> VolumeOut:
-        """A replicated volume's replica on ``node`` leaves it and is deleted (the volume must
-        be detached; the last in-sync replica never leaves)."""
+        """A replicated volume's replica on ``node`` leaves it and is deleted (attached or
+        not; never the last in-sync replica, never below min_insync)."""
         return VolumeOut.of(service.remove_replica(name, node))
+
+    @app.post(
+        "/v1/volumes/{name}/replicas/{node}/replace",
+        tags=["volumes"],
+        responses=_errors(404, 409),
+    )
+    def replace_replica(name: str, node: str, body: ReplicaAdd) -> VolumeOut:
+        """A new replica on ``body.node`` takes the place of the one on ``node`` (whose node
+        may be dead), resynced in the background; the old one is deleted, or left for
+        ``POST /v1/gc`` if its node does not answer (shown as ``leftover``)."""
+        return VolumeOut.of(service.replace_replica(name, node, body.node))
 
     @app.post("/v1/gc", tags=["volumes"])
     def gc() -> GcOut:

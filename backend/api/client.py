@@ -199,6 +199,10 @@ class RemoteVolumes:
         path = f"{_volume_path(name)}/replicas/{quote(node, safe='')}"
         return _volume(self._call("DELETE", path))
 
+    def replace_replica(self, name: str, old: str, new: str) -> VolumeInfo:
+        path = f"{_volume_path(name)}/replicas/{quote(old, safe='')}/replace"
+        return _volume(self._call("POST", path, body={"node": new}))
+
     def snapshot(self, volume: str, name: str) -> SnapshotInfo:
         path = f"{_volume_path(volume)}/snapshots"
         return _snapshot(self._call("POST", path, body={"name": name}))

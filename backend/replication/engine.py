@@ -20,6 +20,12 @@ Rules (docs/replication.md, "Engine"; REPLICATION.md for the why):
   data back (read repair); a member whose repair fails is failed.
 * Resync copies a returning member's missed regions under the range lock, holes skipped,
   rate limited; the plane is the cursor, so a crash resumes where it stopped.
+* Members are added, removed and replaced while serving (``add_member``, ``remove_member``,
+  ``replace_member``; docs/decisions/0120): a joining member's missed plane marks the whole
+  volume durably before it is committed (out), so a write of the old membership that does
+  not reach it is covered; a leaving member is committed out of the membership first, then
+  the writes of the old membership are drained, its connection closed and its requests
+  waited for, so nothing of ours reaches its replica once this returns.
 
 Lock order: range lock, then ``_changes`` (plane and membership changes), then ``_cond``
 (children, counters, writes in flight).  The region map's own lock is taken last.
@@ -45,9 +51,13 @@ from backend.replication.membership import (
     Membership,
     MembershipStore,
     TransitionError,
+    check_min_insync,
     commit_change,
     epoch_taken,
+    member_added,
     member_failed,
+    member_removed,
+    member_replaced,
     resync_done,
     resync_started,
     take_epoch,
@@ -81,6 +91,23 @@ class _Child:
     errors: int = 0
     last_error: str | None = None
     resync: ResyncProgress | None = None
+    resync_running: bool = False  # a resync() of it is under way (a removal waits for it)
+
+
+def _lacks(have: Capabilities, need: Capabilities) -> list[str]:
+    """What a member with ``have`` cannot do of what the engine offers (``need``): a member
+    joining a volume that is served already must do all of it, or the first such request
+    would fail it."""
+    lacks = [
+        name
+        for name in ("can_flush", "can_fua", "can_trim", "can_zero", "can_extents", "can_cache")
+        if getattr(need, name) and not getattr(have, name)
+    ]
+    if have.min_block > need.min_block:
+        lacks.append(f"min_block {have.min_block} > {need.min_block}")
+    if have.max_block < need.max_block:
+        lacks.append(f"max_block {have.max_block} < {need.max_block}")
+    return lacks
 
 
 def _intersect(caps: list[Capabilities]) -> Capabilities:
@@ -194,6 +221,11 @@ class ReplicatedStorage(Storage):
                         self._regions.mark([name], offset, length)
                 elif self._membership.state(member) == "in_sync" and name in planes:
                     self._regions.remove_plane(name)
+            # A member removed by an engine that stopped before it dropped the plane.
+            current = {missed(x) for x in self._membership.members}
+            for name in planes:
+                if name.startswith(missed("")) and name not in current:
+                    self._regions.remove_plane(name)
 
     def _reconcile(self) -> None:
         """Make the in-sync members equal where IN_DOUBT says they may differ."""
@@ -261,7 +293,7 @@ class ReplicatedStorage(Storage):
         with self._ranges.hold(offset, offset + length):
             data = self._call(good, lambda s: s.read(offset, length))
             for member in bad:
-                if self._membership.state(member) != "in_sync":
+                if member not in self._membership.in_sync:  # out, or removed meanwhile
                     continue
                 try:
                     self._call(member, lambda s: s.write(offset, data))
@@ -610,6 +642,8 @@ class ReplicatedStorage(Storage):
         Raises StorageError(EIO) if it is the last in-sync member or the engine is fenced."""
         with self._changes:
             self._check_usable()  # closed: the map may be closed too; fenced: no changes
+            if member not in self._membership.members:
+                return  # removed meanwhile: a request of the old membership failed on it
             plane = missed(member)
             if plane in self._regions.planes:
                 for offset, length in list(self._regions.regions(IN_DOUBT)):
@@ -632,6 +666,105 @@ class ReplicatedStorage(Storage):
             # Closed on the side: a hung member may never return from close either.
             threading.Thread(target=_close_quietly, args=(storage,), daemon=True).start()
 
+    # -- members joining and leaving while serving -------------------------------------------
+
+    def add_member(self, member: str) -> Membership:
+        """``member`` joins, out: the resync supervisor copies the whole volume to it (holes
+        skipped) and makes it in sync.  Its replica must exist and be empty or stale: nothing
+        of it is trusted.  Raises TransitionError if it is a member already."""
+        return self._change_members(lambda m: member_added(m, member), joining=member)
+
+    def remove_member(self, member: str) -> Membership:
+        """``member`` leaves; when this returns, no request of this engine is running on it or
+        will be sent to it, so its replica may be deleted.  Raises TransitionError if it is
+        not a member, is the last in-sync one, or its leaving would go below
+        ``min_insync`` (``check_min_insync``)."""
+        return self._change_members(lambda m: member_removed(m, member), leaving=member)
+
+    def replace_member(self, old: str, new: str) -> Membership:
+        """``new`` takes ``old``'s place in one commit: ``old`` leaves as in
+        ``remove_member``, ``new`` joins as in ``add_member``."""
+        return self._change_members(
+            lambda m: member_replaced(m, old, new), joining=new, leaving=old
+        )
+
+    def _change_members(
+        self, change: Change, *, joining: str | None = None, leaving: str | None = None
+    ) -> Membership:
+        """Commit ``change``, a transition of the members (docs/decisions/0120).
+
+        Joining: the member's missed plane marks the whole volume durably *before* the commit.
+        A write that took the membership before the commit neither reaches the member nor
+        marks its plane, and needs not: the plane has every region already, and bits are
+        cleared only by its resync, which starts after such writes have ended
+        (``_drain_writes``).  A write that takes it after goes through ``_mutate``'s marking
+        of out members' planes like any other miss.
+
+        Leaving: committed first, so no write registered after the commit sends to it (the
+        membership and the writes' table change under ``_cond`` together); then the writes
+        that hold the old membership are drained (a failure of theirs on the leaving member
+        is no longer a member failure: ``_fail_member`` ignores it), a resync of it is waited
+        for, its connection closed and its remaining requests (flushes, reads) waited for,
+        each bounded by ``child_timeout``, and its plane dropped."""
+        with self._changes:
+            self._check_usable()
+            current = self._membership
+            proposed = change(current)  # TransitionError says what is wrong, in one line
+            if leaving is not None:
+                check_min_insync(current, proposed, leaving, self._policy.min_insync)
+            if joining is not None:
+                plane = missed(joining)
+                if plane not in self._regions.planes:
+                    self._regions.add_plane(plane)
+                self._regions.mark([plane], 0, self._size)
+                with self._cond:
+                    self._children[joining] = _Child()
+            try:
+                committed = self._commit(change)
+            except BaseException:
+                if joining is not None:
+                    with contextlib.suppress(StorageError, ValueError):
+                        self._regions.remove_plane(missed(joining))
+                raise
+        if leaving is not None:
+            self._let_go(leaving)
+        log.info(
+            "volume %s: members changed (%s%s%s): %s",
+            self._volume_id,
+            f"{leaving} left" if leaving else "",
+            ", " if leaving and joining else "",
+            f"{joining} joined" if joining else "",
+            ", ".join(committed.members),
+        )
+        return committed
+
+    def _let_go(self, member: str) -> None:
+        """A member committed out of the membership: end everything of ours on it."""
+        self._drain_writes()
+        deadline = time.monotonic() + 2 * self._policy.child_timeout + 1.0
+        with self._cond:
+            child = self._children[member]
+            while child.resync_running and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            storage, child.storage = child.storage, None
+        if storage is not None:
+            # On the side, bounded: closing a hung member's connection may itself hang.
+            closer = threading.Thread(target=_close_quietly, args=(storage,), daemon=True)
+            closer.start()
+            closer.join(self._policy.child_timeout)
+        try:
+            self._wait_idle(member)
+        except StorageError as err:
+            log.warning("volume %s: removed member %s: %s", self._volume_id, member, err)
+        with self._changes:
+            if member not in self._membership.members and missed(member) in self._regions.planes:
+                self._regions.remove_plane(missed(member))
+
+    def _state_of(self, member: str) -> str:
+        """``in_sync``, ``resyncing``, ``out``, or ``removed`` (no longer a member)."""
+        m = self._membership
+        return m.state(member) if member in m.members else "removed"
+
     # -- resync ----------------------------------------------------------------------------
 
     def resync(
@@ -641,9 +774,21 @@ class ReplicatedStorage(Storage):
         it missed, then make it in sync.  Returns the counters; raises StorageError if the
         member or the engine fails meanwhile (the member is out again, its plane keeps
         what is left to copy)."""
-        self._check_usable()
-        if self._membership.state(member) != "out":
-            raise TransitionError(f"{member!r} is {self._membership.state(member)}, not out")
+        with self._changes:  # a removal commits under it too: it sees the flag, or we it
+            self._check_usable()
+            if (state := self._state_of(member)) != "out":
+                raise TransitionError(f"{member!r} is {state}, not out")
+            with self._cond:
+                self._children[member].resync_running = True
+        try:
+            return self._resync(member, progress)
+        finally:
+            with self._cond:
+                self._children[member].resync_running = False
+                self._children[member].resync = None
+                self._cond.notify_all()
+
+    def _resync(self, member: str, progress: Callable[[int, int], None] | None) -> ResyncProgress:
         # A request of the member's old connection that timed out may still be running, and
         # would land after the copy of its region (a zombie write): wait until none is left,
         # then reconnect under a new epoch, so that the replica drains and refuses whatever
@@ -653,6 +798,11 @@ class ReplicatedStorage(Storage):
         storage = self._open_child(member, self._membership.epoch)
         plane = missed(member)
         with self._changes:
+            lacks = _lacks(storage.capabilities, self._caps)
+            if lacks or self._state_of(member) != "out":  # removed while it reconnected
+                _close_quietly(storage)
+                why = f"cannot serve this volume: {', '.join(lacks)}" if lacks else "removed"
+                raise StorageError(errno.EIO, f"resync of {member}: {why}")
             with self._cond:
                 self._children[member].storage = storage
             self._commit(lambda m: resync_started(m, member))
@@ -683,13 +833,10 @@ class ReplicatedStorage(Storage):
                 self._commit(lambda m: resync_done(m, member))
                 self._regions.remove_plane(plane)
         except (StorageError, TransitionError) as err:
-            if self._membership.state(member) == "resyncing":
+            if self._state_of(member) == "resyncing":
                 with contextlib.suppress(StorageError):
                     self._fail_member(member, None, f"resync: {err}")
             raise StorageError(errno.EIO, f"resync of {member}: {err}") from err
-        finally:
-            with self._cond:
-                self._children[member].resync = None
         elapsed = time.monotonic() - start
         log.info("volume %s: %s resynced, %d bytes copied", self._volume_id, member, copied)
         return ResyncProgress(
@@ -701,8 +848,8 @@ class ReplicatedStorage(Storage):
         with self._ranges.hold(offset, offset + length):
             while True:
                 self._check_usable()
-                if self._membership.state(member) != "resyncing":
-                    raise StorageError(errno.EIO, f"{member} failed during its resync")
+                if self._state_of(member) != "resyncing":
+                    raise StorageError(errno.EIO, f"{member} failed or left during its resync")
                 source = self._least_busy()
                 try:
                     with self._regions.checkpoint([missed(member)], offset, length):

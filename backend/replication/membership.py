@@ -172,6 +172,22 @@ def member_replaced(m: Membership, old: str, new: str) -> Membership:
     return dataclasses.replace(removed, members=tuple(new if x == old else x for x in m.members))
 
 
+def check_min_insync(old: Membership, new: Membership, leaving: str, min_insync: int) -> None:
+    """Refuse (TransitionError) a change of members that makes ``leaving`` leave ``old`` and
+    leaves fewer than ``min_insync`` members, or, if ``leaving`` was in sync, fewer than
+    ``min_insync`` in sync: an operator's change must not take the volume below the
+    redundancy writes need (a member that fails may; that is what the policy is for)."""
+    if len(new.members) < min_insync:
+        raise TransitionError(
+            f"{len(new.members)} replica(s) would be left, fewer than min_insync={min_insync}"
+        )
+    if leaving in old.in_sync and len(new.in_sync) < min_insync:
+        raise TransitionError(
+            f"{leaving!r} is one of {len(old.in_sync)} in-sync replica(s) and min_insync is"
+            f" {min_insync}: wait until the others are in sync (nbs volume info)"
+        )
+
+
 def epoch_taken(m: Membership) -> Membership:
     """The next attachment's epoch."""
     return m._next(epoch=m.epoch + 1)

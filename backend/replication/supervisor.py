@@ -1,7 +1,8 @@
 """The resync supervisor of ``nbs serve``: brings out members of open replicated volumes back.
 
 Every ``interval`` seconds it looks at each open engine; for a volume with an out member and
-no resync running, it starts one resync (a thread) of the first out member: ``resync``
+no resync running, it starts one resync (a thread) of the out member tried least recently
+(so a dead node does not keep a new member from its resync): ``resync``
 reopens the member (a node still down fails at once, and is tried again next round),
 makes it receive new writes, copies what it missed, rate limited, and makes it in sync.
 One resync at a time per volume, so two returning members do not compete for the source's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from backend.replication.engine import ReplicatedStorage
@@ -41,6 +43,7 @@ class ResyncSupervisor:
         # Bytes copied by finished resyncs, per (volume, member) and engine (by id: a
         # reopened volume is a new engine and starts from 0, as its other counters do).
         self._copied: dict[tuple[str, str], tuple[int, int]] = {}
+        self._tried: dict[tuple[str, str], float] = {}  # last resync start per (volume, member)
         self._thread = threading.Thread(target=self._run, name="resync-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -71,9 +74,11 @@ class ResyncSupervisor:
             with self._lock:
                 if volume in self._running or self._stop.is_set():
                     continue
+                member = min(out, key=lambda m: self._tried.get((volume, m), 0.0))
+                self._tried[volume, member] = time.monotonic()
                 thread = threading.Thread(
                     target=self._resync,
-                    args=(volume, engine, out[0]),
+                    args=(volume, engine, member),
                     name=f"resync-{volume}",
                     daemon=True,
                 )

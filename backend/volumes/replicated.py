@@ -19,6 +19,11 @@ What each catalogue operation does:
   ``LAYER@s-UUID`` and its replicas rows name ``r-LAYER@s-UUID``.  Refused while a replica
   is not in sync.  A clone is a new replicated volume whose replicas are clones, on the same
   nodes, of each replica's snapshot.
+* replica add / remove / replace: through the engine if this process has the volume open
+  (``ReplicatedStorage.add_member`` …, docs/decisions/0120), else committed to the
+  catalogue; a new replica is made on its node first, a leaving one deleted after it left
+  the membership (one whose node does not answer stays recorded, shown as ``leftover``,
+  and ``collect_leftovers`` (gc) deletes it later).
 * resizing and read-only views: refused in one line (not built yet).
 
 The membership's volume id is the volume's top layer id, as are the map's and replica's names.
@@ -43,8 +48,10 @@ from backend.replication.membership import (
     MembershipStore,
     TransitionError,
     UnknownVolumeError,
+    check_min_insync,
     member_added,
     member_removed,
+    member_replaced,
 )
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import RegionMap, missed
@@ -116,6 +123,9 @@ class NoNodes:
         raise InvalidRequestError(f"no storage node {node!r} is configured")
 
 
+LEFTOVER = "left the volume, not deleted yet: `nbs volume gc` retries"
+
+
 def min_insync_of(nodes: Sequence[str], given: int | None) -> int:
     """The ``min_insync`` option, or its default: a majority of the nodes."""
     return given or len(nodes) // 2 + 1
@@ -125,8 +135,16 @@ def replication_info(
     catalogue: Catalogue, layer: str, min_insync: int, engine: ReplicatedStorage | None
 ) -> ReplicationInfo | None:
     """What ``nbs volume info`` shows: the live engine's view if it is open, else the
-    catalogue's committed membership (None if the volume has none yet: being created)."""
+    catalogue's committed membership (None if the volume has none yet: being created).
+    Replicas that left the membership but could not be deleted yet follow, as ``leftover``
+    (``nbs volume gc`` retries them)."""
     names = {r.node: r.volume for r in catalogue.replicas(layer)}
+    membership = catalogue.membership(layer)
+    leftovers = tuple(
+        ReplicaInfo(node=node, volume=volume, state="leftover", last_error=LEFTOVER)
+        for node, volume in names.items()
+        if membership is not None and node not in membership.members
+    )
     if engine is not None:
         status = engine.status()
         return ReplicationInfo(
@@ -145,9 +163,9 @@ def replication_info(
                     last_error=m.last_error if m.state != "in_sync" else None,
                 )
                 for m in status.members
-            ),
+            )
+            + leftovers,
         )
-    membership = catalogue.membership(layer)
     if membership is None:
         return None
     return ReplicationInfo(
@@ -158,7 +176,8 @@ def replication_info(
         replicas=tuple(
             ReplicaInfo(node=m, volume=names.get(m, ""), state=membership.state(m))
             for m in membership.members
-        ),
+        )
+        + leftovers,
     )
 
 
@@ -277,17 +296,89 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         with self._catalogue().transaction() as changes:
             changes.add_replica(ReplicaRow(layer, node, name, info.uid))
 
-    def add_replica(self, layer: str, node: str, size: int) -> None:
-        """A new replica on ``node``: made there, then a member, out until the resync
-        supervisor has copied everything to it (the engine, when it next opens, gives a
-        member with no record of what it missed a plane marking all of it)."""
+    # -- replica changes: through the live engine if it is open, else in the catalogue ------
+
+    def add_replica(
+        self, layer: str, node: str, size: int, engine: ReplicatedStorage | None
+    ) -> None:
+        """A new replica on ``node``: made there, then a member, out, with a missed plane
+        marking the whole volume; the resync supervisor copies everything to it (holes
+        skipped) and makes it in sync.  ``engine``: the volume's engine if it is open (it
+        takes the change while serving), else the change goes to the catalogue (the engine
+        gives an out member with no plane a full one when it next opens)."""
+        current = self._current(layer, engine)
+        self._check_joining(current, node)
+        self._new_replica(layer, node, size)
+        self._change(
+            layer,
+            engine,
+            lambda e: e.add_member(node),
+            lambda m: member_added(m, node),
+            joining=node,
+        )
+
+    def remove_replica(self, layer: str, node: str, engine: ReplicatedStorage | None) -> str | None:
+        """``node`` leaves the volume (committed first; an open engine also ends every request
+        of its own on it), then its replica is deleted.  Returns why the deletion failed (its
+        row stays: ``nbs volume gc`` retries, ``collect_leftovers``), None if it was deleted."""
+        current = self._current(layer, engine)
+        self._check_leaving(current, node, lambda m: member_removed(m, node))
+        self._change(
+            layer,
+            engine,
+            lambda e: e.remove_member(node),
+            lambda m: member_removed(m, node),
+            leaving=node,
+        )
+        return self._delete_leftover(layer, node)
+
+    def replace_replica(
+        self, layer: str, old: str, new: str, size: int, engine: ReplicatedStorage | None
+    ) -> str | None:
+        """``new`` takes ``old``'s place in one committed change: a new replica made on
+        ``new`` joins as in ``add_replica`` and ``old`` leaves as in ``remove_replica`` (its
+        node may be dead: then the deletion fails, and the reason is returned)."""
+        current = self._current(layer, engine)
+        self._check_joining(current, new)
+        self._check_leaving(current, old, lambda m: member_replaced(m, old, new))
+        self._new_replica(layer, new, size)
+        self._change(
+            layer,
+            engine,
+            lambda e: e.replace_member(old, new),
+            lambda m: member_replaced(m, old, new),
+            joining=new,
+            leaving=old,
+        )
+        return self._delete_leftover(layer, old)
+
+    def _current(self, layer: str, engine: ReplicatedStorage | None) -> Membership:
+        return engine.membership if engine is not None else self.memberships.load(layer)
+
+    def _check_joining(self, current: Membership, node: str) -> None:
         if node not in self._directory.names():
             known = ", ".join(self._directory.names()) or "none"
             raise InvalidRequestError(f"no storage node {node!r} is configured (known: {known})")
-        store = self.memberships
-        current = store.load(layer)
         if node in current.members:
             raise InvalidRequestError(f"storage node {node} already holds a replica")
+
+    def _check_leaving(
+        self, current: Membership, node: str, change: Callable[[Membership], Membership]
+    ) -> None:
+        if node not in current.members:
+            raise InvalidRequestError(f"storage node {node} holds no replica of this volume")
+        try:
+            check_min_insync(current, change(current), node, self.policy.min_insync)
+        except TransitionError as err:
+            raise InvalidRequestError(str(err)) from None
+
+    def _new_replica(self, layer: str, node: str, size: int) -> None:
+        """A new, empty replica on ``node`` (a leftover of an earlier removal from the same
+        node is deleted first: the name is the same)."""
+        if any(r.node == node for r in self._catalogue().replicas(layer)):
+            failed = self._delete_leftover(layer, node)
+            if failed is not None:
+                raise StorageError(errno.EIO, f"a replica left on {node} earlier: {failed}")
         name = replica_name(layer)
         description = f"replica {layer}"
         self._make_replica(
@@ -296,36 +387,68 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
             name,
             lambda api: api.create(CreateRequest(name, size, description=description)),
         )
-        try:
-            store.commit(member_added(current, node), current.generation)
-        except BaseException:
-            self._delete_replicas(layer, [node])
-            raise
 
-    def remove_replica(self, layer: str, node: str) -> None:
-        """``node`` leaves the volume (committed first), then its replica is deleted; one
-        whose node fails stays recorded and the error says so."""
-        store = self.memberships
-        current = store.load(layer)
-        if node not in current.members:
-            raise NotFoundError(f"storage node {node} holds no replica of this volume")
+    def _change(
+        self,
+        layer: str,
+        engine: ReplicatedStorage | None,
+        live: Callable[[ReplicatedStorage], Membership],
+        closed: Callable[[Membership], Membership],
+        *,
+        joining: str | None = None,
+        leaving: str | None = None,
+    ) -> None:
+        """Commit a change of members: ``live`` through the open engine, else ``closed``
+        to the catalogue (the mutate lock keeps other changes out; a closed volume has no
+        engine to race with).  On failure a joining replica is deleted again."""
         try:
-            new = member_removed(current, node)
-        except TransitionError as err:
-            raise InvalidRequestError(str(err)) from None
-        if len(new.members) < self.policy.min_insync:
-            raise InvalidRequestError(
-                f"{len(new.members)} replicas would be left, fewer than min_insync="
-                f"{self.policy.min_insync}"
-            )
-        store.commit(new, current.generation)
-        regions = RegionMap.open(self.map_path(layer))
+            try:
+                if engine is not None:
+                    live(engine)
+                else:
+                    current = self.memberships.load(layer)
+                    self.memberships.commit(closed(current), current.generation)
+            except TransitionError as err:
+                raise InvalidRequestError(str(err)) from None
+        except BaseException:
+            if joining is not None:
+                with contextlib.suppress(StorageError):
+                    self._delete_replicas(layer, [joining])
+            raise
+        if leaving is not None and engine is None:
+            regions = RegionMap.open(self.map_path(layer))
+            try:
+                if missed(leaving) in regions.planes:
+                    regions.remove_plane(missed(leaving))
+            finally:
+                regions.close()
+
+    def _delete_leftover(self, layer: str, node: str) -> str | None:
         try:
-            if missed(node) in regions.planes:
-                regions.remove_plane(missed(node))
-        finally:
-            regions.close()
-        self._delete_replicas(layer, [node])
+            self._delete_replicas(layer, [node])
+        except StorageError as err:
+            return err.message
+        return None
+
+    def collect_leftovers(self, layer: str) -> builtins.list[str]:
+        """Delete the replicas of ``layer`` whose node left the membership but whose deletion
+        failed then (a dead node); returns those deleted, raises StorageError naming the
+        ones that still fail.  For ``nbs volume gc``."""
+        membership = self._catalogue().membership(layer)
+        if membership is None:
+            return []
+        removed, failed = [], []
+        for r in self._catalogue().replicas(layer):
+            if r.node in membership.members:
+                continue
+            why = self._delete_leftover(layer, r.node)
+            if why is None:
+                removed.append(f"replica {r.volume} on {r.node}")
+            else:
+                failed.append(why)
+        if failed:
+            raise StorageError(errno.EIO, "; ".join(failed))
+        return removed
 
     def _delete_replicas(self, layer: str, nodes: Sequence[str]) -> None:
         """Delete the recorded replicas of ``layer`` on ``nodes`` and their rows; raises
@@ -368,9 +491,13 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
                 errno.EOPNOTSUPP,
                 "a read-only view or snapshot of a replicated volume is not supported yet",
             )
-        replicas = {r.node: r for r in self._catalogue().replicas(layer)}
 
         def open_child(member: str, epoch: int) -> Storage:
+            # Looked up each time: a member added while the engine serves has a row made
+            # after the engine opened.
+            replicas = {r.node: r for r in self._catalogue().replicas(layer)}
+            if member not in replicas:
+                raise StorageError(errno.ENOENT, f"no replica of {layer} on {member} recorded")
             replica = replicas[member]
             target = self._directory.target(member, replica_export(replica, epoch))
             return NbdStorage(
@@ -407,7 +534,6 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
 
         snap = f"s-{uuid.uuid4().hex}"
         frozen = f"{top}@{snap}"
-        replicas = self._catalogue().replicas(top)
         taken: list[ReplicaRow] = []
         with storage.quiesced() as membership:
             behind = sorted(set(membership.members) - membership.in_sync)
@@ -416,6 +542,8 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
                     f"a snapshot needs every replica in sync; {', '.join(behind)} is not"
                     " (wait for its resync, see nbs volume info)"
                 )
+            # Members only: a leftover replica (left, not deleted yet) is not the volume's.
+            replicas = [r for r in self._catalogue().replicas(top) if r.node in membership.members]
             try:
                 for replica in replicas:
                     with self._directory.volumes(replica.node) as api:

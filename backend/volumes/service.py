@@ -262,57 +262,63 @@ class VolumeService:
     def add_replica(self, name: str, node: str) -> VolumeInfo:
         """A replicated volume gets a replica on ``node`` (resynced by ``nbs serve``)."""
         with self._mutating():
-            row, backend, was_open = self._replicated(name)
+            row, backend, engine = self._replicated(name)
             try:
-                backend.add_replica(row.top, node, row.size)
+                backend.add_replica(row.top, node, row.size, engine)
             except StorageError as err:
                 raise StorageFailureError(f"cannot add a replica to {name!r}: {err}") from err
-            finally:
-                self._reopen(name, was_open)
         log.info("volume %s: replica added on %s", name, node)
         return self.info(name)
 
     def remove_replica(self, name: str, node: str) -> VolumeInfo:
-        """A replicated volume's replica on ``node`` is removed and deleted."""
+        """A replicated volume's replica on ``node`` leaves it and is deleted."""
         with self._mutating():
-            row, backend, was_open = self._replicated(name)
+            row, backend, engine = self._replicated(name)
             try:
-                backend.remove_replica(row.top, node)
+                failed = backend.remove_replica(row.top, node, engine)
             except StorageError as err:
                 raise StorageFailureError(f"cannot remove the replica of {name!r}: {err}") from err
-            finally:
-                self._reopen(name, was_open)
+        self._left(name, node, failed)
         log.info("volume %s: replica on %s removed", name, node)
         return self.info(name)
 
-    def _reopen(self, name: str, was_open: bool) -> None:
-        """Open the engine again if it was (``nbs serve``): its resync supervisor then brings
-        a new replica in."""
-        if was_open:
+    def replace_replica(self, name: str, old: str, new: str) -> VolumeInfo:
+        """A new replica on ``new`` takes the place of the one on ``old`` (which may be
+        dead), in one membership change; the new one is resynced by ``nbs serve``."""
+        with self._mutating():
+            row, backend, engine = self._replicated(name)
             try:
-                self._opened(name)
-            except (StorageError, VolumeError) as err:
-                log.warning("volume %s: cannot reopen after a replica change: %s", name, err)
+                failed = backend.replace_replica(row.top, old, new, row.size, engine)
+            except StorageError as err:
+                raise StorageFailureError(f"cannot replace a replica of {name!r}: {err}") from err
+        self._left(name, old, failed)
+        log.info("volume %s: replica on %s replaced by one on %s", name, old, new)
+        return self.info(name)
 
-    def _replicated(self, name: str) -> tuple[VolumeRow, ReplicatedBackend, bool]:
-        """A replicated volume's row and backend, its engine closed: the membership is then
-        changed in the catalogue only (mutate lock held).  Changing the replicas of a volume
-        clients hold is not built yet: the engine would have to take the change itself."""
+    def _left(self, name: str, node: str, failed: str | None) -> None:
+        if failed is not None:
+            # The change is done and committed; only the old replica's space is left.
+            log.warning(
+                "volume %s: the replica on %s left the volume but was not deleted (%s);"
+                " `nbs volume gc` retries",
+                name,
+                node,
+                failed,
+            )
+
+    def _replicated(
+        self, name: str
+    ) -> tuple[VolumeRow, ReplicatedBackend, ReplicatedStorage | None]:
+        """A replicated volume's row, backend, and engine if this process has it open (it
+        takes the change while serving); without one, the change goes to the catalogue
+        (mutate lock held)."""
         row = self._row(name)
         backend = self._backend(row.storage)
         if not isinstance(backend, ReplicatedBackend):
             raise InvalidRequestError(f"volume {name!r} is not replicated ({row.storage})")
         self._check_local_if_closed(name, "change replicas of")
-        clients = len(self.holders(name))
-        if clients:
-            raise InUseError(
-                f"volume {name!r} is open by {clients} client(s): its replicas change only"
-                " while it is detached (for now)"
-            )
-        opened = self._open.pop(name, None)
-        if opened is not None:
-            opened.top.close()
-        return row, backend, opened is not None
+        opened = self._open.get(name)
+        return row, backend, opened.base if opened is not None else None
 
     def _replication(self, row: VolumeRow) -> ReplicationInfo | None:
         if row.storage.kind != "replicated":
@@ -720,7 +726,24 @@ class VolumeService:
                 self._remove_volume(row, quiet=quiet)
                 removed.append(f"volume {row.name}")
         removed += self._collect_layers((), local_only=True) if quiet else self._collect_layers()
+        if not quiet:  # storage nodes over the network: only a real gc
+            removed += self._collect_replicas()
         self.leases.remove_stale()
+        return removed
+
+    def _collect_replicas(self) -> builtins.list[str]:
+        """Replicas that left a volume's membership but could not be deleted then (their
+        node was down): deleted now if their node answers, else a warning again."""
+        removed = []
+        for row in self.catalogue.volumes():
+            if row.storage.kind != "replicated":
+                continue
+            try:
+                backend = self._backend(row.storage)
+                if isinstance(backend, ReplicatedBackend):
+                    removed += backend.collect_leftovers(row.top)
+            except (StorageError, VolumeError) as err:
+                log.warning("volume %s: `nbs volume gc` tries again: %s", row.name, err)
         return removed
 
     def _collect_layers(

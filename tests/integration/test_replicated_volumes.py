@@ -273,3 +273,148 @@ def test_fio_verify_through_a_kill_9_of_one_node(
     name = replicas_on(nodes[0])[0]
     assert engine.membership(name).state(nodes[1].name) == "out"
     assert nodes[0].volume_bytes(name) == nodes[2].volume_bytes(name)
+
+
+def _writes(pattern: int, start: int, count: int, size: int = 256 << 10) -> list[str]:
+    """qemu-io commands writing ``count`` blocks of ``size`` from block ``start`` on, each
+    filled with a pattern byte derived from ``pattern`` and the block."""
+    return [
+        f"write -P {(pattern + i) % 250 + 1} {i * size} {size}" for i in range(start, start + count)
+    ]
+
+
+def _expected(*batches: tuple[int, int, int], size: int = 256 << 10) -> bytes:
+    """The image after ``_writes(pattern, start, count)`` of each batch, in order."""
+    image = bytearray(SIZE)
+    for pattern, start, count in batches:
+        for i in range(start, start + count):
+            image[i * size : (i + 1) * size] = bytes([(pattern + i) % 250 + 1]) * size
+    return bytes(image)
+
+
+def _quiet(output: str) -> None:
+    """Nothing a client would call an error in qemu-io's output."""
+    lowered = output.lower()
+    assert "error" not in lowered, output
+    assert "fail" not in lowered, output
+
+
+def test_replica_replace_of_a_killed_node_while_attached(
+    tmp_path: Path, storage_nodes: Nodes
+) -> None:
+    """The operator's case: a node dies under a writing client; its replica is replaced by
+    one on a fourth node while the client stays attached and writes; the resync (rate
+    limited, so its progress shows in ``nbs volume info``) makes the new replica
+    byte-identical to the others; the dead node's replica is left for ``nbs volume gc``,
+    which deletes it once the node is back."""
+    require_module("nbd")
+    nodes = storage_nodes(4)
+    engine = Engine(tmp_path, nodes)
+    engine.start()
+    try:
+        name = create_replicated(
+            engine, "vol", nodes[:3], ",timeout=5,reconnect=1,resync_rate=4MiB"
+        )
+        dead, new = nodes[1], nodes[3]
+        with QemuIoSession(engine.uri("vol")) as session:
+            session.send(*_writes(1, 0, 24), "flush")
+            dead.kill()
+            session.send(*_writes(2, 24, 16), "flush")
+            replaced = engine.volume("replica", "replace", "vol", dead.name, new.name, "--json")
+            shown = json.loads(replaced.stdout)["replication"]["replicas"]
+            assert [(r["node"], r["state"]) for r in shown] == [
+                (nodes[0].name, "in_sync"),
+                (new.name, shown[1]["state"]),  # out, or resyncing already
+                (nodes[2].name, "in_sync"),
+                (dead.name, "leftover"),  # its node is dead: not deleted yet
+            ]
+            assert shown[1]["state"] in ("out", "resyncing")
+            session.send(*_writes(3, 40, 24), "flush")
+            progress = ""
+            deadline = time.monotonic() + 60
+            while engine.membership(name).in_sync != {nodes[0].name, new.name, nodes[2].name}:
+                assert time.monotonic() < deadline, engine.logs()
+                text = engine.volume("info", "vol").stdout
+                shown_now = re.findall(r"resyncing \d+% \(\d+/\d+ bytes\)", text)
+                progress = progress or "".join(shown_now)
+                time.sleep(0.1)
+            output = session.finish(*_writes(4, 0, 8), "flush")
+        assert session.returncode == 0, output
+        _quiet(output)
+        assert output.count("wrote 262144/262144 bytes") == 72, output
+        assert progress, "the resync's progress was never shown by nbs volume info"
+        expected = _expected((1, 0, 24), (2, 24, 16), (3, 40, 24), (4, 0, 8))
+        for node in (nodes[0], new, nodes[2]):
+            assert node.volume_bytes(name) == expected, node.name
+        assert replicas_on(new) == [name]
+        text = engine.volume("info", "vol").stdout
+        assert f"{dead.name} {name} leftover (left the volume" in text, text
+        dead.restart()
+        engine.volume("gc")
+        assert replicas_on(dead) == []
+        assert "leftover" not in engine.volume("info", "vol").stdout
+    finally:
+        engine.stop()
+
+
+def test_replica_add_and_remove_while_attached(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """A client stays attached and writes while a replica is added (resynced in) and
+    another removed (deleted from its node); user errors are one line, exit 2."""
+    require_module("nbd")
+    engine, nodes = cluster
+    name = create_replicated(engine, "vol", nodes[:2])
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send(*_writes(1, 0, 32), "flush")
+        engine.volume("replica", "add", "vol", nodes[2].name)
+        session.send(*_writes(2, 16, 32), "flush")
+        engine.wait_in_sync(name, {n.name for n in nodes})
+        engine.volume("replica", "remove", "vol", nodes[0].name)
+        assert replicas_on(nodes[0]) == []
+        session.send(*_writes(3, 40, 24), "flush")
+        for args, message in (
+            (("remove", "vol", nodes[1].name), "fewer than min_insync=2"),
+            (("replace", "vol", nodes[1].name, nodes[2].name), "already holds a replica"),
+            (("replace", "vol", nodes[0].name, nodes[0].name), "holds no replica"),
+            (("add", "vol", "zz"), "no storage node 'zz' is configured"),
+        ):
+            refused = engine.volume("replica", *args, check=False)
+            assert refused.returncode == 2, refused
+            assert message in refused.stderr, refused.stderr
+            assert refused.stderr.count("\n") == 1, refused.stderr
+        output = session.finish()
+    assert session.returncode == 0, output
+    _quiet(output)
+    assert output.count("wrote 262144/262144 bytes") == 88, output
+    expected = _expected((1, 0, 32), (2, 16, 32), (3, 40, 24))
+    for node in nodes[1:]:
+        assert node.volume_bytes(name) == expected, node.name
+    shown = engine.info("vol")["replication"]["replicas"]
+    assert [(r["node"], r["state"]) for r in shown] == [
+        (nodes[1].name, "in_sync"),
+        (nodes[2].name, "in_sync"),
+    ]
+
+
+def test_replica_replace_of_a_volume_no_engine_has_open(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """Never opened yet: the change goes to the catalogue; the engine, when it opens the
+    volume, copies everything to the new replica."""
+    require_module("nbd")
+    engine, nodes = cluster
+    name = create_replicated(engine, "cold", nodes[:2], ",min_insync=1")
+    engine.volume("replica", "replace", "cold", nodes[0].name, nodes[2].name)
+    assert replicas_on(nodes[0]) == []
+    shown = engine.info("cold")["replication"]
+    assert shown["live"] is False
+    assert [(r["node"], r["state"]) for r in shown["replicas"]] == [
+        (nodes[2].name, "out"),
+        (nodes[1].name, "in_sync"),
+    ]
+    done = qemu_io(engine.uri("cold"), *_writes(5, 0, 8), "flush")
+    assert done.returncode == 0, done.stdout + done.stderr
+    engine.wait_in_sync(name, {nodes[1].name, nodes[2].name})
+    expected = _expected((5, 0, 8))
+    assert nodes[2].volume_bytes(name) == nodes[1].volume_bytes(name) == expected

@@ -18,6 +18,7 @@ EXPECTED = {
     ("POST", "/v1/volumes/{name}/snapshots/{snapshot}/clone"),
     ("POST", "/v1/volumes/{name}/replicas"),
     ("DELETE", "/v1/volumes/{name}/replicas/{node}"),
+    ("POST", "/v1/volumes/{name}/replicas/{node}/replace"),
     ("POST", "/v1/gc"),
     ("GET", "/v1/exports"),
     ("GET", "/v1/status"),

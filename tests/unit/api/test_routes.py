@@ -338,3 +338,6 @@ def test_replica_changes_of_a_volume_that_is_not_replicated_are_a_4xx(api: TestC
     assert error(api.delete("/v1/volumes/a/replicas/n"))[0] == 400
     assert error(api.post("/v1/volumes/zz/replicas", json={"node": "n"})) == (404, "not-found")
     assert error(api.post("/v1/volumes/a/replicas", json={"nod": "n"}))[0] == 400
+    assert error(api.post("/v1/volumes/a/replicas/n/replace", json={"node": "m"}))[0] == 400
+    assert error(api.post("/v1/volumes/zz/replicas/n/replace", json={"node": "m"}))[0] == 404
+    assert error(api.post("/v1/volumes/a/replicas/n/replace", json={}))[0] == 400

@@ -190,6 +190,19 @@ class Replicas:
         self.cond = threading.Condition()
         self.opened: list[tuple[str, int]] = []
 
+    def add(self, member: str) -> None:
+        """A new member's disk (a storage node's new, empty replica), for a member joining
+        the volume; it stays, as a deleted replica's disk would for a while, for checks."""
+        self.fences[member] = Fence(member, 0, lambda epoch: True)
+        self.disks[member] = MemoryStorage(self.size)
+        self.faults[member] = Fault()
+        self.promised[member] = 0
+
+    def requests_running(self, member: str) -> int:
+        """Requests of any connection of ``member`` admitted and not yet done."""
+        with self.cond:
+            return sum(n for (m, _), n in self.in_flight.items() if m == member)
+
     def open_child(self, member: str, epoch: int) -> Storage:
         if self.faults[member].unreachable:
             raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
@@ -232,8 +245,8 @@ class Replicas:
     def image(self, member: str) -> bytes:
         return self.disks[member].read(0, self.size)
 
-    def identical(self) -> bool:
-        images = {self.image(m) for m in self.disks}
+    def identical(self, among: Collection[str] | None = None) -> bool:
+        images = {self.image(m) for m in (self.disks if among is None else among)}
         return len(images) == 1
 
 

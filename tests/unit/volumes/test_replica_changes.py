@@ -1,0 +1,219 @@
+"""Replica add/remove/replace through the volume service, with the engine open (the live
+path) or not (the catalogue path), over in-process storage nodes: each node is a
+VolumeService on its own data directory served in catalogue mode by this project's Server on
+loopback, so members are real NbdStorages with fenced export names.  (Nodes as separate
+processes, one of them killed: tests/integration/test_replicated_volumes.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from backend.nbd import TLSPolicy
+from backend.replication.supervisor import ResyncSupervisor
+from backend.server.server import Server, TCPAddress
+from backend.storage.nbd import NbdTarget
+from backend.volumes.exports import VolumeExports
+from backend.volumes.model import CreateRequest, InvalidRequestError
+from backend.volumes.replicated import NodeVolumes
+from backend.volumes.service import VolumeService
+from tests.unit.server.clients import port_of
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+class InProcessNodes:
+    """StorageNodes over in-process nodes; a node's "API" is its VolumeService itself."""
+
+    def __init__(self, directory: Path, names: Sequence[str]) -> None:
+        self.services: dict[str, VolumeService] = {}
+        self.servers: dict[str, Server] = {}
+        for name in names:
+            service = VolumeService(directory / name)
+            service.start_serving()
+            server = Server(
+                VolumeExports(service, tls=TLSPolicy.ALLOWED), tcp=[TCPAddress("127.0.0.1", 0)]
+            )
+            server.bind()
+            server.start()
+            self.services[name] = service
+            self.servers[name] = server
+
+    def names(self) -> Sequence[str]:
+        return tuple(self.services)
+
+    @contextlib.contextmanager
+    def volumes(self, node: str) -> Iterator[NodeVolumes]:
+        yield self.services[node]
+
+    def target(self, node: str, export: str) -> NbdTarget:
+        uri = f"nbd://127.0.0.1:{port_of(self.servers[node])}/"
+        return dataclasses.replace(NbdTarget.from_uri(uri), export=export)
+
+    def replicas(self, node: str) -> list[str]:
+        return [v.name for v in self.services[node].list() if v.name.startswith("r-")]
+
+    def replica_bytes(self, node: str, name: str) -> bytes:
+        # The storage the node serves (a second, read-only open would conflict with it).
+        storage = self.services[node].storage(name)
+        return storage.read(0, storage.size)
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.shutdown(grace=5)
+        for service in self.services.values():
+            service.close()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[InProcessNodes]:
+    made = InProcessNodes(tmp_path / "nodes", ["a", "b", "c", "d"])
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def engine(tmp_path: Path, nodes: InProcessNodes) -> Iterator[VolumeService]:
+    service = VolumeService(tmp_path / "engine", nodes=nodes)
+    service.start_serving()
+    yield service
+    service.close()
+
+
+def create(service: VolumeService, nodes: str, extra: str = "") -> str:
+    spec = f"replicated:nodes={nodes},timeout=2,reconnect=0.5{extra}"
+    info = service.create(CreateRequest("vol", SIZE, storage=spec))
+    assert info.replication is not None
+    return info.replication.replicas[0].volume
+
+
+@contextlib.contextmanager
+def supervised(service: VolumeService) -> Iterator[None]:
+    supervisor = ResyncSupervisor(service.replicated_engines, interval=0.05)
+    supervisor.start()
+    try:
+        yield
+    finally:
+        supervisor.close()
+
+
+def wait_in_sync(service: VolumeService, want: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = service.info("vol").replication
+        assert info is not None
+        if [(r.node, r.state) for r in info.replicas] == [(n, "in_sync") for n in want]:
+            return
+        assert time.monotonic() < deadline, info
+        time.sleep(0.02)
+
+
+def test_replace_while_open_under_writes(engine: VolumeService, nodes: InProcessNodes) -> None:
+    name = create(engine, "a/b/c")
+    storage = engine.storage("vol")  # open: the live engine takes the change
+    storage.write(0, b"before" * 1000)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: dict[int, bytes] = {}
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            data = bytes([i % 251 + 1]) * 4096
+            try:
+                storage.write(MiB + (i % 256) * 4096, data)
+            except Exception as err:
+                errors.append(err)
+                return
+            written[i % 256] = data
+            i += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=writer)
+    with supervised(engine):
+        thread.start()
+        try:
+            time.sleep(0.05)
+            info = engine.replace_replica("vol", "a", "d")
+            assert info.replication is not None
+            assert info.replication.live
+            assert [r.node for r in info.replication.replicas] == ["d", "b", "c"]
+            time.sleep(0.05)
+            wait_in_sync(engine, ["d", "b", "c"])
+        finally:
+            stop.set()
+            thread.join()
+    assert errors == []
+    storage.flush()
+    assert nodes.replicas("a") == []  # deleted once it had left
+    images = {node: nodes.replica_bytes(node, name) for node in "bcd"}
+    assert images["d"] == images["b"] == images["c"]
+    assert images["d"][:6000] == (b"before" * 1000)
+    for block, data in written.items():
+        assert images["d"][MiB + block * 4096 : MiB + (block + 1) * 4096] == data
+
+
+def test_add_and_remove_while_open(engine: VolumeService, nodes: InProcessNodes) -> None:
+    name = create(engine, "a/b")
+    storage = engine.storage("vol")
+    storage.write(3 * MiB, b"x" * 8192)
+    with supervised(engine):
+        engine.add_replica("vol", "c")
+        storage.write(0, b"y" * 4096)
+        wait_in_sync(engine, ["a", "b", "c"])
+    engine.remove_replica("vol", "a")
+    storage.write(4096, b"z" * 4096)
+    storage.flush()
+    assert nodes.replicas("a") == []
+    assert nodes.replica_bytes("c", name) == nodes.replica_bytes("b", name)
+    assert nodes.replica_bytes("c", name)[3 * MiB : 3 * MiB + 8192] == b"x" * 8192
+
+
+def test_replace_of_a_closed_volume_goes_to_the_catalogue(
+    engine: VolumeService, nodes: InProcessNodes
+) -> None:
+    name = create(engine, "a/b", ",min_insync=1")
+    info = engine.replace_replica("vol", "a", "c")
+    assert info.replication is not None
+    assert not info.replication.live
+    assert [(r.node, r.state) for r in info.replication.replicas] == [
+        ("c", "out"),
+        ("b", "in_sync"),
+    ]
+    assert nodes.replicas("a") == []
+    storage = engine.storage("vol")  # the engine opens with c out, a full plane to copy
+    storage.write(0, b"w" * 4096)
+    with supervised(engine):
+        wait_in_sync(engine, ["c", "b"])
+    storage.flush()
+    assert nodes.replica_bytes("c", name) == nodes.replica_bytes("b", name)
+
+
+@pytest.mark.parametrize("open_it", [False, True])
+def test_user_errors_are_invalid_requests(
+    engine: VolumeService, nodes: InProcessNodes, open_it: bool
+) -> None:
+    create(engine, "a/b/c")
+    if open_it:
+        engine.storage("vol")
+    for call, message in (
+        (lambda: engine.replace_replica("vol", "a", "zz"), "no storage node 'zz' is configured"),
+        (lambda: engine.replace_replica("vol", "a", "b"), "storage node b already holds"),
+        (lambda: engine.replace_replica("vol", "d", "a"), "storage node a already holds"),
+        (lambda: engine.replace_replica("vol", "d", "d"), "storage node d holds no replica"),
+        (lambda: engine.add_replica("vol", "a"), "storage node a already holds"),
+        (lambda: engine.remove_replica("vol", "d"), "storage node d holds no replica"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message):
+            call()
+    engine.remove_replica("vol", "c")
+    with pytest.raises(InvalidRequestError, match="fewer than min_insync=2"):
+        engine.remove_replica("vol", "b")
+    assert nodes.replicas("d") == []  # nothing made for a refused change
