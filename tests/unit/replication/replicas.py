@@ -47,6 +47,13 @@ from tests.unit.server.clients import port_of
 
 ALL = frozenset({"read", "write", "flush", "extents"})
 
+KIB = 1024
+MIB = 1024 * KIB
+SIZE = 8 * MIB  # the engine tests' volume
+G = 64 * KIB  # and its tracking granularity
+# Short enough for tests that wait out a timeout, long enough for a loaded 2-core machine.
+QUICK = ReplicationPolicy(child_timeout=2.0, below_min_wait=0.5)
+
 
 @dataclasses.dataclass
 class Fault:

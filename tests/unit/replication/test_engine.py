@@ -10,7 +10,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,45 +19,7 @@ from backend.replication.membership import InMemoryMembershipStore, Membership, 
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import IN_DOUBT, RegionMap, missed
 from backend.storage import StorageError
-from tests.unit.replication.replicas import Engine, Volume, members
-from tests.unit.server.clients import in_process_servers
-
-KIB = 1024
-MIB = 1024 * KIB
-SIZE = 8 * MIB
-G = 64 * KIB
-QUICK = ReplicationPolicy(child_timeout=2.0, below_min_wait=0.5)
-
-
-@pytest.fixture(params=["memory", "nbd"])
-def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
-    """Members in memory (the engine's pool path) or over NBD to in-process servers (its
-    submit path: docs/decisions/0106)."""
-    if request.param == "memory":
-        yield Volume.create(tmp_path, list(members(3)), SIZE, granularity=G)
-        return
-    with in_process_servers() as serve:
-        volume = Volume.create(tmp_path, list(members(3)), SIZE, granularity=G, serve=serve)
-        yield volume
-        volume.replicas.heal()  # nothing stays hung on a server being shut down
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    opened: list[Engine] = []
-    yield opened
-    for engine in opened:
-        engine.close()
-
-
-@pytest.fixture
-def open_engine(volume: Volume, engines: list[Engine]) -> Callable[..., Engine]:
-    def make(policy: ReplicationPolicy = QUICK) -> Engine:
-        engine = volume.open(policy)
-        engines.append(engine)
-        return engine
-
-    return make
+from tests.unit.replication.replicas import KIB, MIB, QUICK, SIZE, Engine, G, Volume, members
 
 
 class RecordingStore(InMemoryMembershipStore):

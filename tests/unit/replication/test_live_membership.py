@@ -22,46 +22,9 @@ from backend.replication.policy import ReplicationPolicy
 from backend.replication.supervisor import ResyncSupervisor
 from backend.replication.tracking import missed
 from backend.storage import StorageError
-from tests.unit.replication.replicas import Engine, Volume, members
-from tests.unit.server.clients import in_process_servers
+from tests.unit.replication.replicas import KIB, MIB, QUICK, SIZE, Engine, G, Volume, members
 
-KIB = 1024
-MIB = 1024 * KIB
-SIZE = 8 * MIB
-G = 64 * KIB
 BLOCK = 4 * KIB
-POLICY = ReplicationPolicy(child_timeout=2.0, below_min_wait=0.5)
-
-
-@pytest.fixture(params=["memory", "nbd"])
-def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
-    """Members in memory (the engine's pool path) or over NBD to in-process servers (its
-    submit path)."""
-    if request.param == "memory":
-        yield Volume.create(tmp_path, list(members(3)), SIZE, granularity=G)
-        return
-    with in_process_servers() as serve:
-        volume = Volume.create(tmp_path, list(members(3)), SIZE, granularity=G, serve=serve)
-        yield volume
-        volume.replicas.heal()
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    opened: list[Engine] = []
-    yield opened
-    for engine in opened:
-        engine.close()
-
-
-@pytest.fixture
-def open_engine(volume: Volume, engines: list[Engine]) -> Callable[..., Engine]:
-    def make(policy: ReplicationPolicy = POLICY) -> Engine:
-        engine = volume.open(policy)
-        engines.append(engine)
-        return engine
-
-    return make
 
 
 class Writers:
@@ -281,7 +244,7 @@ def test_joining_member_plane_marks_everything_before_it_is_committed(
     store = RecordingStore(on_commit)
     store.commit(volume.store.load("vol"), None)
     volume.store = store
-    engine = volume.open(POLICY)
+    engine = volume.open(QUICK)
     engines.append(engine)
     holder.append(engine)
     volume.replicas.add("r2")
