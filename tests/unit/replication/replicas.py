@@ -175,6 +175,18 @@ class _NbdChild(NbdStorage):
         super().close()
 
 
+class RecordingStore(InMemoryMembershipStore):
+    """Calls ``on_commit(new)`` before each commit, to observe what was durable then."""
+
+    def __init__(self, on_commit: Callable[[Membership], None]) -> None:
+        super().__init__()
+        self.on_commit = on_commit
+
+    def commit(self, new: Membership, expected_generation: int | None) -> None:
+        self.on_commit(new)
+        super().commit(new, expected_generation)
+
+
 class Replicas:
     """Member disks, their faults, and the epoch each promised (per member, as each replica
     server keeps its own: an engine reconnecting one member under a newer epoch fences only

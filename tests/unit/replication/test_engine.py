@@ -15,23 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from backend.replication.membership import InMemoryMembershipStore, Membership, take_epoch
+from backend.replication.membership import Membership, take_epoch
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import IN_DOUBT, RegionMap, missed
 from backend.storage import StorageError
-from tests.unit.replication.replicas import KIB, MIB, QUICK, SIZE, Engine, G, Volume, members
-
-
-class RecordingStore(InMemoryMembershipStore):
-    """Calls ``on_commit(new)`` before each commit, to observe what was durable then."""
-
-    def __init__(self, on_commit: Callable[[Membership], None]) -> None:
-        super().__init__()
-        self.on_commit = on_commit
-
-    def commit(self, new: Membership, expected_generation: int | None) -> None:
-        self.on_commit(new)
-        super().commit(new, expected_generation)
+from tests.unit.replication.replicas import (
+    KIB,
+    MIB,
+    QUICK,
+    SIZE,
+    Engine,
+    G,
+    RecordingStore,
+    Volume,
+    members,
+)
 
 
 def test_opening_takes_a_new_epoch_and_opens_members_with_it(

@@ -17,12 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from backend.replication.membership import InMemoryMembershipStore, Membership, TransitionError
+from backend.replication.membership import Membership, TransitionError
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.supervisor import ResyncSupervisor
 from backend.replication.tracking import missed
 from backend.storage import StorageError
-from tests.unit.replication.replicas import KIB, MIB, QUICK, SIZE, Engine, G, Volume, members
+from tests.unit.replication.replicas import (
+    KIB,
+    MIB,
+    QUICK,
+    SIZE,
+    Engine,
+    G,
+    RecordingStore,
+    Volume,
+    members,
+)
 
 BLOCK = 4 * KIB
 
@@ -217,16 +227,6 @@ def test_in_sync_member_replaced_under_writes(
         resync_under_writes(engine, writers, "r3", {"r1", "r2", "r3"})
     assert volume.replicas.image("r0") == left
     check_oracle(volume, engine, writers, {"r1", "r2", "r3"})
-
-
-class RecordingStore(InMemoryMembershipStore):
-    def __init__(self, on_commit: Callable[[Membership], None]) -> None:
-        super().__init__()
-        self.on_commit = on_commit
-
-    def commit(self, new: Membership, expected_generation: int | None) -> None:
-        self.on_commit(new)
-        super().commit(new, expected_generation)
 
 
 def test_joining_member_plane_marks_everything_before_it_is_committed(
