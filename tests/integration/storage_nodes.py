@@ -124,6 +124,9 @@ class StorageNode:
         assert self.alive(), f"{self.name} is not running"
         self.server.process.send_signal(signal.SIGSTOP)
         self.stopped = True
+        # kill() returns before the signal took effect: a request sent at once could still
+        # be answered (seen once in CI).  Frozen means every thread is in state T.
+        _wait_stopped(self.server.process.pid)
 
     def cont(self) -> None:
         """SIGCONT after :meth:`stop` (a no-op otherwise)."""
@@ -203,3 +206,18 @@ class StorageNodes:
     def close(self) -> None:
         for node in self.nodes:
             node.terminate()
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of ``pid`` is stopped (``T`` in /proc/PID/task/*/stat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout} s: {states}")
+        time.sleep(0.005)
