@@ -294,6 +294,21 @@ class Volume:
         RegionMap.create(path, size, granularity, syncer=_no_sync).close()
         return cls(Replicas(members, size, serve), store, path, granularity)
 
+    def open_recording(
+        self,
+        on_commit: Callable[[Engine, Membership], None],
+        policy: ReplicationPolicy | None = None,
+    ) -> Engine:
+        """Open an engine whose membership commits each call ``on_commit(engine, new)`` first
+        (from the first commit after the open on), to observe what was durable then."""
+        opened: list[Engine] = []
+        store = RecordingStore(lambda new: on_commit(opened[0], new) if opened else None)
+        store.commit(self.store.load(self.volume_id), None)
+        self.store = store
+        engine = self.open(policy)
+        opened.append(engine)
+        return engine
+
     def open(self, policy: ReplicationPolicy | None = None) -> Engine:
         regions = RegionMap.open(self.map_path, syncer=_no_sync)
         try:

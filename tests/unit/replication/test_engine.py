@@ -26,7 +26,6 @@ from tests.unit.replication.replicas import (
     SIZE,
     Engine,
     G,
-    RecordingStore,
     Volume,
     members,
 )
@@ -58,24 +57,18 @@ def test_failed_member_is_committed_with_its_missed_plane_before_the_ack(
 ) -> None:
     events: list[tuple[str, object]] = []
     volume = Volume.create(tmp_path, list(members(3)), SIZE, granularity=G)
-    holder: list[Engine] = []
 
-    def on_commit(new: Membership) -> None:
-        if holder and "r1" not in new.in_sync:
-            plane = list(holder[0].regions.regions(missed("r1")))
-            events.append(("commit", plane))
+    def on_commit(engine: Engine, new: Membership) -> None:
+        if "r1" not in new.in_sync:
+            events.append(("commit", list(engine.regions.regions(missed("r1")))))
 
-    store = RecordingStore(on_commit)
-    store.commit(volume.store.load("vol"), None)
-    volume.store = store
-    engine = volume.open(QUICK)
+    engine = volume.open_recording(on_commit, QUICK)
     engines.append(engine)
-    holder.append(engine)
     volume.replicas.faults["r1"].set("error", {"write"})
     engine.write(3 * G + 100, b"y" * 200)
     events.append(("ack", None))
     assert events == [("commit", [(3 * G, G)]), ("ack", None)]
-    assert store.load("vol").in_sync == {"r0", "r2"}
+    assert volume.store.load("vol").in_sync == {"r0", "r2"}
     assert volume.replicas.disks["r1"].read(3 * G + 100, 200) == bytes(200)
 
 

@@ -29,7 +29,6 @@ from tests.unit.replication.replicas import (
     SIZE,
     Engine,
     G,
-    RecordingStore,
     Volume,
     members,
 )
@@ -235,18 +234,13 @@ def test_joining_member_plane_marks_everything_before_it_is_committed(
     """The order that makes a write of the old membership harmless: the plane first."""
     volume = Volume.create(tmp_path, list(members(2)), SIZE, granularity=G)
     seen: list[int] = []
-    holder: list[Engine] = []
 
-    def on_commit(new: Membership) -> None:
-        if holder and "r2" in new.members:
-            seen.append(holder[0].regions.marked_bytes(missed("r2")))
+    def on_commit(engine: Engine, new: Membership) -> None:
+        if "r2" in new.members:
+            seen.append(engine.regions.marked_bytes(missed("r2")))
 
-    store = RecordingStore(on_commit)
-    store.commit(volume.store.load("vol"), None)
-    volume.store = store
-    engine = volume.open(QUICK)
+    engine = volume.open_recording(on_commit, QUICK)
     engines.append(engine)
-    holder.append(engine)
     volume.replicas.add("r2")
     engine.add_member("r2")
     assert seen[0] == SIZE
