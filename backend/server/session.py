@@ -464,11 +464,18 @@ class Session:
             ticket.inflight.append(None)
             try:
                 if not ticket.current():
-                    self.stop_reading()
                     raise StorageError(errno.EPERM, _FENCED)
                 yield
             finally:
                 ticket.inflight.pop()
+
+    def _end_if_fenced_out(self) -> None:
+        """Stop reading once a long request of a fenced-out session is answered.  Not before:
+        a WRITE's payload still on the wire would be unread at the close, and the kernel would
+        reset the connection, dropping the EPERM reply on its way to the client."""
+        ticket = self._ticket
+        if ticket is not None and ticket.epoch < ticket.fence.epoch:
+            self.stop_reading()
 
     def _write_piece(self, storage: Storage, piece: WritePiece) -> bytes | None:
         """Write one piece of a long WRITE; the reply once its last piece is written."""
@@ -489,6 +496,7 @@ class Session:
         if error is None:
             return self.conn.reply_ok(piece.cookie)
         self.stats.error(Cmd.WRITE, error[0])
+        self._end_if_fenced_out()
         return self.conn.reply_error(piece.cookie, Cmd.WRITE, error[0], error[1])
 
     def _read_pieces(self, storage: Storage, request: Request) -> Iterator[list[bytes]]:
@@ -515,6 +523,7 @@ class Session:
                 code = wire_error(err.errno) if isinstance(err, StorageError) else Error.EIO
                 log.warning("%s: READ at %d+%d failed: %s", self.peer, pos, size, err)
                 self.stats.error(Cmd.READ, code)
+                self._end_if_fenced_out()
                 if pos == request.offset or conn.structured_replies:
                     yield [conn.reply_error(cookie, Cmd.READ, code, str(err))]
                 else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -260,16 +262,23 @@ def test_long_requests_of_a_fenced_out_session_never_touch_the_storage(  # type:
     # Requests over PAYLOAD_PIECE stream through the connection thread piece by piece.
     start, log = fenced_server
     server = start(True, 16 << 20)
-    old = Client(port_of(server), "disk;epoch=1")
-    new = Client(port_of(server), "disk;epoch=2")
-    written = len(log)
-    old.send(request(Cmd.WRITE, 1, 0, 6 << 20) + b"\x11" * (6 << 20))
-    assert old.reply() == (1, Error.EPERM, b"")
-    assert len(log) == written  # not one piece was written
-    new.send(request(Cmd.READ, 2, 0, 4))
-    assert new.reply() == (2, 0, bytes(4))
-    old.close()
-    new.close()
+    with contextlib.ExitStack() as stack:
+        old = Client(port_of(server), "disk;epoch=1")
+        stack.callback(old.close)
+        new = Client(port_of(server), "disk;epoch=2")
+        stack.callback(new.close)
+        written = len(log)
+        # A small send buffer keeps the client sending while the server meets the fence:
+        # the session must read the rest of the payload, not close on it (a reset would
+        # fail this send and drop the reply).
+        old.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        old.send(request(Cmd.WRITE, 1, 0, 6 << 20) + b"\x11" * (6 << 20))
+        assert old.reply() == (1, Error.EPERM, b"")
+        with pytest.raises(EOFError):  # then the session ends
+            old.reply()
+        assert len(log) == written  # not one piece was written
+        new.send(request(Cmd.READ, 2, 0, 4))
+        assert new.reply() == (2, 0, bytes(4))
 
 
 def test_a_silent_fenced_out_session_is_closed_after_the_grace(  # type: ignore[no-untyped-def]
