@@ -64,7 +64,13 @@ from backend.replication.membership import (
 )
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.status import EngineStatus, MemberStatus, ResyncProgress
-from backend.replication.tracking import IN_DOUBT, RegionMap, missed
+from backend.replication.tracking import (
+    IN_DOUBT,
+    RegionMap,
+    RegionMapError,
+    check_geometry,
+    missed,
+)
 from backend.storage.base import (
     Capabilities,
     Extent,
@@ -80,8 +86,11 @@ log.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 ChildFactory = Callable[[str, int], Storage]
+# Resizes a member's replica to a size in bytes, from outside its NBD connection (NBD has no
+# resize command): the volume service asks the member's storage node.
+ChildResizer = Callable[[str, int], None]
 
-__all__ = ["ChildFactory", "ReplicatedStorage"]
+__all__ = ["ChildFactory", "ChildResizer", "ReplicatedStorage"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -151,6 +160,7 @@ class ReplicatedStorage(Storage):
         open_child: ChildFactory,
         *,
         policy: ReplicationPolicy | None = None,
+        resize_child: ChildResizer | None = None,
     ) -> None:
         if regions.size != size:
             raise ValueError(f"region map of {regions.size} bytes for a volume of {size}")
@@ -159,6 +169,7 @@ class ReplicatedStorage(Storage):
         self._store = store
         self._regions = regions
         self._open_child = open_child
+        self._resize_child = resize_child
         self._policy = policy or ReplicationPolicy()
         self._cond = threading.Condition(threading.Lock())
         self._changes = threading.RLock()
@@ -183,6 +194,8 @@ class ReplicatedStorage(Storage):
                     if (s := self._children[m].storage) is not None
                 ]
             )
+            if resize_child is not None:
+                self._caps = dataclasses.replace(self._caps, can_resize=True)
             self._reconcile()
         except BaseException:
             self.close()
@@ -353,6 +366,74 @@ class ReplicatedStorage(Storage):
                 return self._inline(member, lambda s: s.extents(offset, length))
             except StorageError:
                 tried.append(member)
+
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Grow the volume to ``new_size`` bytes (a replicated volume never shrinks).
+
+        At one point of the write stream (``quiesced``), with every member in sync: each
+        member's replica is resized (``resize_child``), reconnected to learn its new size,
+        the region map grows with the new range in doubt (a crash from here on reconciles
+        it), and the engine serves the new size.  Then the new range is zeroed on every
+        member, as a write: a replica that an earlier, failed attempt left larger may hold
+        other bytes there.  A failure before the map grows leaves the volume as it was
+        (replicas already resized are only larger; the next attempt fixes them)."""
+        if self._resize_child is None:
+            super().resize(new_size, allow_shrink=allow_shrink)  # ENOTSUP
+            return
+        self._check_usable()
+        old_size = self._size
+        if new_size == old_size:
+            return
+        if new_size < old_size:
+            raise StorageError(errno.EOPNOTSUPP, "a replicated volume grows but never shrinks")
+        try:
+            check_geometry(new_size, self._regions.granularity)
+        except RegionMapError as err:
+            raise StorageError(errno.EINVAL, str(err)) from None
+        with self.quiesced(), self._changes:
+            self._check_usable()
+            m = self._membership
+            behind = sorted(set(m.members) - m.in_sync)
+            if behind:
+                raise StorageError(
+                    errno.EBUSY,
+                    f"resizing needs every replica in sync; {', '.join(behind)} is not (wait"
+                    " for its resync, or replace it: see nbs volume info)",
+                )
+            for member in m.members:
+                self._resize_child(member, new_size)
+            fresh: dict[str, Storage] = {}
+            try:
+                for member in m.members:
+                    fresh[member] = storage = self._open_child(member, m.epoch)
+                    if storage.size != new_size:
+                        raise StorageError(
+                            errno.EIO,
+                            f"member {member} serves {storage.size} bytes after its resize"
+                            f" to {new_size}",
+                        )
+                self._regions.grow(new_size, [IN_DOUBT])
+            except BaseException:
+                for storage in fresh.values():
+                    _close_quietly(storage)
+                raise
+            with self._cond:
+                replaced = []
+                for member, storage in fresh.items():
+                    child = self._children[member]
+                    if child.storage is not None:
+                        replaced.append(child.storage)
+                    child.storage = storage
+                self._size = new_size
+        for storage in replaced:
+            # Reads sent before the swap finish on it (each within the member's request
+            # timeout); nothing new is sent to it.
+            closer = threading.Timer(self._policy.child_timeout, _close_quietly, (storage,))
+            closer.daemon = True
+            closer.start()
+        log.info("volume %s: grown from %d to %d bytes", self._volume_id, old_size, new_size)
+        self._mutate(Request("zero", old_size, new_size - old_size, may_trim=True))
+        self.flush()  # the new range leaves IN_DOUBT
 
     def close(self) -> None:
         with self._cond:
@@ -799,6 +880,8 @@ class ReplicatedStorage(Storage):
         plane = missed(member)
         with self._changes:
             lacks = _lacks(storage.capabilities, self._caps)
+            if storage.size < self._size:  # a replica made before the volume grew
+                lacks.append(f"its replica is {storage.size} bytes, the volume {self._size}")
             if lacks or self._state_of(member) != "out":  # removed while it reconnected
                 _close_quietly(storage)
                 why = f"cannot serve this volume: {', '.join(lacks)}" if lacks else "removed"

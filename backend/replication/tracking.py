@@ -466,6 +466,79 @@ class RegionMap:
             self._dirty = {k for k in self._dirty if k[0] != p.slot}
             self._pending = {k: s for k, s in self._pending.items() if k[0] != p.slot}
 
+    def grow(self, size: int, mark: Collection[str] = (IN_DOUBT,)) -> None:
+        """Make the map cover a volume of ``size`` bytes (more than now), every bit kept, and
+        the new range set in the planes ``mark``, durably.  Marks wait meanwhile; no
+        checkpoint may be running (the caller holds the whole volume).
+
+        The planes' slots move when their stride grows, so the map is written anew beside
+        the old one and renamed over it: a crash leaves the old map or the new, whole."""
+        names = self._names(mark)
+        with self._cond:
+            self._check_usable()
+            old = self._header
+            if size <= old.size:
+                raise ValueError(f"a region map grows only: {size} <= {old.size} bytes")
+            if self._checkpoints:
+                raise RegionMapError("cannot grow the region map while a checkpoint runs")
+            check_geometry(size, old.granularity)
+            for name in names:
+                self._plane(name)
+            while self._flushing:
+                self._cond.wait()
+            header = dataclasses.replace(old, sequence=old.sequence + 1, size=size)
+            planes: dict[str, _Plane] = {}
+            for name, p in self._planes.items():
+                bits = bytearray(header.stride)
+                bits[: len(p.bits)] = p.bits
+                planes[name] = _Plane(name, p.slot, bits, p.count, set(p.pages))
+            first, stop = old.size // old.granularity, header.regions
+            pages = range(first // PAGE_BITS, (stop - 1) // PAGE_BITS + 1)
+            for name in names:
+                p = planes[name]
+                p.count += bitmap.set_range(p.bits, first, stop)
+                p.pages.update(pages)
+            fd = self._write_new(header, planes)
+            os.close(self._fd)  # the old file, unlinked by the rename: its lock goes with it
+            self._fd = fd
+            self._header = header
+            self._planes = planes
+            self._dirty.clear()
+            self._pending.clear()
+            self._durable = self._seq  # every bit is in the new file, synced
+            self._syncs += 1
+            self._cond.notify_all()
+            self._io(lambda: _sync_dir(self.path.parent))  # the rename
+
+    def _write_new(self, header: Header, planes: dict[str, _Plane]) -> int:
+        """Write ``header`` and ``planes`` to a new file, synced and locked, and rename it over
+        the map; return its descriptor.  On an error the map is as it was (StorageError)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.grow")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StorageError(errno.EIO, f"cannot grow region map {self.path}: {err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _pwrite_all(fd, header.encode(), (header.sequence % HEADER_SLOTS) * PAGE)
+            slots = max((p.slot for p in planes.values()), default=-1) + 1
+            os.ftruncate(fd, header.slot_offset(slots))
+            for p in planes.values():
+                at = header.slot_offset(p.slot)
+                for page in sorted(p.pages):
+                    data = bytes(p.bits[page * PAGE : (page + 1) * PAGE])
+                    _pwrite_all(fd, data, at + page * PAGE)
+            self._syncer(fd)
+            os.rename(tmp, self.path)
+        except BaseException as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(err, OSError):
+                raise StorageError(errno.EIO, f"cannot grow region map {self.path}: {err}") from err
+            raise
+        return fd
+
     def _write_slot(self, plane: _Plane) -> None:
         """Write a whole plane into its slot: zeroes over whatever a removed plane left there
         (found with SEEK_DATA), then its set pages; then sync."""

@@ -20,7 +20,7 @@ MAX_EXTENTS = 1024
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_VIEW = memoryview(_ZERO_PAGE)
 
-_WRITABLE = Capabilities(can_fast_zero=True)
+_WRITABLE = Capabilities(can_fast_zero=True, can_resize=True)
 # A read-only storage advertises nothing that would modify it.
 _READ_ONLY = Capabilities(read_only=True, can_trim=False, can_zero=False)
 
@@ -157,6 +157,22 @@ class MemoryStorage(Storage):
         if pos < end:
             _append(result, pos, end, hole=True)
         return result[:MAX_EXTENTS]
+
+    def resize(self, new_size: int, *, allow_shrink: bool = False) -> None:
+        """Grow (the new range reads as zeroes) or, with ``allow_shrink``, shrink (what lies
+        past the new end is dropped)."""
+        if new_size < 0:
+            raise ValueError(f"size must be >= 0, not {new_size}")
+        with self._lock:
+            self._check_writable()
+            if new_size < self._size:
+                if not allow_shrink:
+                    raise StorageError(
+                        errno.EINVAL,
+                        f"shrinking from {self._size} to {new_size} bytes needs allow_shrink",
+                    )
+                self._zero(new_size, self._size - new_size, drop=True)
+            self._size = new_size
 
     def close(self) -> None:
         with self._lock:

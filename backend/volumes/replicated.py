@@ -24,7 +24,10 @@ What each catalogue operation does:
   catalogue; a new replica is made on its node first, a leaving one deleted after it left
   the membership (one whose node does not answer stays recorded, shown as ``leftover``,
   and ``collect_leftovers`` (gc) deletes it later).
-* resizing and read-only views: refused in one line (not built yet).
+* resize: grows only, through the engine (``ReplicatedStorage.resize``): every replica is
+  resized through its node's API, at one point of the write stream, with every replica in
+  sync.  Shrinking is refused in one line.
+* read-only views: refused in one line (not built yet).
 
 The membership's volume id is the volume's top layer id, as are the map's and replica's names.
 """
@@ -82,6 +85,8 @@ class NodeVolumes(Protocol):
     def create(self, request: CreateRequest) -> VolumeInfo: ...
 
     def delete(self, name: str, *, force: bool = False) -> None: ...
+
+    def resize(self, name: str, size: int | str, *, allow_shrink: bool = False) -> VolumeInfo: ...
 
     def snapshot(self, volume: str, name: str) -> SnapshotInfo: ...
 
@@ -507,6 +512,22 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
                 connect_timeout=min(self.policy.child_timeout, 5.0),
             )
 
+        def resize_child(member: str, size: int) -> None:
+            replicas = {r.node: r for r in self._catalogue().replicas(layer)}
+            if member not in replicas:
+                raise StorageError(errno.ENOENT, f"no replica of {layer} on {member} recorded")
+            name = replicas[member].volume
+            try:
+                with self._directory.volumes(member) as api:
+                    # Shrinking too: a replica is larger than the volume only after an
+                    # earlier attempt failed part way, and nothing past the volume's end is
+                    # ever read.
+                    api.resize(name, size, allow_shrink=True)
+            except VolumeError as err:
+                raise StorageError(
+                    errno.EIO, f"storage node {member} could not resize replica {name}: {err}"
+                ) from None
+
         try:
             regions = RegionMap.open(self.map_path(layer))
         except OSError as err:
@@ -520,6 +541,7 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
                 regions,
                 open_child,
                 policy=self.policy,
+                resize_child=resize_child,
             )
         except UnknownVolumeError as err:
             regions.close()

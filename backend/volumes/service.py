@@ -264,7 +264,7 @@ class VolumeService:
         with self._mutating():
             row, backend, engine = self._replicated(name)
             try:
-                backend.add_replica(row.top, node, row.size, engine)
+                backend.add_replica(row.top, node, self._replica_size(row, engine), engine)
             except StorageError as err:
                 raise StorageFailureError(f"cannot add a replica to {name!r}: {err}") from err
         log.info("volume %s: replica added on %s", name, node)
@@ -288,12 +288,19 @@ class VolumeService:
         with self._mutating():
             row, backend, engine = self._replicated(name)
             try:
-                failed = backend.replace_replica(row.top, old, new, row.size, engine)
+                size = self._replica_size(row, engine)
+                failed = backend.replace_replica(row.top, old, new, size, engine)
             except StorageError as err:
                 raise StorageFailureError(f"cannot replace a replica of {name!r}: {err}") from err
         self._left(name, old, failed)
         log.info("volume %s: replica on %s replaced by one on %s", name, old, new)
         return self.info(name)
+
+    @staticmethod
+    def _replica_size(row: VolumeRow, engine: ReplicatedStorage | None) -> int:
+        """The size of a new replica: the engine's, if it serves the volume (a grow that
+        crashed before the catalogue learned the new size is still the size it serves)."""
+        return engine.size if engine is not None else row.size
 
     def _left(self, name: str, node: str, failed: str | None) -> None:
         if failed is not None:
@@ -542,6 +549,14 @@ class VolumeService:
                     # Through the layers: a cache drops what the new size makes stale.
                     opened.top.resize(nbytes, allow_shrink=allow_shrink)
                 except StorageError as err:
+                    # Refusals of this volume's kind or state (a replicated volume only grows,
+                    # with every replica in sync) are the caller's to fix, not failures.
+                    if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise InvalidRequestError(
+                            f"cannot resize {name!r}: {err.message}"
+                        ) from None
+                    if err.errno == errno.EBUSY:
+                        raise InUseError(f"cannot resize {name!r}: {err.message}") from None
                     raise StorageFailureError(f"cannot resize {name!r}: {err}") from err
                 with self.catalogue.transaction() as changes:
                     changes.set_size(name, nbytes)

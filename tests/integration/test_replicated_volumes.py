@@ -90,20 +90,51 @@ def test_a_node_refusing_the_token_is_one_line_and_leaves_nothing(
         engine.stop()
 
 
-def test_unknown_node_and_resize_are_refused_in_one_line(
+def test_an_unknown_node_is_refused_in_one_line(
     cluster: tuple[Engine, list[StorageNode]],
 ) -> None:
-    engine, nodes = cluster
+    engine, _ = cluster
     failed = engine.volume(
         "create", "x", "--size", "1MiB", "--storage", "replicated:nodes=node0/zz", check=False
     )
     assert failed.returncode == 2
     assert "storage node 'zz' is not in the config's nodes" in failed.stderr
     assert failed.stderr.count("\n") == 1
+
+
+def test_resize_grows_every_replica_while_attached_and_never_shrinks(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """`nbs volume resize` of a replicated volume that a client holds open: every replica
+    grows on its node, the data stays, a client connecting after it sees the new size and
+    writes at the new end, and the replicas stay byte-identical."""
+    require_module("nbd")
+    engine, nodes = cluster
     create_replicated(engine, "vol", nodes)
-    refused = engine.volume("resize", "vol", "32MiB", check=False)
+    name = replicas_on(nodes[0])[0]
+    with QemuIoSession(engine.uri("vol")) as session:
+        session.send("write -P 0x5a 15M 1M", "flush")
+        grown = engine.volume("resize", "vol", "40MiB")
+        assert grown.returncode == 0, grown
+        output = session.finish("write -P 0x6b 0 64k", "flush")  # the old handshake's size
+    assert session.returncode == 0, output
+    assert "error" not in output.lower(), output
+    assert engine.info("vol")["size"] == 40 * MiB
+    done = qemu_io(engine.uri("vol"), "write -P 0x7c 39M 1M", "flush")
+    assert done.returncode == 0, done
+    assert "error" not in (done.stdout + done.stderr).lower(), done
+    expected = bytearray(40 * MiB)
+    expected[0 : 64 << 10] = b"\x6b" * (64 << 10)
+    expected[15 * MiB : 16 * MiB] = b"\x5a" * MiB
+    expected[39 * MiB :] = b"\x7c" * MiB
+    for node in nodes:
+        assert node.volume_bytes(name) == bytes(expected), node.name
+    assert [r["state"] for r in engine.info("vol")["replication"]["replicas"]] == ["in_sync"] * 3
+    refused = engine.volume("resize", "vol", "8MiB", "--allow-shrink", check=False)
     assert refused.returncode == 2, refused
+    assert "grows but never shrinks" in refused.stderr
     assert refused.stderr.count("\n") == 1, refused.stderr
+    assert engine.info("vol")["size"] == 40 * MiB
 
 
 def test_kill_9_of_one_node_under_writes_gives_no_client_error(

@@ -234,6 +234,13 @@ class Replicas:
         target = NbdTarget.from_uri(f"nbd://127.0.0.1:{port_of(server)}/disk")
         return _NbdChild(child, target)
 
+    def resize_child(self, member: str, size: int) -> None:
+        """Resize ``member``'s disk, as its storage node resizes the replica (through its
+        API, not the engine's connections, which keep the size of their handshake)."""
+        if self.faults[member].unreachable:
+            raise StorageError(errno.ECONNREFUSED, f"{member} is unreachable")
+        self.disks[member].resize(size, allow_shrink=True)
+
     def promise(self, epoch: int) -> None:
         """Every member promises ``epoch`` (another engine attached)."""
         for member in self.promised:
@@ -262,7 +269,8 @@ class Replicas:
             fault.unreachable = False
 
     def image(self, member: str) -> bytes:
-        return self.disks[member].read(0, self.size)
+        disk = self.disks[member]
+        return disk.read(0, disk.size)
 
     def identical(self, among: Collection[str] | None = None) -> bool:
         images = {self.image(m) for m in (self.disks if among is None else among)}
@@ -314,11 +322,12 @@ class Volume:
         try:
             return Engine(
                 self.volume_id,
-                self.replicas.size,
+                regions.size,  # what the engine grew it to, if it did
                 self.store,
                 regions,
                 self.replicas.open_child,
                 policy=policy,
+                resize_child=self.replicas.resize_child,
             )
         except BaseException:
             regions.close()

@@ -411,3 +411,68 @@ def test_closed_map_refuses_work(open_map: Callable[..., RegionMap]) -> None:
     regions.close()
     with pytest.raises(ValueError, match="closed"):
         regions.mark([IN_DOUBT], 0, 1)
+
+
+def test_growing_keeps_every_bit_and_marks_the_new_range(
+    open_map: Callable[..., RegionMap],
+) -> None:
+    # Past 32 Ki regions a plane's stride grows by a page, so every slot but the first moves.
+    regions = open_map(size=SIZE, granularity=4 * KIB)
+    regions.add_plane(missed("b"))
+    regions.mark([IN_DOUBT], 3 * KIB, 2 * KIB)
+    regions.mark([missed("b")], 9 * MIB, 5 * KIB)
+    regions.clear([IN_DOUBT], 0, 4 * KIB)  # a clear still waiting to be written
+    new_size = 200 * MIB + 7
+    regions.grow(new_size, [IN_DOUBT, missed("b")])
+    old_end = SIZE - SIZE % (4 * KIB)  # the old partial last region is in the new range
+    expected_doubt = [(4 * KIB, 4 * KIB), (old_end, new_size - old_end)]
+    expected_b = [(9 * MIB, 8 * KIB), (old_end, new_size - old_end)]
+    for _ in range(2):  # as grown, then as reopened from the file
+        assert regions.size == new_size
+        assert list(regions.regions(IN_DOUBT)) == expected_doubt
+        assert list(regions.regions(missed("b"))) == expected_b
+        regions.mark([IN_DOUBT], new_size - 1, 1)
+        assert regions.marked_bytes(IN_DOUBT) == 4 * KIB + new_size - old_end
+        regions = reopen(regions)
+    regions.close()
+    assert sorted(p.name for p in regions.path.parent.iterdir()) == [regions.path.name]
+
+
+def test_a_grown_map_is_still_held_by_this_process(open_map: Callable[..., RegionMap]) -> None:
+    regions = open_map()
+    regions.grow(2 * SIZE)
+    with pytest.raises(RegionMapError, match="in use by another process"):
+        RegionMap.open(regions.path)
+    regions.mark([IN_DOUBT], 2 * SIZE - 1, 1)  # the new file is the one written
+    regions.close()
+    with RegionMap.open(regions.path) as reopened:
+        assert reopened.size == 2 * SIZE
+
+
+def test_a_failed_grow_leaves_the_map_as_it_was(open_map: Callable[..., RegionMap]) -> None:
+    failing = False
+
+    def syncer(fd: int) -> None:
+        if failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fdatasync(fd)
+
+    regions = open_map(syncer=syncer)
+    regions.mark([IN_DOUBT], G, 1)
+    failing = True
+    with pytest.raises(StorageError, match=r"cannot grow region map .*No space left"):
+        regions.grow(2 * SIZE)
+    failing = False
+    assert regions.size == SIZE
+    regions.mark([IN_DOUBT], 0, 1)  # still usable
+    with reopen(regions) as reopened:
+        assert list(reopened.regions(IN_DOUBT)) == [(0, 2 * G)]
+    assert sorted(p.name for p in regions.path.parent.iterdir()) == [regions.path.name]
+
+
+def test_a_map_only_grows(open_map: Callable[..., RegionMap]) -> None:
+    regions = open_map()
+    with pytest.raises(ValueError, match="grows only"):
+        regions.grow(SIZE)
+    with pytest.raises(RegionMapError, match="too fine"):
+        regions.grow(100 * TIB)

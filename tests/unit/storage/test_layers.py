@@ -3,11 +3,12 @@ RetryingStorage, each through the conformance suite and the model test, then wha
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
 
-from backend.storage import MemoryStorage, Storage, StorageError
+from backend.storage import Capabilities, MemoryStorage, Storage, StorageError
 from backend.storage.chunked import ChunkedStorage, create_layer, open_chain
 from backend.storage.layers import CachingStorage, ForwardingStorage, RetryingStorage
 from backend.storage.objects import FaultyObjectStore
@@ -189,8 +190,18 @@ def test_cache_resize_hands_dirty_blocks_down_and_forgets_the_rest() -> None:
     storage.close()
 
 
+class _FixedSize(MemoryStorage):
+    """A memory storage that declares no resize (the base class's refusal)."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, can_resize=False)
+
+    resize = Storage.resize
+
+
 def test_cache_refuses_resize_it_cannot_forward_without_touching_the_cache() -> None:
-    storage = CachingStorage(MemoryStorage(256 * KIB), 128 * KIB, block=16 * KIB, write_back=True)
+    storage = CachingStorage(_FixedSize(256 * KIB), 128 * KIB, block=16 * KIB, write_back=True)
     assert not storage.capabilities.can_resize
     storage.write(0, b"dirty")
     with pytest.raises(StorageError) as excinfo:
