@@ -361,21 +361,28 @@ def test_many_writers_mark_with_few_syncs(open_map: Callable[..., RegionMap]) ->
     assert reopen(regions).marked_bytes(IN_DOUBT) == threads * per_thread * G
 
 
-def test_a_failed_sync_makes_the_map_unusable(open_map: Callable[..., RegionMap]) -> None:
-    failing = False
+class FailingSyncer:
+    """``fdatasync``, or ``OSError(code)`` while ``failing`` is set."""
 
-    def syncer(fd: int) -> None:
-        if failing:
-            raise OSError(errno.EIO, "Input/output error")
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.failing = False
+
+    def __call__(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(self.code, os.strerror(self.code))
         os.fdatasync(fd)
 
+
+def test_a_failed_sync_makes_the_map_unusable(open_map: Callable[..., RegionMap]) -> None:
+    syncer = FailingSyncer(errno.EIO)
     regions = open_map(syncer=syncer)
     regions.mark([IN_DOUBT], 0, 1)
-    failing = True
+    syncer.failing = True
     with pytest.raises(StorageError, match="Input/output error") as raised:
         regions.mark([IN_DOUBT], G, 1)
     assert raised.value.errno == errno.EIO
-    failing = False
+    syncer.failing = False
     # After a failed fsync nothing is known to be durable: it never pretends otherwise.
     with pytest.raises(StorageError, match="failed earlier"):
         regions.mark([IN_DOUBT], 0, 1)
@@ -450,19 +457,13 @@ def test_a_grown_map_is_still_held_by_this_process(open_map: Callable[..., Regio
 
 
 def test_a_failed_grow_leaves_the_map_as_it_was(open_map: Callable[..., RegionMap]) -> None:
-    failing = False
-
-    def syncer(fd: int) -> None:
-        if failing:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        os.fdatasync(fd)
-
+    syncer = FailingSyncer(errno.ENOSPC)
     regions = open_map(syncer=syncer)
     regions.mark([IN_DOUBT], G, 1)
-    failing = True
+    syncer.failing = True
     with pytest.raises(StorageError, match=r"cannot grow region map .*No space left"):
         regions.grow(2 * SIZE)
-    failing = False
+    syncer.failing = False
     assert regions.size == SIZE
     regions.mark([IN_DOUBT], 0, 1)  # still usable
     with reopen(regions) as reopened:
