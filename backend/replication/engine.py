@@ -371,12 +371,14 @@ class ReplicatedStorage(Storage):
         """Grow the volume to ``new_size`` bytes (a replicated volume never shrinks).
 
         At one point of the write stream (``quiesced``), with every member in sync: each
-        member's replica is resized (``resize_child``), reconnected to learn its new size,
+        member's replica is resized (``resize_child``) and reconnected to learn its new size,
         the region map grows with the new range in doubt (a crash from here on reconciles
-        it), and the engine serves the new size.  Then the new range is zeroed on every
-        member, as a write: a replica that an earlier, failed attempt left larger may hold
-        other bytes there.  A failure before the map grows leaves the volume as it was
-        (replicas already resized are only larger; the next attempt fixes them)."""
+        it), the new range is zeroed on every member as a write (a replica that an earlier,
+        failed attempt left larger may hold other bytes there), and only then does the
+        engine serve the new size: no client can write the new range before its zeroing.
+        A failure before the map grows leaves the volume as it was (replicas already resized
+        are only larger; the next attempt fixes them); after it, the next attempt must ask
+        for the same size, and finishes the job."""
         if self._resize_child is None:
             super().resize(new_size, allow_shrink=allow_shrink)  # ENOTSUP
             return
@@ -392,6 +394,12 @@ class ReplicatedStorage(Storage):
             raise StorageError(errno.EINVAL, str(err)) from None
         with self.quiesced(), self._changes:
             self._check_usable()
+            grown = self._regions.size  # past old_size if an earlier attempt failed late
+            if grown not in (old_size, new_size):
+                raise StorageError(
+                    errno.EINVAL,
+                    f"an earlier resize to {grown} bytes did not finish; resize to {grown} first",
+                )
             m = self._membership
             behind = sorted(set(m.members) - m.in_sync)
             if behind:
@@ -412,7 +420,8 @@ class ReplicatedStorage(Storage):
                             f"member {member} serves {storage.size} bytes after its resize"
                             f" to {new_size}",
                         )
-                self._regions.grow(new_size, [IN_DOUBT])
+                if grown == old_size:
+                    self._regions.grow(new_size, [IN_DOUBT])
             except BaseException:
                 for storage in fresh.values():
                     _close_quietly(storage)
@@ -424,15 +433,17 @@ class ReplicatedStorage(Storage):
                     if child.storage is not None:
                         replaced.append(child.storage)
                     child.storage = storage
+            for storage in replaced:
+                # Reads sent before the swap finish on it (each within the member's request
+                # timeout); nothing new is sent to it.
+                closer = threading.Timer(self._policy.child_timeout, _close_quietly, (storage,))
+                closer.daemon = True
+                closer.start()
+            # Outside the range the quiesce holds, inside the map; no client sees it yet.
+            self._mutate(Request("zero", old_size, new_size - old_size, may_trim=True))
+            with self._cond:
                 self._size = new_size
-        for storage in replaced:
-            # Reads sent before the swap finish on it (each within the member's request
-            # timeout); nothing new is sent to it.
-            closer = threading.Timer(self._policy.child_timeout, _close_quietly, (storage,))
-            closer.daemon = True
-            closer.start()
         log.info("volume %s: grown from %d to %d bytes", self._volume_id, old_size, new_size)
-        self._mutate(Request("zero", old_size, new_size - old_size, may_trim=True))
         self.flush()  # the new range leaves IN_DOUBT
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from backend.replication.tracking import IN_DOUBT
 from backend.storage import StorageError
+from backend.storage.base import Request
 from tests.unit.replication.replicas import MIB, SIZE, Engine, Volume
 from tests.unit.replication.test_live_membership import Writers
 
@@ -148,3 +149,48 @@ def test_growing_under_writes_loses_none(
     assert engine.read(0, NEW) == expected
     for member in volume.replicas.disks:
         assert volume.replicas.image(member) == expected, member
+
+
+def test_the_new_range_is_zeroed_before_any_client_can_write_it(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    """A client connecting once the size grew may write the new range at once: the zeroing
+    must be done by then, or it would wipe an acknowledged write."""
+    engine = open_engine()
+    seen: list[int] = []
+    mutate = engine._mutate
+
+    def watching(request: Request) -> None:
+        if request.offset >= SIZE:
+            seen.append(engine.size)
+        mutate(request)
+
+    engine._mutate = watching  # type: ignore[method-assign]
+    engine.resize(NEW)
+    assert seen == [SIZE]  # the one zeroing, while the old size was still served
+
+
+def test_a_grow_that_failed_after_the_map_grew_is_finished_by_the_same_resize(
+    volume: Volume, open_engine: Callable[..., Engine]
+) -> None:
+    engine = open_engine()
+    mutate = engine._mutate
+    failures = [StorageError(errno.EIO, "zeroing failed")]
+
+    def failing_once(request: Request) -> None:
+        if request.offset >= SIZE and failures:
+            raise failures.pop()
+        mutate(request)
+
+    engine._mutate = failing_once  # type: ignore[method-assign]
+    with pytest.raises(StorageError, match="zeroing failed"):
+        engine.resize(NEW)
+    assert engine.size == SIZE  # never served
+    assert engine.regions.size == NEW
+    with pytest.raises(StorageError, match=r"earlier resize to .* did not finish") as raised:
+        engine.resize(NEW + MIB)
+    assert raised.value.errno == errno.EINVAL
+    engine.resize(NEW)
+    assert engine.size == NEW
+    assert engine.read(SIZE, NEW - SIZE) == bytes(NEW - SIZE)
+    assert volume.replicas.identical()
