@@ -13,7 +13,7 @@ from backend.replication.tracking import IN_DOUBT
 from backend.storage import StorageError
 from backend.storage.base import Request
 from tests.unit.replication.replicas import MIB, SIZE, Engine, Volume
-from tests.unit.replication.test_live_membership import Writers
+from tests.unit.replication.writers import Writers
 
 NEW = SIZE + 3 * MIB + 4096
 
