@@ -31,9 +31,9 @@ def refused(engine: Engine, *args: str) -> str:
 def test_a_node_added_by_sighup_takes_a_replica_that_resyncs(
     tmp_path: Path, storage_nodes: Nodes
 ) -> None:
-    """The operator's way of replacing a node without restarting the engine: add the new
-    node to the config, reload, replace.  A reload whose ``nodes:`` is invalid changes
-    nothing."""
+    """The operator's way of replacing a dead node without restarting the engine: put the
+    new node in the config (and the dead one out), reload, replace.  A reload whose
+    ``nodes:`` is invalid changes nothing."""
     nodes = storage_nodes(3)
     engine = Engine(tmp_path, nodes[:2])
     engine.start()
@@ -54,12 +54,18 @@ def test_a_node_added_by_sighup_takes_a_replica_that_resyncs(
             engine, "replica", "replace", "vol", nodes[0].name, nodes[2].name
         )
 
-        engine.write_config(nodes)
+        # node0 is dead, say: the operator takes it out and puts node2 in, in one edit.
+        engine.write_config(nodes[1:])
         engine.reload()
         engine.volume("replica", "replace", "vol", nodes[0].name, nodes[2].name)
-        assert "reload: storage nodes added: node2" in engine.log.read_text()
-        assert replicas_on(nodes[0]) == []
+        log = engine.log.read_text()
+        assert "reload: storage nodes added: node2" in log
+        assert "reload: storage nodes removed: node0" in log
         assert replicas_on(nodes[2]) == [name]
+        # Not contacted any more: its replica stays, shown as leftover.
+        assert replicas_on(nodes[0]) == [name]
+        shown = engine.info("vol")["replication"]["replicas"]
+        assert [(r["node"], r["state"]) for r in shown][-1] == ("node0", "leftover")
         engine.wait_in_sync(name, {nodes[1].name, nodes[2].name})
         data = nodes[2].volume_bytes(name)
         assert data == nodes[1].volume_bytes(name)
