@@ -92,7 +92,7 @@ class ConfiguredNodes:
         return config.target(export)
 
 
-def replicas_on(catalogue: Catalogue, nodes: Sequence[str]) -> dict[str, list[str]]:
+def volumes_on_nodes(catalogue: Catalogue, nodes: Sequence[str]) -> dict[str, list[str]]:
     """The volumes of ``catalogue`` that have a replica (a member, not a leftover) on each
     of ``nodes``, by node; nodes holding none are left out."""
     found: dict[str, list[str]] = {}

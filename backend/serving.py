@@ -26,7 +26,7 @@ from backend.config import (
     parse_host_port,
 )
 from backend.nbd import TLSPolicy
-from backend.node_clients import ConfiguredNodes, replicas_on
+from backend.node_clients import ConfiguredNodes, volumes_on_nodes
 from backend.replication.supervisor import ResyncSupervisor
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
@@ -423,7 +423,7 @@ class _Serving:
         ):
             if names:
                 log.info("reload: storage nodes %s: %s", what, ", ".join(names))
-        for node, volumes in replicas_on(table.service.catalogue, change.removed).items():
+        for node, volumes in volumes_on_nodes(table.service.catalogue, change.removed).items():
             log.warning(
                 "reload: storage node %s left the config but holds replicas of %s, which"
                 " cannot be reopened: replace them (nbs volume replica replace VOLUME %s NEW)",

@@ -15,7 +15,7 @@ import pytest
 from backend.api.app import create_app
 from backend.api.server import ApiServer
 from backend.config import NodeConfig
-from backend.node_clients import ConfiguredNodes, NodesChange, replicas_on
+from backend.node_clients import ConfiguredNodes, NodesChange, volumes_on_nodes
 from backend.replication.membership import Membership, member_added
 from backend.storage.base import StorageError
 from backend.volumes.catalogue import Catalogue, ReplicaRow, VolumeRow
@@ -115,7 +115,7 @@ def test_a_changed_token_is_used_from_the_next_operation(api_url: str) -> None:
         api.delete("v1")
 
 
-def test_replicas_on_names_the_volumes_whose_members_live_on_the_nodes(
+def test_volumes_on_nodes_names_the_volumes_whose_members_live_on_the_nodes(
     tmp_path: Path,
 ) -> None:
     catalogue = Catalogue(tmp_path / "catalogue.sqlite3")
@@ -136,7 +136,7 @@ def test_replicas_on_names_the_volumes_whose_members_live_on_the_nodes(
             # vol-b: n1's replica left (a leftover row, no longer a member), n3 joined.
             changes.put_membership(member_added(Membership.new("lb", ["n2"]), "n3"))
             changes.add_replica(ReplicaRow("lb", "n1", "r-lb", "u"))
-        assert replicas_on(catalogue, ["n1", "n2", "n3", "n4"]) == {
+        assert volumes_on_nodes(catalogue, ["n1", "n2", "n3", "n4"]) == {
             "n1": ["vol-a"],
             "n2": ["vol-a", "vol-b"],
             "n3": ["vol-b"],
