@@ -4,22 +4,56 @@ node's management API through RemoteVolumes, its NBD listener from its URI.
 A node that refuses the token is an InvalidRequestError (the config is wrong), every other
 failure the API client's own error.  Tokens in files are read at each use, so a rotated
 token file is picked up without a restart, and a missing one is a one-line error of the
-operation that needed it."""
+operation that needed it.
+
+SIGHUP swaps the whole set (:meth:`ConfiguredNodes.replace`, docs/decisions/0125): each
+operation looks its node up once, so it uses the old or the new definition, never a mix; a
+node no longer configured is not contacted again (its members cannot be reopened)."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 
 from backend.config import NodeConfig
+from backend.storage.base import StorageError
 from backend.storage.nbd import NbdTarget
+from backend.volumes.catalogue import Catalogue
 from backend.volumes.model import InvalidRequestError
 from backend.volumes.replicated import NodeVolumes
 
 
+@dataclasses.dataclass(frozen=True)
+class NodesChange:
+    """What a :meth:`ConfiguredNodes.replace` changed, by node name (sorted)."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
 class ConfiguredNodes:
+    """Thread safe: the nodes are one read-only mapping that :meth:`replace` swaps whole
+    (one reference assignment), so readers (API threads, the engines' reopen and resync
+    paths) need no lock."""
+
     def __init__(self, nodes: Mapping[str, NodeConfig]) -> None:
-        self._nodes = dict(nodes)
+        self._nodes: Mapping[str, NodeConfig] = MappingProxyType(dict(nodes))
+
+    def replace(self, nodes: Mapping[str, NodeConfig]) -> NodesChange:
+        """Use ``nodes`` from now on (SIGHUP).  Connections open now keep their address;
+        every lookup after this returns sees the new set.  Called by one thread at a time
+        (the signal loop)."""
+        old, new = self._nodes, MappingProxyType(dict(nodes))
+        self._nodes = new
+        return NodesChange(
+            added=tuple(sorted(new.keys() - old.keys())),
+            changed=tuple(sorted(n for n in new.keys() & old.keys() if new[n] != old[n])),
+            removed=tuple(sorted(old.keys() - new.keys())),
+        )
 
     def names(self) -> Sequence[str]:
         return tuple(self._nodes)
@@ -50,4 +84,25 @@ class ConfiguredNodes:
             raise InvalidRequestError(f"{err} (nodes.{node} in the config)") from None
 
     def target(self, node: str, export: str) -> NbdTarget:
-        return self._node(node).target(export)
+        config = self._nodes.get(node)
+        if config is None:
+            # A StorageError: the engine opening a member on a node removed from the config
+            # fails that member (out, like a dead node's) and serves on with the others.
+            raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
+        return config.target(export)
+
+
+def volumes_on_nodes(catalogue: Catalogue, nodes: Sequence[str]) -> dict[str, list[str]]:
+    """The volumes of ``catalogue`` that have a replica (a member, not a leftover) on each
+    of ``nodes``, by node; nodes holding none are left out."""
+    found: dict[str, list[str]] = {}
+    for row in catalogue.volumes(state=None):
+        if row.storage.kind != "replicated":
+            continue
+        membership = catalogue.membership(row.top)
+        if membership is None:  # being created
+            continue
+        for node in nodes:
+            if node in membership.members:
+                found.setdefault(node, []).append(row.name)
+    return found

@@ -26,7 +26,7 @@ from backend.config import (
     parse_host_port,
 )
 from backend.nbd import TLSPolicy
-from backend.node_clients import ConfiguredNodes
+from backend.node_clients import ConfiguredNodes, volumes_on_nodes
 from backend.replication.supervisor import ResyncSupervisor
 from backend.server import systemd
 from backend.server.exports import Export, Exports, ExportTable
@@ -93,7 +93,9 @@ def _open_exports(
     return exports
 
 
-def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeExports:
+def _catalogue_exports(
+    config: ServeConfig, server_ref: list[Server], nodes: ConfiguredNodes
+) -> VolumeExports:
     """Serve every catalogued volume; an empty catalogue gets the embedded default volume."""
     data_dir = config.data_dir or default_data_dir()
 
@@ -110,7 +112,7 @@ def _catalogue_exports(config: ServeConfig, server_ref: list[Server]) -> VolumeE
             holders=holders,
             profiles=config.storages,
             default_storage=config.default_storage,
-            nodes=ConfiguredNodes(config.nodes),
+            nodes=nodes,
         )
         service.start_serving()
         if not service.catalogue.volumes():
@@ -225,12 +227,14 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
     server_ref: list[Server] = []
     table: Exports
     fixed: list[Export] = []
+    nodes = None  # the catalogue's storage nodes (SIGHUP swaps them)
     if config.exports:
         fixed = _open_exports(config)
         table = ExportTable(fixed)
         names = ", ".join(e.name for e in fixed)
     else:
-        table = _catalogue_exports(config, server_ref)
+        nodes = ConfiguredNodes(config.nodes)
+        table = _catalogue_exports(config, server_ref, nodes)
         names = f"the volumes in {table.service.data_dir}"
     inherited = inherited_sockets()
     tcp, unix = _listeners(config, bool(inherited))
@@ -279,6 +283,7 @@ def serve(config: ServeConfig, load: Callable[[], ServeConfig], source: str) -> 
         server,
         metrics=metrics,
         exports=dict(zip(config.exports, fixed, strict=True)),
+        nodes=nodes,
     )
     serving.announce_metrics()
     systemd.notify(f"READY=1\nSTATUS={serving.status()}")
@@ -312,8 +317,8 @@ def _next_signal(signals: queue.SimpleQueue[int]) -> int:
 
 class _Serving:
     """What SIGHUP may change in a running ``nbs serve``: it re-reads the config file and
-    applies log settings, TLS, static exports, listeners and the metrics endpoint, or, if
-    any of them fails, logs why and changes nothing."""
+    applies log settings, TLS, static exports, listeners, the metrics endpoint and the
+    storage nodes, or, if any of them fails, logs why and changes nothing."""
 
     def __init__(
         self,
@@ -324,6 +329,7 @@ class _Serving:
         *,
         metrics: MetricsEndpoint | None,
         exports: dict[ExportConfig, Export],
+        nodes: ConfiguredNodes | None,
     ) -> None:
         self.load = load
         self.source = source
@@ -331,6 +337,7 @@ class _Serving:
         self.server = server
         self.metrics = metrics
         self.exports = exports  # static exports by the spec they were opened from
+        self.nodes = nodes  # None with static exports: no replicated volumes
 
     def status(self) -> str:
         what = ", ".join(e.name for e in self.exports.values()) or "the volume catalogue"
@@ -383,6 +390,8 @@ class _Serving:
         self.server.set_tls(tls)
         if isinstance(self.server.table, VolumeExports):
             self.server.table.tls = config.tls_policy
+            if self.nodes is not None:
+                self._apply_nodes(config, self.nodes, self.server.table)
         else:
             kept = {id(e) for e in exports}
             retired = [e for e in self.exports.values() if id(e) not in kept]
@@ -400,3 +409,25 @@ class _Serving:
             self.metrics = metrics
             self.announce_metrics()
         self.config = config
+
+    def _apply_nodes(
+        self, config: ServeConfig, nodes: ConfiguredNodes, table: VolumeExports
+    ) -> None:
+        """Swap in the config's storage nodes (docs/replication.md, "Storage nodes and
+        SIGHUP"); a removed node still holding replicas is the operator's to replace."""
+        change = nodes.replace(config.nodes)
+        for what, names in (
+            ("added", change.added),
+            ("changed", change.changed),
+            ("removed", change.removed),
+        ):
+            if names:
+                log.info("reload: storage nodes %s: %s", what, ", ".join(names))
+        for node, volumes in volumes_on_nodes(table.service.catalogue, change.removed).items():
+            log.warning(
+                "reload: storage node %s left the config but holds replicas of %s, which"
+                " cannot be reopened: replace them (nbs volume replica replace VOLUME %s NEW)",
+                node,
+                ", ".join(volumes),
+                node,
+            )

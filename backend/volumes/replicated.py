@@ -112,7 +112,8 @@ class StorageNodes(Protocol):
         """A client of ``node``'s management API (closed when the block ends)."""
 
     def target(self, node: str, export: str) -> NbdTarget:
-        """Where ``node`` serves the export named ``export``."""
+        """Where ``node`` serves the export named ``export``; StorageError if ``node`` is not
+        configured (removed by a reload: its member cannot be opened, like a dead node's)."""
 
 
 class NoNodes:
@@ -125,7 +126,7 @@ class NoNodes:
         raise InvalidRequestError(f"no storage node {node!r} is configured")
 
     def target(self, node: str, export: str) -> NbdTarget:
-        raise InvalidRequestError(f"no storage node {node!r} is configured")
+        raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
 
 
 LEFTOVER = "left the volume, not deleted yet: `nbs volume gc` retries"
@@ -253,6 +254,15 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         return self._maps / f"{layer}.map"
 
     def create(self, layer: str, size: int) -> None:
+        # Checked here, not when the backend is made: a volume whose nodes have since left
+        # the config (a reload, docs/decisions/0125) must still open on the others.
+        configured = self._directory.names()
+        unknown = [n for n in self.nodes if n not in configured]
+        if unknown:
+            known = ", ".join(configured) or "none"
+            raise InvalidRequestError(
+                f"storage node {unknown[0]!r} is not in the config's nodes: (configured: {known})"
+            )
         name = replica_name(layer)
         description = f"replica {layer}"
         for node in self.nodes:

@@ -50,8 +50,26 @@ class Engine:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / f"{name}.yaml"
         self.metrics_port = free_port()
+        self.probe_interval = probe_interval
+        self.write_config(nodes, bad_token, links=links)
+        self.port = free_port()
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        self.starts: list[Path] = []
+        self.server: NbsServer | None = None
+        self.stopped = False  # SIGSTOPped
+
+    def write_config(
+        self,
+        nodes: list[StorageNode],
+        bad_token: str = "",
+        *,
+        links: Mapping[str, int] | None = None,
+    ) -> None:
+        """(Re)write the config file with ``nodes:`` naming ``nodes`` (arguments as for the
+        constructor); a running engine reads it at its next start or :meth:`reload`."""
         lines = [
-            f"replication: {{probe_interval: {probe_interval}}}",
+            f"replication: {{probe_interval: {self.probe_interval}}}",
             f'metrics: {{listen: "127.0.0.1:{self.metrics_port}"}}',
             "nodes:",
         ]
@@ -65,12 +83,16 @@ class Engine:
                 f"    nbd: nbd://127.0.0.1:{port}",
             ]
         self.config.write_text("\n".join(lines) + "\n")
-        self.port = free_port()
-        self.name = name
-        self.log = workdir / f"{name}.log"
-        self.starts: list[Path] = []
-        self.server: NbsServer | None = None
-        self.stopped = False  # SIGSTOPped
+
+    def reload(self, expect: str = "reloaded", timeout: float = 30) -> None:
+        """SIGHUP, then wait (bounded) until the current log says ``expect`` once more."""
+        assert self.server is not None
+        seen = self.log.read_text().count(expect)
+        self.server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log.read_text().count(expect) <= seen:
+            assert time.monotonic() < deadline, f"no {expect!r} after SIGHUP: {self.logs()}"
+            time.sleep(0.05)
 
     def start(self) -> None:
         """Start (again) on the same data directory and ports; each start logs to its own
