@@ -423,7 +423,12 @@ class _Serving:
         ):
             if names:
                 log.info("reload: storage nodes %s: %s", what, ", ".join(names))
-        for node, volumes in volumes_on_nodes(table.service.catalogue, change.removed).items():
+        try:
+            holding = volumes_on_nodes(table.service.catalogue, change.removed)
+        except Exception as err:  # the reload is done: a warning must not undo or kill it
+            log.warning("reload: cannot look up the replicas on removed nodes: %s", err)
+            return
+        for node, volumes in holding.items():
             log.warning(
                 "reload: storage node %s left the config but holds replicas of %s, which"
                 " cannot be reopened: replace them (nbs volume replica replace VOLUME %s NEW)",
