@@ -28,7 +28,9 @@ from backend.volumes.model import CreateRequest, VolumeError
 data, journal = Path(sys.argv[1]), Path(sys.argv[2])
 svc = VolumeService(data)
 rng = random.Random(int(sys.argv[3]))
-i = 0
+# Marks grow across rounds too: a round's first write may land, unjournalled, before the
+# kill, and must compare as newer than what the rounds before journalled.
+i = int(sys.argv[3]) * 1_000_000
 while True:
     i += 1
     name = f"v{i % 4}"
