@@ -474,7 +474,7 @@ class Session:
         a WRITE's payload still on the wire would be unread at the close, and the kernel would
         reset the connection, dropping the EPERM reply on its way to the client."""
         ticket = self._ticket
-        if ticket is not None and ticket.epoch < ticket.fence.epoch:
+        if ticket is not None and not ticket.current():
             self.stop_reading()
 
     def _write_piece(self, storage: Storage, piece: WritePiece) -> bytes | None:
