@@ -214,6 +214,11 @@ class ServerConnection:
             self._pos = 0
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet (the start of the next request, if any)."""
+        return len(self._buf) - self._pos
+
     def payload_buffer(self) -> memoryview | None:
         """Where the rest of a WRITE payload should be received, or None.
 

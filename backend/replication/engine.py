@@ -74,10 +74,12 @@ from backend.replication.tracking import (
 from backend.storage.base import (
     Capabilities,
     Extent,
+    MustNotWait,
     Request,
     RequestLostError,
     Storage,
     StorageError,
+    may_wait,
 )
 from backend.storage.ranges import RangeLock
 
@@ -136,6 +138,7 @@ def _intersect(caps: list[Capabilities]) -> Capabilities:
         can_multi_conn=all(c.can_multi_conn for c in caps),
         thread_safe=True,
         inline=False,  # a request waits for the slowest in-sync member
+        inline_when_idle=True,
         rotational=any(c.rotational for c in caps),
         min_block=max(c.min_block for c in caps),
         preferred_block=max(c.preferred_block for c in caps),
@@ -280,6 +283,18 @@ class ReplicatedStorage(Storage):
     @property
     def membership(self) -> Membership:
         return self._membership
+
+    def inline_ready(self) -> bool:
+        """Every member in sync and open, this engine not fenced: a request is expected to
+        take one round trip.  A degraded volume's requests always go to a worker, so that a
+        write waiting for ``min_insync`` never holds back the reads behind it."""
+        m = self._membership
+        return (
+            not self._fenced
+            and not self._closed
+            and len(m.in_sync) == len(m.members)
+            and all((c := self._children.get(x)) and c.storage is not None for x in m.members)
+        )
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_usable()
@@ -526,7 +541,7 @@ class ReplicatedStorage(Storage):
                 pooled.append((member, storage))
             else:
                 sent.append((member, child, storage, handle))
-        for member, child, storage, handle in sent:
+        for member, child, storage, handle in reversed(sent):
             try:
                 if not storage.wait(handle, deadline - time.monotonic()):
                     self._note_error(member, f"no answer within {timeout} s")
@@ -682,6 +697,8 @@ class ReplicatedStorage(Storage):
         return members
 
     def _wait_min_insync(self) -> None:
+        """Wait (``below_min``) for ``min_insync`` members in sync, or fail with EIO.  On a
+        caller that must not wait (``without_waiting``), MustNotWait instead of the wait."""
         policy = self._policy
         deadline = time.monotonic() + policy.below_min_wait
         with self._cond:
@@ -693,6 +710,8 @@ class ReplicatedStorage(Storage):
                         f"volume {self._volume_id}: {len(self._membership.in_sync)} member(s) "
                         f"in sync, min_insync is {policy.min_insync}",
                     )
+                if not may_wait():
+                    raise MustNotWait
                 self._cond.wait(left)
 
     def _fence(self, why: str) -> None:

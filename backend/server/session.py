@@ -54,6 +54,7 @@ from backend.server.limits import DEFAULT_HANDSHAKE_TIMEOUT
 from backend.server.metrics import BLOCK, LATENCY_BOUNDS_NS, SUM, SessionStats, record
 from backend.server.outbox import Outbox
 from backend.storage import Storage, StorageError
+from backend.storage.base import MustNotWait, without_waiting
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,7 @@ class Session:
         scratch = bytearray(RECV_SIZE)
         scratch_view = memoryview(scratch)
         inline = storage.capabilities.inline and self._storage_lock is None
+        when_idle = storage.capabilities.inline_when_idle and self._storage_lock is None
         outbox = self._outbox = Outbox(sock, INFLIGHT_BUDGET, self.peer)
         pending: list[bytes] = []
         queued = 0
@@ -307,9 +309,23 @@ class Session:
                 sizes[command] += event.length
                 if command == Cmd.READ and event.length > PAYLOAD_PIECE:
                     outbox.stream(self._read_pieces(storage, event))
-                elif inline and (event.length < OFFLOAD_MIN or command not in _BULK):
+                elif (inline and (event.length < OFFLOAD_MIN or command not in _BULK)) or (
+                    # Queue depth 1 of a storage that waits on the network: a worker's
+                    # hand-off would cost more than the request (docs/decisions/0131).
+                    when_idle
+                    and event.length < OFFLOAD_MIN
+                    and not self._inflight
+                    and not conn.buffered
+                    and storage.inline_ready()
+                ):
                     start = perf_counter_ns()
-                    pending += self._execute(storage, event)
+                    try:
+                        with without_waiting():
+                            replies = self._execute(storage, event)
+                    except MustNotWait:  # done again by a worker, which may wait
+                        self._offload(storage, event, start)
+                        continue
+                    pending += replies
                     elapsed = perf_counter_ns() - start
                     latency[BLOCK[command] + bisect_left(bounds, elapsed)] += 1
                     latency[SUM[command]] += elapsed
@@ -319,11 +335,7 @@ class Session:
                         pending = []
                         queued = 0
                 else:
-                    cost = event.length if command in _BULK else 64
-                    outbox.reserve(cost)
-                    with self._idle:
-                        self._inflight += 1
-                    self._pool.submit(self._execute_async, storage, event, perf_counter_ns(), cost)
+                    self._offload(storage, event, perf_counter_ns())
             elif type(event) is WritePiece:
                 sizes[Cmd.WRITE] += len(event.data)
                 reply = self._write_piece(storage, event)
@@ -341,6 +353,15 @@ class Session:
                 if isinstance(event, ConnectionClosed) and not event.clean:
                     log.info("%s: client vanished mid-request", self.peer)
                 return
+
+    def _offload(self, storage: Storage, request: Request, queued_at: int) -> None:
+        """Hand ``request`` to a worker, which answers it through the outbox."""
+        assert self._outbox is not None
+        cost = request.length if request.command in _BULK else 64
+        self._outbox.reserve(cost)
+        with self._idle:
+            self._inflight += 1
+        self._pool.submit(self._execute_async, storage, request, queued_at, cost)
 
     def _execute_async(self, storage: Storage, request: Request, queued_at: int, cost: int) -> None:
         """``queued_at``: perf_counter_ns() at submission (waiting for a worker is latency);
@@ -392,6 +413,8 @@ class Session:
                 with self._storage_lock:
                     return self._dispatch(storage, request)
             return self._dispatch(storage, request)
+        except MustNotWait:
+            raise  # not a failure: the session does the request again on a worker
         except StorageError as err:
             log.warning(
                 "%s: %s at %d+%d failed: %s",

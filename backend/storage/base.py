@@ -8,6 +8,9 @@ Contract (checked for every implementation by tests/unit/storage/conformance.py)
   the server turns it into the NBD error on the wire.  Nothing else may escape.
 * ``write(..., fua=True)`` returns only once the data is durable; ``flush()`` returns only once
   every write that completed before it was called is durable.
+* Inside ``without_waiting()`` a storage that would wait by policy (a replicated volume below
+  ``min_insync``) raises :class:`MustNotWait` instead; the caller does the request again
+  where it may wait.  It is the one other exception a storage may raise.
 * A storage is shared by every connection of its export and must be safe to call from several
   threads at once when ``Capabilities.thread_safe`` is true (the server serialises otherwise).
 * Whoever creates a storage closes it; ``close()`` is idempotent and flushes nothing implicitly.
@@ -16,9 +19,12 @@ Contract (checked for every implementation by tests/unit/storage/conformance.py)
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import errno as errno_mod
 import os
+import threading
+from collections.abc import Iterator
 from typing import Literal
 
 
@@ -68,6 +74,11 @@ class Capabilities:
     # Requests are cheap and never block for long (page-cache file I/O): the server may run
     # them on the connection's own thread instead of a worker pool.
     inline: bool = True
+    # Not ``inline``, but run on the connection's thread while ``inline_ready()`` says the
+    # storage is healthy and the session has nothing else in flight and nothing more received
+    # (a client at queue depth 1): there the hand-off to a worker costs more than the
+    # request's own work (docs/decisions/0131).
+    inline_when_idle: bool = False
     rotational: bool = False
     min_block: int = 1
     preferred_block: int = 4096
@@ -113,6 +124,32 @@ class Request:
             storage.trim(self.offset, self.length, self.fua)
         else:
             storage.flush()
+
+
+class MustNotWait(Exception):  # noqa: N818 (not an error: the request is done elsewhere)
+    """Raised instead of waiting by policy inside ``without_waiting()``.  What the request
+    did so far, doing it again does the same way (writes, zeroes, trims and flushes are
+    idempotent), so the caller does it again on a thread that may wait."""
+
+
+_caller = threading.local()
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[None]:
+    """Requests made on this thread inside the block must not wait by policy: the server
+    runs them on a connection's own thread (``Capabilities.inline_when_idle``), where a wait
+    would hold back every request the client sends meanwhile."""
+    _caller.impatient = True
+    try:
+        yield
+    finally:
+        _caller.impatient = False
+
+
+def may_wait() -> bool:
+    """False inside ``without_waiting()`` on this thread."""
+    return not getattr(_caller, "impatient", False)
 
 
 class RequestLostError(StorageError):
@@ -202,6 +239,12 @@ class Storage(abc.ABC):
         done, False if not (the request is abandoned: nobody will wait for it again).
         Raises StorageError for its failure, RequestLostError when it must be done again."""
         raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot submit requests")
+
+    def inline_ready(self) -> bool:
+        """For a storage that declares ``inline_when_idle``: whether a request started now
+        is expected to finish quickly (no member failing, nobody waited for), so the server
+        may run it on the connection's thread.  Asked before each such request: cheap."""
+        return self.capabilities.inline_when_idle
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -78,6 +78,9 @@ class ForwardingStorage(Storage):
     def wait(self, handle: object, timeout: float) -> bool:
         return Storage.wait(self, handle, timeout)
 
+    def inline_ready(self) -> bool:
+        return self._inner.inline_ready()
+
     def close(self) -> None:
         """Close ``inner`` if owned; a borrowed one stays open for its owner."""
         if self._owns_inner:
