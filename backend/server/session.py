@@ -121,7 +121,8 @@ class Session:
         )
         self._outbox: Outbox | None = None  # once transmission starts
         self._idle = threading.Condition()
-        self._inflight = 0
+        self._inflight = 0  # requests on workers, until they posted their replies
+        self._unanswered = 0  # of those, the ones whose replies are not posted yet
         self._storage_lock: threading.Lock | None = None
         self.export: Export | None = None
         self.stats = SessionStats()
@@ -275,6 +276,7 @@ class Session:
         scratch_view = memoryview(scratch)
         inline = storage.capabilities.inline and self._storage_lock is None
         when_idle = storage.capabilities.inline_when_idle and self._storage_lock is None
+        alone = 0
         outbox = self._outbox = Outbox(sock, INFLIGHT_BUDGET, self.peer)
         pending: list[bytes] = []
         queued = 0
@@ -307,15 +309,19 @@ class Session:
             if type(event) is Request:
                 command = event.command
                 sizes[command] += event.length
+                if when_idle:
+                    # Requests in a row that found nothing else in flight or received: two
+                    # make a client at queue depth 1.  One such moment inside a pipelined
+                    # stream does not, and running it here would stop reading the stream.
+                    alone = 0 if self._unanswered or conn.buffered else alone + 1
                 if command == Cmd.READ and event.length > PAYLOAD_PIECE:
                     outbox.stream(self._read_pieces(storage, event))
                 elif (inline and (event.length < OFFLOAD_MIN or command not in _BULK)) or (
                     # Queue depth 1 of a storage that waits on the network: a worker's
                     # hand-off would cost more than the request (docs/decisions/0131).
                     when_idle
+                    and alone >= 2
                     and event.length < OFFLOAD_MIN
-                    and not self._inflight
-                    and not conn.buffered
                     and storage.inline_ready()
                 ):
                     start = perf_counter_ns()
@@ -361,6 +367,7 @@ class Session:
         self._outbox.reserve(cost)
         with self._idle:
             self._inflight += 1
+            self._unanswered += 1
         self._pool.submit(self._execute_async, storage, request, queued_at, cost)
 
     def _execute_async(self, storage: Storage, request: Request, queued_at: int, cost: int) -> None:
@@ -374,10 +381,13 @@ class Session:
             self._buffers.recycle(request.payload)
         finally:
             assert self._outbox is not None
+            with self._idle:
+                # Before the reply leaves: the client may send its next request at once.
+                self._unanswered -= 1
+                record(self.stats.pool_latency, request.command, elapsed)
             self._outbox.post(replies, cost)  # never blocks: see backend/server/outbox.py
             with self._idle:
                 self._inflight -= 1
-                record(self.stats.pool_latency, request.command, elapsed)
                 self._idle.notify_all()
 
     def _wait_idle(self) -> None:
