@@ -114,7 +114,7 @@ class FailoverStorage(Storage):
                 self._current = (source, storage, version)
                 return self._current
             tried = "; ".join(f"{s}: {why}" for s, why in failed.items()) or "none is readable"
-            raise StorageError(errno.EIO, f"no copy of {self._name} could be read ({tried})")
+            raise StorageError(errno.EIO, f"no copy of {self._name} answered ({tried})")
 
     def _unfit(self, storage: Storage) -> str:
         """Why ``storage`` cannot serve this view ("" if it can)."""

@@ -223,11 +223,12 @@ class ReplicatedVolumeStorage(ReplicatedStorage):
             self._own_regions.close()
 
 
-def layer_size(catalogue: Catalogue, layer: str) -> int | None:
-    """The size of the volume whose top is ``layer``, or of the snapshot of that layer."""
-    sizes = [v.size for v in catalogue.volumes() if v.top == layer]
-    sizes += [s.size for s in catalogue.snapshots() if s.layer == layer]
-    return sizes[0] if sizes else None
+def shown_layer(catalogue: Catalogue, layer: str) -> tuple[str, int] | None:
+    """The name (``VOLUME`` or ``VOLUME@SNAPSHOT``) and size of the volume whose top is
+    ``layer``, or of the snapshot of that layer; None if neither exists."""
+    found = [(v.name, v.size) for v in catalogue.volumes() if v.top == layer]
+    found += [(f"{s.volume}@{s.name}", s.size) for s in catalogue.snapshots() if s.layer == layer]
+    return found[0] if found else None
 
 
 class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
@@ -586,9 +587,10 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         layer = chain[-1]
         catalogue = self._catalogue()
         replicas = {r.node: r for r in catalogue.replicas(layer)}
-        size = layer_size(catalogue, layer)
-        if not replicas or size is None:
+        shown = shown_layer(catalogue, layer)
+        if not replicas or shown is None:
             raise StorageError(errno.ENOENT, f"no replicas of {layer} are recorded")
+        name, size = shown
 
         def open_copy(node: str) -> Storage:
             replica = replicas[node]
@@ -602,7 +604,7 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
 
         if "@" in layer:
             nodes = tuple(replicas)
-            return FailoverStorage(f"snapshot {layer}", size, lambda: (0, nodes), open_copy)
+            return FailoverStorage(name, size, lambda: (0, nodes), open_copy)
 
         def in_sync() -> tuple[int, Sequence[str]]:
             try:
@@ -614,7 +616,7 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
             members = [m for m in membership.members if m in membership.in_sync]
             return membership.generation, [m for m in members if m in replicas]
 
-        return FailoverStorage(f"volume {layer}", size, in_sync, open_copy)
+        return FailoverStorage(name, size, in_sync, open_copy)
 
     def snapshot(self, storage: ReplicatedVolumeStorage, top: str, commit: Commit) -> None:
         """Every replica snapshotted through its node's API under one name, at one point of

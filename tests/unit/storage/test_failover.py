@@ -118,7 +118,7 @@ def test_every_copy_failing_is_one_error_naming_each() -> None:
     with pytest.raises(StorageError) as excinfo:
         view.read(0, 10)
     message = excinfo.value.message
-    assert message.startswith("no copy of snapshot s could be read (")
+    assert message.startswith("no copy of snapshot s answered (")
     assert "a: " in message
     assert "b: node b does not answer" in message
     assert "\n" not in message

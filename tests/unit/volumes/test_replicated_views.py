@@ -101,6 +101,7 @@ def test_a_snapshot_view_reads_the_snapshot_and_fails_over_to_another_replica(
     with pytest.raises(StorageFailureError) as excinfo:
         engine.open_view("vol", "s")
     message = str(excinfo.value)
+    assert message.startswith("cannot open 'vol': no copy of vol@s answered (")
     assert "\n" not in message
     for node in ("a", "b", "c"):
         assert f"{node}: " in message, message
