@@ -172,3 +172,19 @@ def test_a_live_view_never_reads_a_member_out_of_sync(tmp_path: Path, nodes: Nod
     finally:
         view.close()
         reader.close()
+
+
+def test_a_replicated_volume_marked_read_only_is_refused_in_one_line_but_exported(
+    engine: VolumeService,
+) -> None:
+    """Serving it would need an engine, and an engine takes an epoch: refused; a view (what
+    `nbs volume export` opens) reads it."""
+    spec = "replicated:nodes=a/b/c,timeout=2,reconnect=0.5"
+    engine.create(CreateRequest("ro", SIZE, storage=spec, read_only=True))
+    with pytest.raises(StorageFailureError) as excinfo:
+        engine.storage("ro")
+    assert "cannot be served read-only" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+    view = engine.open_view("ro")
+    assert view.read(0, 4096) == bytes(4096)
+    view.close()
