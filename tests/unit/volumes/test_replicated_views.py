@@ -6,8 +6,7 @@ tests/integration/test_replicated_volumes.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,39 +15,25 @@ from backend.replication.membership import member_failed
 from backend.storage import StorageError
 from backend.storage.failover import FailoverStorage
 from backend.storage.layers import ReadOnlyStorage
-from backend.storage.nbd import NbdTarget
 from backend.volumes.memberships import CatalogueMembershipStore
 from backend.volumes.model import CreateRequest, StorageFailureError
 from backend.volumes.service import VolumeService
-from tests.unit.server.clients import port_of
 from tests.unit.storage.conformance import pattern
-from tests.unit.volumes.test_replica_changes import InProcessNodes
+from tests.unit.volumes.nodes import InProcessNodes
 
 MiB = 1 << 20
 SIZE = 4 * MiB
 
 
-class Nodes(InProcessNodes):
-    """In-process nodes whose NBD port stays known after :func:`stop` (then refused)."""
-
-    def __init__(self, directory: Path, names: Sequence[str]) -> None:
-        super().__init__(directory, names)
-        self.ports = {name: port_of(server) for name, server in self.servers.items()}
-
-    def target(self, node: str, export: str) -> NbdTarget:
-        uri = f"nbd://127.0.0.1:{self.ports[node]}/"
-        return dataclasses.replace(NbdTarget.from_uri(uri), export=export)
-
-
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Nodes]:
-    made = Nodes(tmp_path / "nodes", ["a", "b", "c"])
+def nodes(tmp_path: Path) -> Iterator[InProcessNodes]:
+    made = InProcessNodes(tmp_path / "nodes", ["a", "b", "c"])
     yield made
     made.close()
 
 
 @pytest.fixture
-def engine(tmp_path: Path, nodes: Nodes) -> Iterator[VolumeService]:
+def engine(tmp_path: Path, nodes: InProcessNodes) -> Iterator[VolumeService]:
     service = VolumeService(tmp_path / "engine", nodes=nodes)
     service.start_serving()
     yield service
@@ -68,13 +53,8 @@ def epoch(service: VolumeService) -> int:
     return info.epoch
 
 
-def stop(nodes: Nodes, name: str) -> None:
-    """The node's NBD server goes away (its connections are cut)."""
-    nodes.servers[name].shutdown(grace=1)
-
-
 def test_a_snapshot_view_reads_the_snapshot_and_fails_over_to_another_replica(
-    engine: VolumeService, nodes: Nodes
+    engine: VolumeService, nodes: InProcessNodes
 ) -> None:
     create(engine)
     live = engine.storage("vol")
@@ -89,7 +69,7 @@ def test_a_snapshot_view_reads_the_snapshot_and_fails_over_to_another_replica(
         assert view.size == SIZE
         assert view.read(0, SIZE) == pattern(1, SIZE)
         assert view.source == "a"
-        stop(nodes, "a")
+        nodes.stop("a")
         assert view.read(0, SIZE) == pattern(1, SIZE)
         assert view.source == "b"
     finally:
@@ -97,7 +77,7 @@ def test_a_snapshot_view_reads_the_snapshot_and_fails_over_to_another_replica(
     assert epoch(engine) == taken  # the view took none: the engine serves on
     live.write(0, b"still writable")
     for node in ("b", "c"):
-        stop(nodes, node)
+        nodes.stop(node)
     with pytest.raises(StorageFailureError) as excinfo:
         engine.open_view("vol", "s")
     message = str(excinfo.value)
@@ -126,7 +106,7 @@ def test_a_live_view_reads_through_the_open_engine_and_never_writes(
 
 
 def test_a_live_view_of_a_volume_served_by_another_process_takes_no_epoch(
-    engine: VolumeService, nodes: Nodes, tmp_path: Path
+    engine: VolumeService, nodes: InProcessNodes, tmp_path: Path
 ) -> None:
     """As `nbs volume export VOL` beside the `nbs serve` that has the engine open: members
     read over plain connections (served read-only), the engine goes on writing."""
@@ -150,7 +130,9 @@ def test_a_live_view_of_a_volume_served_by_another_process_takes_no_epoch(
     live.flush()
 
 
-def test_a_live_view_never_reads_a_member_out_of_sync(tmp_path: Path, nodes: Nodes) -> None:
+def test_a_live_view_never_reads_a_member_out_of_sync(
+    tmp_path: Path, nodes: InProcessNodes
+) -> None:
     engine = VolumeService(tmp_path / "engine", nodes=nodes)
     engine.start_serving()
     name = create(engine)
