@@ -476,6 +476,10 @@ def test_export_of_a_snapshot_reads_a_replica_and_fails_over(
     assert done.returncode == 0, done.stderr
     snapshot = b"\x41" * (2 * MiB) + bytes(MiB) + b"\x42" * MiB + bytes(SIZE - 4 * MiB)
     epoch = engine.info("vol")["replication"]["epoch"]
+    unknown = engine.volume("export", "vol@s1", str(tmp_path / "x.raw"), check=False)
+    assert unknown.returncode == 1, unknown  # no --config: which nodes?
+    assert unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "no storage node 'node0' is configured (--config names the nodes)" in unknown.stderr
     _export(engine, "vol@s1", tmp_path / "s1.raw")
     assert (tmp_path / "s1.raw").read_bytes() == snapshot
     nodes[0].kill()
