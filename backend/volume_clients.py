@@ -85,6 +85,11 @@ def open_client(args: argparse.Namespace) -> VolumeOperations:
     remote = client_for(args.data_dir, args.server, None, args.token_file, ca_file=args.ca_file)
     if remote is not None:
         return remote
+    return local_client(args)
+
+
+def local_client(args: argparse.Namespace) -> LocalVolumes:
+    """The data directory in this process, with --config's storage profiles and nodes."""
     if not getattr(args, "config", None):
         return LocalVolumes(args.data_dir or default_data_dir())
     config = load_config(args.config)

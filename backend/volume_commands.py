@@ -95,8 +95,9 @@ def _common() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         default=Path(os.environ["NBS_CONFIG"]) if os.environ.get("NBS_CONFIG") else None,
-        help="YAML configuration whose `storages:` profiles --storage may name"
-        " (default: $NBS_CONFIG); ignored with a running server (it uses its own)",
+        help="YAML configuration whose `storages:` profiles --storage may name, and whose"
+        " `nodes:` `volume export` reads replicated volumes from (default: $NBS_CONFIG);"
+        " ignored with a running server (it uses its own)",
     )
     common.add_argument(
         "--server",
@@ -258,10 +259,10 @@ def _service(args: argparse.Namespace) -> VolumeOperations:
 
 
 def _local(args: argparse.Namespace) -> VolumeOperations:
-    from backend.volume_clients import LocalVolumes  # noqa: PLC0415
-    from backend.volumes.datadir import default_data_dir  # noqa: PLC0415
+    from backend.volume_clients import local_client  # noqa: PLC0415
 
-    client = LocalVolumes(args.data_dir or default_data_dir())
+    # With --config: its storage nodes (a replicated volume is read from its replicas).
+    client = local_client(args)
     args.opened_client = client
     return client
 

@@ -69,6 +69,11 @@ class Backend(abc.ABC, Generic[StorageT]):
     """One storage location; shared by every volume on it.  Thread safe.  ``StorageT`` is the
     storage its ``open`` returns, which ``snapshot`` and ``flatten`` take back."""
 
+    # A read-only view of a volume this process has open reads through the open storage
+    # (ReadOnlyStorage over it) rather than a second ``open``: where a second open of the
+    # volume would take it over (a replicated volume's engine takes a new epoch).
+    views_through_open = False
+
     def new_layer(self) -> str:
         """An id for a new volume's top layer."""
         return uuid.uuid4().hex
@@ -92,6 +97,11 @@ class Backend(abc.ABC, Generic[StorageT]):
     @abc.abstractmethod
     def open(self, chain: builtins.list[str], read_only: bool) -> StorageT:
         """The storage of the chain ``chain`` (bottom first, top last)."""
+
+    def open_view(self, chain: builtins.list[str]) -> Storage:
+        """A read-only storage of the chain ``chain`` for a reader (an export to an image
+        file, a snapshot served to a client): it must not take the volume over."""
+        return self.open(chain, read_only=True)
 
     @abc.abstractmethod
     def snapshot(self, storage: StorageT, top: str, commit: Commit) -> None:

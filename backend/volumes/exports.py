@@ -6,6 +6,11 @@ runs appear, change or disappear for new connections without a restart.
 A replication engine opens a *fenced* connection by naming the epoch it took, and the volume
 it means, after the name: ``NAME;epoch=7;uid=0f3a…`` (docs/replication.md, "Replica
 protocol"; volume names never contain ``;``).  Either part may be left out; each at most once.
+
+A snapshot is served read-only as ``VOLUME@SNAPSHOT`` (names never contain ``@``): not
+exclusive, never fenced (an ``;epoch=`` is refused: a snapshot never changes, so no engine
+writes it), ``;uid=`` naming its volume's uid.  A replicated volume's engine reads its
+snapshots' replicas this way (docs/replication.md, "Read-only views and snapshots").
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class VolumeExports:
         another uid, :class:`ExportForbiddenError` if it names an epoch older than promised."""
         asked = parse_export_name(name)
         name = asked.volume or self.default
+        if "@" in name:
+            return self._snapshot(asked, name)
         try:
             row = self.service.catalogue.volume(name)
             if row is None or row.state != "ready":
@@ -118,6 +125,27 @@ class VolumeExports:
             exclusive=not row.shared and asked.epoch is None,
             fence=fence,
             epoch=asked.epoch,
+        )
+
+    def _snapshot(self, asked: ExportName, name: str) -> Export | None:
+        """The snapshot ``VOLUME@SNAPSHOT``, read-only and shared; None if there is none."""
+        if asked.epoch is not None:
+            raise ExportUnavailableError(f"{name} is a snapshot: read-only, it takes no epoch")
+        volume, _, snapshot = name.partition("@")
+        try:
+            row = self.service.catalogue.volume(volume)
+            if row is None or row.state != "ready":
+                return None
+            storage = self.service.snapshot_storage(volume, snapshot)
+        except StorageFailureError as err:
+            log.warning("snapshot %s cannot be served: %s", name, err)
+            raise ExportUnavailableError(str(err)) from err
+        except VolumeError:
+            return None
+        if asked.uid is not None and asked.uid != row.uid:
+            raise ExportUnavailableError(f"volume {volume} has uid {row.uid}, not {asked.uid}")
+        return Export(
+            name=name, storage=storage, description=row.description, tls=self.tls, read_only=True
         )
 
     def _fence(self, name: str, uid: str) -> Fence:

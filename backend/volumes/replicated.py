@@ -27,7 +27,11 @@ What each catalogue operation does:
 * resize: grows only, through the engine (``ReplicatedStorage.resize``): every replica is
   resized through its node's API, at one point of the write stream, with every replica in
   sync.  Shrinking is refused in one line.
-* read-only views: refused in one line (not built yet).
+* read-only views (``nbs volume export``): no engine and no epoch.  A snapshot is read from
+  one replica's snapshot (the node serves ``r-LAYER@s-UUID`` read-only), failing over to
+  the next; the live volume through this process's engine if it has the volume open (a
+  ReadOnlyStorage over it), else from a member in sync in the committed membership over a
+  plain connection (``FailoverStorage``, docs/decisions/0132).
 
 The membership's volume id is the volume's top layer id, as are the map's and replica's names.
 """
@@ -38,6 +42,7 @@ import builtins
 import contextlib
 import errno
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -59,6 +64,7 @@ from backend.replication.membership import (
 from backend.replication.policy import ReplicationPolicy
 from backend.replication.tracking import RegionMap, missed
 from backend.storage.base import Storage, StorageError
+from backend.storage.failover import FailoverStorage
 from backend.storage.nbd import NbdStorage, NbdTarget
 from backend.volumes.backends import Backend, Commit, Progress
 from backend.volumes.model import (
@@ -126,7 +132,9 @@ class NoNodes:
         raise InvalidRequestError(f"no storage node {node!r} is configured")
 
     def target(self, node: str, export: str) -> NbdTarget:
-        raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
+        raise StorageError(
+            errno.ENXIO, f"no storage node {node!r} is configured (--config names the nodes)"
+        )
 
 
 LEFTOVER = "left the volume, not deleted yet: `nbs volume gc` retries"
@@ -215,6 +223,14 @@ class ReplicatedVolumeStorage(ReplicatedStorage):
             self._own_regions.close()
 
 
+def shown_layer(catalogue: Catalogue, layer: str) -> tuple[str, int] | None:
+    """The name (``VOLUME`` or ``VOLUME@SNAPSHOT``) and size of the volume whose top is
+    ``layer``, or of the snapshot of that layer; None if neither exists."""
+    found = [(v.name, v.size) for v in catalogue.volumes() if v.top == layer]
+    found += [(f"{s.volume}@{s.name}", s.size) for s in catalogue.snapshots() if s.layer == layer]
+    return found[0] if found else None
+
+
 class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
     """Replicated volumes on the storage nodes ``nodes`` (names from the config).
 
@@ -224,6 +240,8 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
     goes on with the others, rather than the write waiting for a node that may not return.
     The resync supervisor reopens the member later.
     """
+
+    views_through_open = True  # never a second engine
 
     def __init__(
         self,
@@ -501,10 +519,12 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
     def open(self, chain: builtins.list[str], read_only: bool) -> ReplicatedVolumeStorage:
         layer = chain[-1]
         if read_only or "@" in layer:
-            # A second engine on the volume would take a new epoch and fence the first.
+            # Readers get open_view; an engine serving a volume read-only would still
+            # take an epoch, and every replica change would need it to write.
             raise StorageError(
                 errno.EOPNOTSUPP,
-                "a read-only view or snapshot of a replicated volume is not supported yet",
+                "a replicated volume cannot be served read-only"
+                " (nbs volume export reads it without serving it)",
             )
 
         def open_child(member: str, epoch: int) -> Storage:
@@ -556,6 +576,47 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         except UnknownVolumeError as err:
             regions.close()
             raise StorageError(errno.EIO, f"replicated volume {layer}: {err}") from err
+
+    def open_view(self, chain: builtins.list[str]) -> FailoverStorage:
+        """A read-only view of ``layer`` that takes no epoch (docs/decisions/0132): a
+        snapshot (``LAYER@s-UUID``) from any replica's snapshot, which are identical and
+        never change; the live volume from a member the committed membership has in sync,
+        over a plain connection (served read-only by a node whose volume has an epoch), a
+        read counting only if the membership did not change while it ran.  Either fails over
+        to the next replica on a StorageError."""
+        layer = chain[-1]
+        catalogue = self._catalogue()
+        replicas = {r.node: r for r in catalogue.replicas(layer)}
+        shown = shown_layer(catalogue, layer)
+        if not replicas or shown is None:
+            raise StorageError(errno.ENOENT, f"no replicas of {layer} are recorded")
+        name, size = shown
+
+        def open_copy(node: str) -> Storage:
+            replica = replicas[node]
+            target = self._directory.target(node, f"{replica.volume};uid={replica.uid}")
+            return NbdStorage(
+                target,
+                request_timeout=self.policy.child_timeout,
+                reconnect_deadline=self.reconnect,
+                connect_timeout=min(self.policy.child_timeout, 5.0),
+            )
+
+        if "@" in layer:
+            nodes = tuple(replicas)
+            return FailoverStorage(name, size, lambda: (0, nodes), open_copy)
+
+        def in_sync() -> tuple[int, Sequence[str]]:
+            try:
+                membership = self.memberships.load(layer)
+            except UnknownVolumeError as err:
+                raise StorageError(errno.ENOENT, f"replicated volume {layer}: {err}") from err
+            except sqlite3.Error as err:
+                raise StorageError(errno.EIO, f"the catalogue: {err}") from err
+            members = [m for m in membership.members if m in membership.in_sync]
+            return membership.generation, [m for m in members if m in replicas]
+
+        return FailoverStorage(name, size, in_sync, open_copy)
 
     def snapshot(self, storage: ReplicatedVolumeStorage, top: str, commit: Commit) -> None:
         """Every replica snapshotted through its node's API under one name, at one point of

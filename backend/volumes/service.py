@@ -42,6 +42,7 @@ from typing import Any, Generic
 
 from backend.replication.engine import ReplicatedStorage
 from backend.storage import Storage, StorageError
+from backend.storage.layers import ReadOnlyStorage
 from backend.volumes.backends import Backend, StorageT
 from backend.volumes.catalogue import Catalogue, SnapshotRow, VolumeRow
 from backend.volumes.kinds import KINDS, LAYERS
@@ -119,6 +120,9 @@ class VolumeService:
         self.leases = Leases(data_dir / "creating")
         self._lock = threading.RLock()
         self._open: dict[str, _Opened[Any]] = {}
+        # Snapshots served as exports (``VOL@SNAP``), by layer: read-only, shared by their
+        # connections, closed when the snapshot goes.
+        self._snapshot_views: dict[str, _Opened[Any]] = {}
         self._serving_fd: int | None = None
         self._writable = False  # the data directory is made and the catalogue open for writes
         self._collected = False  # crash leftovers were collected by this process
@@ -220,11 +224,14 @@ class VolumeService:
             raise StorageFailureError(str(err)) from err
         backend.remove(layer)
 
-    def _open_chain(self, spec: StorageSpec, top: str, read_only: bool) -> _Opened[Any]:
+    def _open_chain(
+        self, spec: StorageSpec, top: str, read_only: bool, *, view: bool = False
+    ) -> _Opened[Any]:
         """The chain ending at ``top`` opened on its backend and wrapped in ``spec``'s layers
-        (the volume row's spec)."""
+        (the volume row's spec); ``view``: a reader's view (``Backend.open_view``)."""
         backend = self._backend(spec)
-        base = backend.open(self.catalogue.chain(top), read_only)
+        chain = self.catalogue.chain(top)
+        base = backend.open_view(chain) if view else backend.open(chain, read_only)
         return _Opened(backend, base, _wrap(base, spec))
 
     def _row(self, name: str) -> VolumeRow:
@@ -396,6 +403,33 @@ class VolumeService:
                 self._open[name] = opened
             return opened
 
+    def snapshot_storage(self, volume: str, snapshot: str) -> Storage:
+        """The read-only storage of ``volume@snapshot`` served as an export, shared by every
+        connection to it like :meth:`storage`; closed when the snapshot or its volume is
+        deleted, or the service closes."""
+        with self._lock:
+            row = self._row(volume)
+            snap = self.catalogue.snapshot(volume, check_name(snapshot, "snapshot"))
+            if snap is None:
+                raise NotFoundError(f"no snapshot {volume}@{snapshot}")
+            opened = self._snapshot_views.get(snap.layer)
+            if opened is None:
+                try:
+                    opened = self._open_chain(row.storage, snap.layer, True, view=True)
+                except StorageError as err:
+                    raise StorageFailureError(
+                        f"cannot open snapshot {volume}@{snapshot}: {err}"
+                    ) from err
+                self._snapshot_views[snap.layer] = opened
+            return opened.top
+
+    def _close_snapshot_view(self, layer: str) -> None:
+        with self._lock:
+            opened = self._snapshot_views.pop(layer, None)
+        if opened is not None:
+            with contextlib.suppress(StorageError):
+                opened.top.close()
+
     def resolve_storage(self, storage: str | StorageSpec | None) -> StorageSpec:
         """A spec from ``--storage`` text (a profile name or inline), or the default."""
         if storage is None:
@@ -496,17 +530,24 @@ class VolumeService:
     def open_view(self, volume: str, snapshot: str | None = None) -> Storage:
         """A separate read-only storage of a volume or one of its snapshots (caller closes).
 
-        A snapshot's view never changes; a volume's may, if it is written meanwhile.
+        A snapshot's view never changes; a volume's may, if it is written meanwhile.  A view
+        of a volume this process has open on a backend that ``views_through_open`` (a
+        replicated volume's engine) reads through that open storage, never a second one.
         """
         row = self._row(volume)
         top = row.top
-        if snapshot is not None:
+        if snapshot is None:
+            with self._lock:
+                opened = self._open.get(volume)
+            if opened is not None and opened.backend.views_through_open:
+                return ReadOnlyStorage(opened.top)
+        else:
             snap = self.catalogue.snapshot(volume, check_name(snapshot, "snapshot"))
             if snap is None:
                 raise NotFoundError(f"no snapshot {volume}@{snapshot}")
             top = snap.layer
         try:
-            return self._open_chain(row.storage, top, read_only=True).top
+            return self._open_chain(row.storage, top, True, view=True).top
         except StorageError as err:
             raise StorageFailureError(f"cannot open {volume!r}: {err}") from err
 
@@ -591,6 +632,8 @@ class VolumeService:
             with self.catalogue.transaction() as changes:
                 changes.set_state(name, "deleting")
                 changes.remove_snapshots(name)
+            for snap in snaps:
+                self._close_snapshot_view(snap.layer)
             self._remove_volume(row)
         log.info("deleted volume %s", name)
 
@@ -698,6 +741,7 @@ class VolumeService:
                 self._flatten(clone, progress)
             with self.catalogue.transaction() as changes:
                 changes.remove_snapshot(volume, name)
+            self._close_snapshot_view(snap.layer)
             self._collect_layers([snap.layer])
         log.info("deleted snapshot %s@%s", volume, name)
 
@@ -810,6 +854,10 @@ class VolumeService:
                 with contextlib.suppress(StorageError):
                     opened.top.close()
             self._open.clear()
+            for opened in self._snapshot_views.values():
+                with contextlib.suppress(StorageError):
+                    opened.top.close()
+            self._snapshot_views.clear()
             self.backends.close()
             self.leases.close()
             self.catalogue.close()

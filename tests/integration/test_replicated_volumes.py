@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import require_module
+from tests.integration.conftest import require_module, require_tool
 from tests.integration.helpers import fio
 from tests.integration.replication_rig import (
     Engine,
@@ -449,3 +450,79 @@ def test_replica_replace_of_a_volume_no_engine_has_open(
     engine.wait_in_sync(name, {nodes[1].name, nodes[2].name})
     expected = _expected((5, 0, 8))
     assert nodes[2].volume_bytes(name) == nodes[1].volume_bytes(name) == expected
+
+
+def _export(
+    engine: Engine, name: str, dest: Path, *, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`nbs volume export` in its own process beside the engine (as an operator runs it):
+    --config gives it the storage nodes."""
+    return engine.volume("export", name, str(dest), "--config", str(engine.config), check=check)
+
+
+def test_export_of_a_snapshot_reads_a_replica_and_fails_over(
+    cluster: tuple[Engine, list[StorageNode]], tmp_path: Path
+) -> None:
+    """A backup of a replicated volume's snapshot: the snapshot's bytes, not the volume's
+    since; with a node killed the export reads another replica; with every node down it is
+    one line on stderr.  No export takes an epoch: the engine serves on."""
+    require_tool("qemu-img")
+    engine, nodes = cluster
+    create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x41 0 2M", "write -P 0x42 3M 1M", "flush")
+    assert done.returncode == 0, done.stderr
+    engine.nbs("snapshot", "create", "vol", "s1")
+    done = qemu_io(engine.uri("vol"), "write -P 0x43 1M 3M", "flush")
+    assert done.returncode == 0, done.stderr
+    snapshot = b"\x41" * (2 * MiB) + bytes(MiB) + b"\x42" * MiB + bytes(SIZE - 4 * MiB)
+    epoch = engine.info("vol")["replication"]["epoch"]
+    unknown = engine.volume("export", "vol@s1", str(tmp_path / "x.raw"), check=False)
+    assert unknown.returncode == 1, unknown  # no --config: which nodes?
+    assert unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "no storage node 'node0' is configured (--config names the nodes)" in unknown.stderr
+    _export(engine, "vol@s1", tmp_path / "s1.raw")
+    assert (tmp_path / "s1.raw").read_bytes() == snapshot
+    nodes[0].kill()
+    _export(engine, "vol@s1", tmp_path / "s1-again.raw")
+    assert (tmp_path / "s1-again.raw").read_bytes() == snapshot
+    assert engine.info("vol")["replication"]["epoch"] == epoch
+    done = qemu_io(engine.uri("vol"), "write -P 0x44 0 64k", "flush")  # not fenced
+    assert done.returncode == 0, done.stderr
+    nodes[1].kill()
+    nodes[2].kill()
+    failed = _export(engine, "vol@s1", tmp_path / "none.raw", check=False)
+    assert failed.returncode == 1, failed
+    assert failed.stderr.count("\n") == 1, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert failed.stderr.startswith("nbs: error: cannot open 'vol': no copy of vol@s1 answered (")
+    for node in nodes:
+        assert f"{node.name}: " in failed.stderr, failed.stderr
+    assert not (tmp_path / "none.raw").exists()
+
+
+def test_export_of_the_live_volume_leaves_its_engine_serving(
+    cluster: tuple[Engine, list[StorageNode]], tmp_path: Path
+) -> None:
+    """`nbs volume export VOL` while the engine has VOL open: the current bytes, read from an
+    in-sync replica over a plain (read-only, unfenced) connection, failing over past a dead
+    node; the engine keeps its epoch and its writes still land on every live replica."""
+    require_tool("qemu-img")
+    engine, nodes = cluster
+    name = create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x51 0 3M", "flush")
+    assert done.returncode == 0, done.stderr
+    shown = engine.info("vol")["replication"]
+    assert shown["live"] is True  # the engine keeps the volume open
+    expected = b"\x51" * (3 * MiB) + bytes(SIZE - 3 * MiB)
+    _export(engine, "vol", tmp_path / "live.raw")
+    assert (tmp_path / "live.raw").read_bytes() == expected
+    nodes[0].kill()  # the catalogue still has it in sync: the export fails over
+    _export(engine, "vol", tmp_path / "live-again.raw")
+    assert (tmp_path / "live-again.raw").read_bytes() == expected
+    assert engine.info("vol")["replication"]["epoch"] == shown["epoch"]
+    done = qemu_io(engine.uri("vol"), "write -P 0x52 0 64k", "flush")
+    assert done.returncode == 0, done.stderr
+    assert "error" not in (done.stdout + done.stderr).lower()
+    written = b"\x52" * (64 << 10) + b"\x51" * (64 << 10)
+    for node in nodes[1:]:
+        assert node.volume_bytes(name)[: 128 << 10] == written, node.name

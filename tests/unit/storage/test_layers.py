@@ -10,7 +10,12 @@ import pytest
 
 from backend.storage import Capabilities, MemoryStorage, Storage, StorageError
 from backend.storage.chunked import ChunkedStorage, create_layer, open_chain
-from backend.storage.layers import CachingStorage, ForwardingStorage, RetryingStorage
+from backend.storage.layers import (
+    CachingStorage,
+    ForwardingStorage,
+    ReadOnlyStorage,
+    RetryingStorage,
+)
 from backend.storage.objects import FaultyObjectStore
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
@@ -98,6 +103,36 @@ def test_forwarding_storage_closes_inner_only_when_owned() -> None:
         owned_inner.read(0, 4)
     assert excinfo.value.errno == errno.EBADF
     borrowed_inner.close()
+
+
+# -- ReadOnlyStorage ---------------------------------------------------------------------------
+
+
+def test_read_only_view_reads_through_and_never_writes_its_borrowed_storage() -> None:
+    inner = MemoryStorage(64 * KIB)
+    inner.write(0, pattern(3, 64 * KIB))
+    view = ReadOnlyStorage(inner)
+    assert view.read(10, 100) == pattern(3, 64 * KIB)[10:110]
+    caps = view.capabilities
+    assert caps.read_only
+    assert not caps.can_trim
+    assert not caps.can_zero
+    assert not caps.can_flush
+    assert not caps.can_resize
+    for attempt in (
+        lambda: view.write(0, b"x"),
+        lambda: view.write_zeroes(0, 10),
+        lambda: view.trim(0, 10),
+        lambda: view.resize(128 * KIB),
+    ):
+        with pytest.raises(StorageError) as excinfo:
+            attempt()
+        assert excinfo.value.errno == errno.EPERM
+    view.flush()
+    view.close()
+    inner.write(0, b"owner")  # still open: the view borrowed it
+    assert inner.read(0, 64 * KIB) == b"owner" + pattern(3, 64 * KIB)[5:]
+    inner.close()
 
 
 # -- CachingStorage ----------------------------------------------------------------------------

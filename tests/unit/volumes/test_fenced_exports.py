@@ -9,6 +9,7 @@ import pytest
 
 from backend.nbd import ExportForbiddenError, ExportUnavailableError, TLSPolicy
 from backend.server.holders import Holders
+from backend.storage import StorageError
 from backend.volumes.catalogue import SCHEMA_VERSION, Catalogue
 from backend.volumes.exports import ExportName, VolumeExports, parse_export_name
 from backend.volumes.model import CreateRequest
@@ -137,3 +138,58 @@ def test_schema_3_catalogue_gets_uids_and_epoch_zero(tmp_path: Path) -> None:
     assert all(len(r.uid) == 32 for r in rows)
     assert catalogue._schema() == str(SCHEMA_VERSION) == "5"
     catalogue.close()
+
+
+def test_a_snapshot_is_served_read_only_and_shared_as_volume_at_snapshot(
+    exports: VolumeExports,
+) -> None:
+    service = exports.service
+    service.storage("v").write(0, b"before")
+    service.snapshot("v", "s")
+    service.storage("v").write(0, b"after!")
+    uid = service.info("v").uid
+    export = exports.get(f"v@s;uid={uid}")
+    assert export is not None
+    assert export.name == "v@s"
+    assert export.read_only
+    assert not export.exclusive  # never makes the volume's writer read-only, nor the reverse
+    assert export.fence is None
+    assert export.storage.read(0, 6) == b"before"
+    assert exports.get("v@s") is not None
+    assert exports.get("v@s").storage is export.storage  # type: ignore[union-attr]
+    holders = Holders()
+    _, served = holders.admit("reader", export)
+    assert served.read_only
+    live = exports.get("v")
+    assert live is not None
+    _, writer = holders.admit("vm", live)
+    assert not writer.read_only  # the snapshot's reader holds nothing of the volume
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("v@s;epoch=3", "v@s is a snapshot: read-only, it takes no epoch"),
+        (f"v@s;uid={UID}", f"has uid [0-9a-f]+, not {UID}"),
+    ],
+)
+def test_a_snapshot_export_refuses_an_epoch_and_a_wrong_uid(
+    exports: VolumeExports, name: str, error: str
+) -> None:
+    exports.service.snapshot("v", "s")
+    with pytest.raises(ExportUnavailableError, match=error):
+        exports.get(name)
+    assert exports.service.info("v").epoch == 0  # nothing was promised
+
+
+def test_unknown_or_deleted_snapshots_are_not_served(exports: VolumeExports) -> None:
+    assert exports.get("v@nope") is None
+    assert exports.get("nope@s") is None
+    assert exports.get("v@bad/name") is None
+    exports.service.snapshot("v", "s")
+    export = exports.get("v@s")
+    assert export is not None
+    exports.service.delete_snapshot("v", "s")
+    assert exports.get("v@s") is None
+    with pytest.raises(StorageError):  # closed with the snapshot
+        export.storage.read(0, 1)

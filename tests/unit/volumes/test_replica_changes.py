@@ -1,75 +1,25 @@
 """Replica add/remove/replace through the volume service, with the engine open (the live
-path) or not (the catalogue path), over in-process storage nodes: each node is a
-VolumeService on its own data directory served in catalogue mode by this project's Server on
-loopback, so members are real NbdStorages with fenced export names.  (Nodes as separate
-processes, one of them killed: tests/integration/test_replicated_volumes.py.)"""
+path) or not (the catalogue path), over in-process storage nodes (tests/unit/volumes/nodes.py):
+members are real NbdStorages with fenced export names.  (Nodes as separate processes, one of
+them killed: tests/integration/test_replicated_volumes.py.)"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from backend.nbd import TLSPolicy
 from backend.replication.supervisor import ResyncSupervisor
-from backend.server.server import Server, TCPAddress
-from backend.storage.nbd import NbdTarget
-from backend.volumes.exports import VolumeExports
 from backend.volumes.model import CreateRequest, InvalidRequestError
-from backend.volumes.replicated import NodeVolumes
 from backend.volumes.service import VolumeService
-from tests.unit.server.clients import port_of
+from tests.unit.volumes.nodes import InProcessNodes
 
 MiB = 1 << 20
 SIZE = 4 * MiB
-
-
-class InProcessNodes:
-    """StorageNodes over in-process nodes; a node's "API" is its VolumeService itself."""
-
-    def __init__(self, directory: Path, names: Sequence[str]) -> None:
-        self.services: dict[str, VolumeService] = {}
-        self.servers: dict[str, Server] = {}
-        for name in names:
-            service = VolumeService(directory / name)
-            service.start_serving()
-            server = Server(
-                VolumeExports(service, tls=TLSPolicy.ALLOWED), tcp=[TCPAddress("127.0.0.1", 0)]
-            )
-            server.bind()
-            server.start()
-            self.services[name] = service
-            self.servers[name] = server
-
-    def names(self) -> Sequence[str]:
-        return tuple(self.services)
-
-    @contextlib.contextmanager
-    def volumes(self, node: str) -> Iterator[NodeVolumes]:
-        yield self.services[node]
-
-    def target(self, node: str, export: str) -> NbdTarget:
-        uri = f"nbd://127.0.0.1:{port_of(self.servers[node])}/"
-        return dataclasses.replace(NbdTarget.from_uri(uri), export=export)
-
-    def replicas(self, node: str) -> list[str]:
-        return [v.name for v in self.services[node].list() if v.name.startswith("r-")]
-
-    def replica_bytes(self, node: str, name: str) -> bytes:
-        # The storage the node serves (a second, read-only open would conflict with it).
-        storage = self.services[node].storage(name)
-        return storage.read(0, storage.size)
-
-    def close(self) -> None:
-        for server in self.servers.values():
-            server.shutdown(grace=5)
-        for service in self.services.values():
-            service.close()
 
 
 @pytest.fixture
