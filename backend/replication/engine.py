@@ -541,7 +541,7 @@ class ReplicatedStorage(Storage):
                 pooled.append((member, storage))
             else:
                 sent.append((member, child, storage, handle))
-        for member, child, storage, handle in reversed(sent):
+        for member, child, storage, handle in sent:
             try:
                 if not storage.wait(handle, deadline - time.monotonic()):
                     self._note_error(member, f"no answer within {timeout} s")

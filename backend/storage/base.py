@@ -75,9 +75,9 @@ class Capabilities:
     # them on the connection's own thread instead of a worker pool.
     inline: bool = True
     # Not ``inline``, but run on the connection's thread while ``inline_ready()`` says the
-    # storage is healthy and the session has nothing else in flight and nothing more received
-    # (a client at queue depth 1): there the hand-off to a worker costs more than the
-    # request's own work (docs/decisions/0131).
+    # storage is healthy and the client is at queue depth 1 (two requests in a row found
+    # nothing else unanswered and nothing more received): there the hand-off to a worker
+    # costs more than the request's own work (docs/decisions/0131).
     inline_when_idle: bool = False
     rotational: bool = False
     min_block: int = 1
@@ -140,11 +140,12 @@ def without_waiting() -> Iterator[None]:
     """Requests made on this thread inside the block must not wait by policy: the server
     runs them on a connection's own thread (``Capabilities.inline_when_idle``), where a wait
     would hold back every request the client sends meanwhile."""
+    before = getattr(_caller, "impatient", False)
     _caller.impatient = True
     try:
         yield
     finally:
-        _caller.impatient = False
+        _caller.impatient = before
 
 
 def may_wait() -> bool:
