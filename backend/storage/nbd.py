@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backend.nbd import NEED_DATA, ConnectionClosed, NBDError
@@ -510,7 +510,8 @@ class NbdStorage(Storage):
     ``connections``: open this many when the server advertises multi-conn (else one);
     requests go round-robin.  ``request_timeout``: a reply missing this long means the
     connection is dead (0: wait forever).  ``reconnect_deadline``: how long after a drop a
-    request keeps trying to go through again before it fails.
+    request keeps trying to go through again before it fails.  ``redial``: where to
+    reconnect, asked each time (default: ``target`` for ever).
     """
 
     def __init__(
@@ -521,8 +522,12 @@ class NbdStorage(Storage):
         request_timeout: float = 30.0,
         reconnect_deadline: float = 60.0,
         connect_timeout: float = 10.0,
+        redial: Callable[[], NbdTarget] | None = None,
     ) -> None:
         self.target = target
+        # Asked for the target before each reconnection (a storage node whose address a
+        # config reload changed); a StorageError from it fails that attempt like a refusal.
+        self._redial = redial
         self._request_timeout = request_timeout
         self._reconnect_deadline = reconnect_deadline
         self._connect_timeout = connect_timeout
@@ -796,6 +801,8 @@ class NbdStorage(Storage):
             if time.monotonic() < self._retry_at:
                 raise _LinkDownError(link.down.reason if link and link.down else "not connected")
             try:
+                if self._redial is not None:
+                    self.target = self._redial()
                 fresh = _Link(self.target, self._connect_timeout, self._request_timeout)
             except StorageError as err:
                 self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, self._backoff * 2))

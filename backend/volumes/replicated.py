@@ -533,13 +533,15 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
             replicas = {r.node: r for r in self._catalogue().replicas(layer)}
             if member not in replicas:
                 raise StorageError(errno.ENOENT, f"no replica of {layer} on {member} recorded")
-            replica = replicas[member]
-            target = self._directory.target(member, replica_export(replica, epoch))
+            export = replica_export(replicas[member], epoch)
             return NbdStorage(
-                target,
+                self._directory.target(member, export),
                 request_timeout=self.policy.child_timeout,
                 reconnect_deadline=self.reconnect,
                 connect_timeout=min(self.policy.child_timeout, 5.0),
+                # The node's address as configured now (SIGHUP may change or remove it);
+                # the export names the replica's uid, so no other volume can answer.
+                redial=partial(self._directory.target, member, export),
             )
 
         def resize_child(member: str, size: int) -> None:

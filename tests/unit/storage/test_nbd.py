@@ -322,3 +322,35 @@ def test_a_request_whose_connection_drops_is_lost_and_can_be_done_again(serve: S
     finally:
         remote.release.set()
         storage.close()
+
+
+def test_a_reconnection_goes_where_redial_says(serve: Serve) -> None:
+    """A storage node whose address a config reload changed: each reconnection asks
+    ``redial`` where to go; one that raises fails that attempt like a refused dial."""
+    first = serve(Export("vol", MemoryStorage(1 << 20)))
+    moved = MemoryStorage(1 << 20)
+    second = serve(Export("vol", moved))
+    now: list[NbdTarget | None] = [target(first)]
+    refused: list[int] = []
+
+    def redial() -> NbdTarget:
+        where = now[0]
+        if where is None:
+            refused.append(1)
+            raise StorageError(errno.ENXIO, "no storage node 'n' is configured")
+        return where
+
+    storage = NbdStorage(target(first), reconnect_deadline=30, redial=redial)
+    try:
+        storage.write(0, b"before")
+        first.shutdown(grace=1)
+        now[0] = None  # the node is not configured for a while, then at its new address
+        timer = threading.Timer(0.5, lambda: now.__setitem__(0, target(second)))
+        timer.start()
+        storage.write(4096, b"after")  # retried until redial names the new address
+        timer.join()
+        assert refused
+        assert moved.read(4096, 5) == b"after"
+        assert storage.target == target(second)
+    finally:
+        storage.close()
