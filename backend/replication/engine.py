@@ -40,7 +40,8 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from functools import partial
 from typing import TypeVar
 
 from backend.replication.copying import COPY_PIECE, CopyError, TokenBucket, copy_range
@@ -87,6 +88,10 @@ log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
+# Seconds a caller that must not wait (a session's own thread, decisions/0131) waits for a
+# member's reply before the rest of the request goes to a thread that may: a round trip is
+# well under a millisecond, so a member this late is slow or gone.
+PATIENCE = 0.01
 ChildFactory = Callable[[str, int], Storage]
 # Resizes a member's replica to a size in bytes, from outside its NBD connection (NBD has no
 # resize command): the volume service asks the member's storage node.
@@ -351,6 +356,10 @@ class ReplicatedStorage(Storage):
         self._mutate(Request("trim", offset, length, fua=fua))
 
     def flush(self) -> None:
+        self._drive(self._flushing())
+
+    def _flushing(self) -> Generator[None, None, None]:
+        """The flush; yields once if a member is late for a caller that must not wait."""
         self._check_usable()
         with self._cond:
             in_flight = list(self._writes.values())
@@ -359,7 +368,11 @@ class ReplicatedStorage(Storage):
             checkpoint = self._regions.checkpoint([IN_DOUBT], in_flight=in_flight)
             checkpoint.__enter__()
         try:
-            self._fan_out_flush()
+            m = self._membership
+            targets = [x for x in m.members if x not in m.out]
+            failures = yield from self._fanning_out(targets, Request("flush"))
+            for member, reason in failures:
+                self._fail_member(member, None, f"flush: {reason}")
         except BaseException as err:
             checkpoint.__exit__(type(err), err, err.__traceback__)
             raise
@@ -482,6 +495,22 @@ class ReplicatedStorage(Storage):
     # -- the write path ------------------------------------------------------------------
 
     def _mutate(self, request: Request) -> None:
+        self._drive(self._mutating(request))
+
+    def _drive(self, steps: Generator[None, None, None]) -> None:
+        """Run a request's ``steps`` to the end; on a caller that must not wait
+        (``without_waiting``), only until a member is late: the rest (waiting for its
+        replies, failing members, the ack) is then the caller's to run on a thread that
+        may wait (``MustNotWait.finish``).  Nothing is done twice."""
+        if may_wait():
+            _run_out(steps)
+            return
+        for _ in steps:
+            raise MustNotWait(finish=partial(_run_out, steps))
+
+    def _mutating(self, request: Request) -> Generator[None, None, None]:
+        """The write path; yields once if a member is late for a caller that must not wait
+        (``_fanning_out``), and goes on when resumed (on a thread that may)."""
         offset, length = request.offset, request.length
         self._check_usable()
         self._wait_min_insync()
@@ -495,7 +524,8 @@ class ReplicatedStorage(Storage):
                 planes = [IN_DOUBT, *(missed(x) for x in m.members if x in m.out)]
                 self._regions.mark(planes, offset, length)
                 targets = [x for x in m.members if x not in m.out]
-                for member, reason in self._fan_out(targets, request):
+                failures = yield from self._fanning_out(targets, request)
+                for member, reason in failures:
                     self._fail_member(member, (offset, length), reason)
             finally:
                 with self._cond:
@@ -505,13 +535,23 @@ class ReplicatedStorage(Storage):
         self._wait_min_insync()
 
     def _fan_out(self, members: list[str], request: Request) -> list[tuple[str, str]]:
+        """Do ``request`` on every member in parallel; return the failures (member, why)."""
+        return _run_out(self._fanning_out(members, request))
+
+    def _fanning_out(
+        self, members: list[str], request: Request
+    ) -> Generator[None, None, list[tuple[str, str]]]:
         """Do ``request`` on every member in parallel; return the failures (member, why).
 
         A member that can submit (NbdStorage) is sent the request from this thread, and the
         replies are collected here: no thread hand-off per member.  Others, and a request
         whose connection dropped (it is done again, reconnecting), go through the pool.
         Every request counts in flight from before it is sent until nobody will touch it
-        again, the same as the pool's (``_wait_idle``)."""
+        again, the same as the pool's (``_wait_idle``).
+
+        On a caller that must not wait (``without_waiting``), a member that has not answered
+        within ``PATIENCE`` makes it yield once: whoever resumes it waits for the rest, up
+        to ``child_timeout`` as always (decisions/0131).  It must be run to the end."""
         timeout = self._policy.child_timeout
         deadline = time.monotonic() + timeout
         failures: list[tuple[str, str]] = []
@@ -543,6 +583,8 @@ class ReplicatedStorage(Storage):
                 sent.append((member, child, storage, handle))
         for member, child, storage, handle in sent:
             try:
+                if not may_wait() and not storage.wait(handle, PATIENCE, keep=True):
+                    yield  # late: resumed where waiting is fine
                 if not storage.wait(handle, deadline - time.monotonic()):
                     self._note_error(member, f"no answer within {timeout} s")
                     failures.append((member, f"no answer within {timeout} s"))
@@ -559,13 +601,14 @@ class ReplicatedStorage(Storage):
                     child.in_flight -= 1
                 self._cond.notify_all()
         if pooled:
-            failures += self._pool_fan_out(pooled, request, deadline)
+            failures += yield from self._pool_fan_out(pooled, request, deadline)
         return failures
 
     def _pool_fan_out(
         self, members: list[tuple[str, Storage]], request: Request, deadline: float
-    ) -> list[tuple[str, str]]:
-        """``request`` on each member in a pool thread, already counted in flight."""
+    ) -> Generator[None, None, list[tuple[str, str]]]:
+        """``request`` on each member in a pool thread, already counted in flight (yields
+        once if they are late for a caller that must not wait, as ``_fanning_out``)."""
         failures: list[tuple[str, str]] = []
         futures: dict[concurrent.futures.Future[None], str] = {}
         for index, (member, storage) in enumerate(members):
@@ -578,6 +621,8 @@ class ReplicatedStorage(Storage):
                     self._cond.notify_all()
                 raise
         timeout = self._policy.child_timeout
+        if not may_wait() and concurrent.futures.wait(futures, PATIENCE).not_done:
+            yield  # late: resumed where waiting is fine
         done, late = concurrent.futures.wait(futures, max(0.0, deadline - time.monotonic()))
         for future in done:
             if future.cancelled():  # by close()
@@ -1071,3 +1116,12 @@ class ReplicatedStorage(Storage):
 def _close_quietly(storage: Storage) -> None:
     with contextlib.suppress(Exception):
         storage.close()
+
+
+def _run_out(steps: Generator[None, None, T]) -> T:
+    """Run ``steps`` to its end (a yield only says a member is late) and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]

@@ -23,8 +23,9 @@ import socket
 import ssl
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from time import monotonic, perf_counter_ns
 
 from backend.nbd import (
@@ -328,8 +329,8 @@ class Session:
                     try:
                         with without_waiting():
                             replies = self._execute(storage, event)
-                    except MustNotWait:  # done again by a worker, which may wait
-                        self._offload(storage, event, start)
+                    except MustNotWait as deferred:  # done again, or finished, by a worker
+                        self._offload(storage, event, start, deferred.finish)
                         continue
                     pending += replies
                     elapsed = perf_counter_ns() - start
@@ -360,23 +361,46 @@ class Session:
                     log.info("%s: client vanished mid-request", self.peer)
                 return
 
-    def _offload(self, storage: Storage, request: Request, queued_at: int) -> None:
-        """Hand ``request`` to a worker, which answers it through the outbox."""
+    def _offload(
+        self,
+        storage: Storage,
+        request: Request,
+        queued_at: int,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
+        """Hand ``request`` to a worker, which answers it through the outbox; ``finish``:
+        the request is under way, and ending it is ``finish()`` (MustNotWait)."""
         assert self._outbox is not None
         cost = request.length if request.command in _BULK else 64
         self._outbox.reserve(cost)
         with self._idle:
             self._inflight += 1
             self._unanswered += 1
-        self._pool.submit(self._execute_async, storage, request, queued_at, cost)
+        try:
+            self._pool.submit(self._execute_async, storage, request, queued_at, cost, finish)
+        except RuntimeError:  # the server is stopping: a request under way still ends here
+            if finish is None:
+                raise
+            self._execute_async(storage, request, queued_at, cost, finish)
 
-    def _execute_async(self, storage: Storage, request: Request, queued_at: int, cost: int) -> None:
+    def _execute_async(
+        self,
+        storage: Storage,
+        request: Request,
+        queued_at: int,
+        cost: int,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
         """``queued_at``: perf_counter_ns() at submission (waiting for a worker is latency);
-        ``cost``: what the connection thread reserved for it in the outbox."""
+        ``cost``: what the connection thread reserved for it in the outbox; ``finish``: see
+        ``_offload``."""
         elapsed = 0
         replies: list[bytes] = []
         try:
-            replies = self._execute(storage, request)
+            if finish is None:
+                replies = self._execute(storage, request)
+            else:
+                replies = self._guarded(request, partial(self._finish, request, finish))
             elapsed = perf_counter_ns() - queued_at
             self._buffers.recycle(request.payload)
         finally:
@@ -405,6 +429,12 @@ class Session:
         try:
             if ticket.epoch >= ticket.fence.epoch:
                 return self._run_request(storage, request)
+        except MustNotWait as deferred:
+            if deferred.finish is not None:
+                # Under way on a worker: in flight for the fence until finish() ends.
+                inflight.append(None)
+                deferred.finish = _then(deferred.finish, inflight.pop)
+            raise
         finally:
             inflight.pop()
         return [self._fenced_out(request.cookie, request.command)]
@@ -416,15 +446,24 @@ class Session:
         return self.conn.reply_error(cookie, command, Error.EPERM, _FENCED)
 
     def _run_request(self, storage: Storage, request: Request) -> list[bytes]:
+        if self._storage_lock is not None:
+            with self._storage_lock:
+                return self._guarded(request, partial(self._dispatch, storage, request))
+        return self._guarded(request, partial(self._dispatch, storage, request))
+
+    def _finish(self, request: Request, finish: Callable[[], None]) -> list[bytes]:
+        """End a write, zero or trim that a storage left under way (MustNotWait)."""
+        finish()
+        return [self.conn.reply_ok(request.cookie)]
+
+    def _guarded(self, request: Request, call: Callable[[], list[bytes]]) -> list[bytes]:
+        """``call()``'s replies to ``request``, or the error reply of its failure."""
         conn = self.conn
         command = request.command
         try:
-            if self._storage_lock is not None:
-                with self._storage_lock:
-                    return self._dispatch(storage, request)
-            return self._dispatch(storage, request)
+            return call()
         except MustNotWait:
-            raise  # not a failure: the session does the request again on a worker
+            raise  # not a failure: the session hands the request to a worker
         except StorageError as err:
             log.warning(
                 "%s: %s at %d+%d failed: %s",
@@ -608,3 +647,15 @@ def _descriptors(storage: Storage, request: Request) -> list[tuple[int, int]]:
         if request.flags & CmdFlag.REQ_ONE:
             break
     return out
+
+
+def _then(first: Callable[[], None], then: Callable[[], object]) -> Callable[[], None]:
+    """``first()``, then ``then()`` whatever ``first`` did."""
+
+    def both() -> None:
+        try:
+            first()
+        finally:
+            then()
+
+    return both

@@ -8,9 +8,10 @@ Contract (checked for every implementation by tests/unit/storage/conformance.py)
   the server turns it into the NBD error on the wire.  Nothing else may escape.
 * ``write(..., fua=True)`` returns only once the data is durable; ``flush()`` returns only once
   every write that completed before it was called is durable.
-* Inside ``without_waiting()`` a storage that would wait by policy (a replicated volume below
-  ``min_insync``) raises :class:`MustNotWait` instead; the caller does the request again
-  where it may wait.  It is the one other exception a storage may raise.
+* Inside ``without_waiting()`` a storage that would wait (a replicated volume below
+  ``min_insync``, or for a late member) raises :class:`MustNotWait` instead; the caller does
+  the request again, or finishes it, where it may wait.  It is the one other exception a
+  storage may raise.
 * A storage is shared by every connection of its export and must be safe to call from several
   threads at once when ``Capabilities.thread_safe`` is true (the server serialises otherwise).
 * Whoever creates a storage closes it; ``close()`` is idempotent and flushes nothing implicitly.
@@ -24,7 +25,7 @@ import dataclasses
 import errno as errno_mod
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 
@@ -126,10 +127,19 @@ class Request:
             storage.flush()
 
 
-class MustNotWait(Exception):  # noqa: N818 (not an error: the request is done elsewhere)
-    """Raised instead of waiting by policy inside ``without_waiting()``.  What the request
-    did so far, doing it again does the same way (writes, zeroes, trims and flushes are
-    idempotent), so the caller does it again on a thread that may wait."""
+class MustNotWait(Exception):  # noqa: N818 (not an error: the request goes on elsewhere)
+    """Raised instead of a wait inside ``without_waiting()``.
+
+    ``finish`` None: the request stopped before a wait by policy (a replicated volume below
+    ``min_insync``); what it did so far, doing it again does the same way (writes, zeroes,
+    trims and flushes are idempotent), so the caller does it again on a thread that may
+    wait.  ``finish`` set: the request is under way and waits for a late answer; the caller
+    must call ``finish()`` (on a thread that may wait), which ends it: returns, or raises
+    its StorageError.  Never both, never neither."""
+
+    def __init__(self, finish: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.finish = finish
 
 
 _caller = threading.local()
@@ -235,10 +245,11 @@ class Storage(abc.ABC):
         """
         raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot submit requests")
 
-    def wait(self, handle: object, timeout: float) -> bool:
+    def wait(self, handle: object, timeout: float, *, keep: bool = False) -> bool:
         """Wait up to ``timeout`` seconds for the request behind ``handle``: True once it is
-        done, False if not (the request is abandoned: nobody will wait for it again).
-        Raises StorageError for its failure, RequestLostError when it must be done again."""
+        done, False if not (the request is abandoned: nobody will wait for it again; with
+        ``keep``, it stays pending and is waited for again).  Raises StorageError for its
+        failure, RequestLostError when it must be done again."""
         raise StorageError(errno_mod.ENOTSUP, f"{self!r} cannot submit requests")
 
     def inline_ready(self) -> bool:

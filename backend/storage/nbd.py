@@ -692,11 +692,12 @@ class NbdStorage(Storage):
             return None
         return _Pending(link, waiter, command)
 
-    def wait(self, handle: object, timeout: float) -> bool:
+    def wait(self, handle: object, timeout: float, *, keep: bool = False) -> bool:
         assert isinstance(handle, _Pending)
         link, waiter = handle.link, handle.waiter
         if not link.wait(waiter, max(timeout, 1e-6), exact=True):
-            link.forget(waiter)
+            if not keep:
+                link.forget(waiter)
             return False
         if waiter.down is not None:
             raise RequestLostError(f"{handle.command.name} to {self.target}: {waiter.down.reason}")

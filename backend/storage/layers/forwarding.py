@@ -75,8 +75,8 @@ class ForwardingStorage(Storage):
         # write (a cache to update, a retry to make).
         return Storage.submit(self, request)
 
-    def wait(self, handle: object, timeout: float) -> bool:
-        return Storage.wait(self, handle, timeout)
+    def wait(self, handle: object, timeout: float, *, keep: bool = False) -> bool:
+        return Storage.wait(self, handle, timeout, keep=keep)
 
     def inline_ready(self) -> bool:
         return self._inner.inline_ready()

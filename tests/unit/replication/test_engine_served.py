@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from backend.nbd import constants as c
 from backend.replication.policy import ReplicationPolicy
 from backend.server.exports import Export
@@ -104,3 +106,31 @@ def test_a_write_waiting_below_min_insync_holds_back_no_read_on_its_connection(
             client.close()
     assert volume.replicas.image("r0")[: 4 * KIB] == b"\x41" * (4 * KIB)
     assert volume.replicas.image("r1")[: 4 * KIB] == b"\x41" * (4 * KIB)
+
+
+@pytest.mark.parametrize("kind", ["write", "flush"])
+def test_a_request_late_on_a_member_holds_back_no_read_on_its_connection(
+    volume: Volume, open_engine: Callable[..., Engine], kind: str
+) -> None:
+    engine = open_engine()  # child_timeout 2 s
+    served = _Threads(engine)
+    with in_process_servers() as serve:
+        client = Client(port_of(serve(Export("vol", served))), "vol")
+        try:
+            for cookie in (1, 2):  # queue depth 1: the second runs on the session's thread
+                client.send(_write(cookie, cookie * 4 * KIB, cookie))
+                assert client.reply() == (cookie, 0, b"")
+            volume.replicas.faults["r2"].set("hang", kinds={kind})
+            # Starts on the session's thread; r2 never answers.
+            client.send(_write(3, 0, 0x43) if kind == "write" else request(c.Cmd.FLUSH, 3))
+            client.send(request(c.Cmd.READ, 4, 8 * KIB, 4 * KIB))
+            # The request went on on a worker: the read behind it is answered first.
+            assert client.reply() == (4, 0, bytes([2]) * (4 * KIB))
+            assert client.reply() == (3, 0, b"")  # after child_timeout, without r2
+        finally:
+            client.close()
+    assert engine.membership.state("r2") == "out"
+    if kind == "write":
+        assert not served.threads[2].startswith("nbs-io")
+        for member in ("r0", "r1"):
+            assert volume.replicas.image(member)[: 4 * KIB] == b"\x43" * (4 * KIB)
