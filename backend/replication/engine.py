@@ -583,9 +583,12 @@ class ReplicatedStorage(Storage):
                 sent.append((member, child, storage, handle))
         for member, child, storage, handle in sent:
             try:
-                if not may_wait() and not storage.wait(handle, PATIENCE, keep=True):
-                    yield  # late: resumed where waiting is fine
-                if not storage.wait(handle, deadline - time.monotonic()):
+                answered = False
+                if not may_wait():
+                    answered = storage.wait(handle, PATIENCE, keep=True)
+                    if not answered:
+                        yield  # late: resumed where waiting is fine
+                if not answered and not storage.wait(handle, deadline - time.monotonic()):
                     self._note_error(member, f"no answer within {timeout} s")
                     failures.append((member, f"no answer within {timeout} s"))
             except RequestLostError:
