@@ -533,7 +533,7 @@ class FakeNbd:
 
 
 @pytest.fixture
-def dialled(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+def dialled(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
     """Make handshake.dial hand out local socket pairs; lists the ends it gave."""
     given: list[socket.socket] = []
     peers: list[socket.socket] = []

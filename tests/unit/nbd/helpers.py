@@ -20,6 +20,7 @@ from backend.nbd import (
 )
 from backend.nbd import constants as c
 from backend.nbd.constants import TransmissionFlag as TFlag
+from backend.nbd.events import _NeedData
 
 WRITABLE = (
     TFlag.HAS_FLAGS
@@ -137,7 +138,7 @@ def events(conn: ServerConnection, data: bytes = b"") -> list[Event]:
         event = conn.next_event()
         if event is NEED_DATA:
             return out
-        assert not isinstance(event, type(NEED_DATA))
+        assert not isinstance(event, _NeedData)
         if isinstance(event, ExportRequested | ExportListRequested):
             _ANSWERERS[conn].answer(conn, event)
             continue

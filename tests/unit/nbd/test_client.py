@@ -39,7 +39,7 @@ def handshake(server: ServerConnection, client: ClientConnection) -> ExportInfo:
 
 
 def connected(**kwargs: object) -> tuple[ClientConnection, ServerConnection, ExportInfo]:
-    server = connection(Directory(export(**kwargs)))
+    server = connection(Directory(export("disk", **kwargs)))
     client = ClientConnection("disk")
     info = handshake(server, client)
     return client, server, info
@@ -93,7 +93,7 @@ def test_replies_are_matched_by_cookie_in_any_order() -> None:
     out = b"".join(server.reply_read(second, 4096, b"12345678")) + server.reply_ok(first)
     got = replies(client, out)
     assert [(r.cookie, r.error) for r in got] == [(second, 0), (first, 0)]
-    assert got[0].data == b"12345678"
+    assert got[0].data == bytearray(b"12345678")
     assert got[1].data is None
 
 
@@ -114,7 +114,7 @@ def test_read_reply_arrives_byte_by_byte() -> None:
             assert isinstance(event, Reply)
             got.append(event)
     assert len(got) == 1
-    assert got[0].data == data
+    assert got[0].data == bytearray(data)
 
 
 def test_holes_read_as_zeroes() -> None:
@@ -123,7 +123,7 @@ def test_holes_read_as_zeroes() -> None:
     parts = [b"a" * 4096, None, b"b" * 4096]
     out = b"".join(server.reply_read_parts(cookie, _pieces(parts)))
     (reply,) = replies(client, out)
-    assert reply.data == b"a" * 4096 + bytes(4096) + b"b" * 4096
+    assert reply.data == bytearray(b"a" * 4096 + bytes(4096) + b"b" * 4096)
 
 
 def _pieces(parts: list[bytes | None]) -> list[tuple[int, int, bytes | None]]:

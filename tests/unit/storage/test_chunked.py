@@ -345,7 +345,12 @@ def test_faulty_store_hangs_and_counts(directory: DirectoryObjectStore) -> None:
     release = threading.Event()
     store = FaultyObjectStore(directory, hang=release, seed=1)
     done = threading.Event()
-    thread = threading.Thread(target=lambda: (store.put("k", b"v"), done.set()))
+
+    def put_then_say_so() -> None:
+        store.put("k", b"v")
+        done.set()
+
+    thread = threading.Thread(target=put_then_say_so)
     thread.start()
     assert not done.wait(0.05)
     release.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,11 @@ def test_malformed_export_names_are_refused(name: str, error: str) -> None:
 
 
 @pytest.fixture
-def exports(tmp_path: Path) -> VolumeExports:
+def exports(tmp_path: Path) -> Iterator[VolumeExports]:
     service = VolumeService(tmp_path / "data")
     service.create(CreateRequest("v", MiB))
     made = VolumeExports(service, tls=TLSPolicy.ALLOWED)
-    yield made  # type: ignore[misc]
+    yield made
     service.close()
 
 

@@ -3,8 +3,10 @@ files, on chunks in a directory store, and on chunks under cache and retry layer
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,9 @@ STORAGES = ["file", "dir:chunk_size=64KiB", "dir:chunk_size=64KiB+cache:size=1Mi
 
 
 @pytest.fixture(params=STORAGES)
-def service(tmp_path: Path, request: pytest.FixtureRequest) -> VolumeService:
+def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VolumeService]:
     svc = VolumeService(tmp_path / "data", default_storage=parse_storage(request.param))
-    yield svc  # type: ignore[misc]
+    yield svc
     svc.close()
 
 
@@ -286,12 +288,13 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     """Construction has no side effects, even as ``nbs serve`` builds it (holders, profiles,
     default storage): no mkdir, chmod, lock or gc.  Becoming the server is start_serving()."""
     data = tmp_path / "d"
-    server_args = {
-        "holders": lambda name: (),
-        "profiles": {"chunks": parse_storage("dir:chunk_size=64KiB")},
-        "default_storage": parse_storage("dir:chunk_size=64KiB"),
-    }
-    VolumeService(data, **server_args).close()  # type: ignore[arg-type]
+    as_server = functools.partial(
+        VolumeService,
+        holders=lambda name: (),
+        profiles={"chunks": parse_storage("dir:chunk_size=64KiB")},
+        default_storage=parse_storage("dir:chunk_size=64KiB"),
+    )
+    as_server(data).close()
     assert not data.exists()
 
     crashed = VolumeService(data)
@@ -300,7 +303,7 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     crashed.close()
     os.chmod(data, 0o750)
     before = on_disk(data)
-    svc = VolumeService(data, **server_args)  # type: ignore[arg-type]
+    svc = as_server(data)
     assert on_disk(data) == before
     svc.start_serving()  # now it is the server: the directory is private, leftovers gone
     assert data.stat().st_mode & 0o777 == 0o700
@@ -308,7 +311,7 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     assert not (svc.layers / "deadbeef.data").exists()
 
     before = on_disk(data)
-    second = VolumeService(data, **server_args)  # another server's: refused only when it starts
+    second = as_server(data)  # another server's: refused only when it starts
     assert on_disk(data) == before
     with pytest.raises(ServedElsewhereError):
         second.start_serving()
