@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 from backend.nbd import (
     NEED_DATA,
@@ -80,17 +81,37 @@ class Directory:
 _ANSWERERS: weakref.WeakKeyDictionary[ServerConnection, Directory] = weakref.WeakKeyDictionary()
 
 
-def connection(directory: Directory, **kwargs: object) -> ServerConnection:
+class ConnectionOptions(TypedDict, total=False):
+    """ServerConnection's keyword arguments."""
+
+    tls_available: bool
+    max_request: int
+    piece: int
+
+
+def connection(directory: Directory, **kwargs: Unpack[ConnectionOptions]) -> ServerConnection:
     """A new connection whose export questions ``directory`` answers inside events()."""
-    conn = ServerConnection(**kwargs)  # type: ignore[arg-type]
+    conn = ServerConnection(**kwargs)
     _ANSWERERS[conn] = directory
     return conn
 
 
-def export(name: str = "disk", **kwargs: object) -> ExportDescription:
-    fields: dict[str, object] = {"name": name, "size": SIZE, "flags": WRITABLE}
+class ExportFields(TypedDict, total=False):
+    """ExportDescription's fields after its name."""
+
+    size: int
+    flags: TFlag
+    description: str
+    min_block: int
+    preferred_block: int
+    max_block: int
+    tls: TLSPolicy
+
+
+def export(name: str = "disk", **kwargs: Unpack[ExportFields]) -> ExportDescription:
+    fields: ExportFields = {"size": SIZE, "flags": WRITABLE}
     fields.update(kwargs)
-    return ExportDescription(**fields)  # type: ignore[arg-type]
+    return ExportDescription(name, **fields)
 
 
 def option(opt: int, data: bytes = b"") -> bytes:

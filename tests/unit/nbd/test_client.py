@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Unpack, cast
+
 import pytest
 
 from backend.nbd import (
     NEED_DATA,
     ClientConnection,
+    ConnectionClosed,
     ExportInfo,
     ProtocolError,
     RefusedError,
@@ -18,7 +21,15 @@ from backend.nbd import constants as c
 from backend.nbd.client import ClientState
 from backend.nbd.constants import Cmd, CmdFlag
 from backend.nbd.constants import TransmissionFlag as TFlag
-from tests.unit.nbd.helpers import SIZE, WRITABLE, Directory, connection, events, export
+from tests.unit.nbd.helpers import (
+    SIZE,
+    WRITABLE,
+    Directory,
+    ExportFields,
+    connection,
+    events,
+    export,
+)
 
 
 def handshake(server: ServerConnection, client: ClientConnection) -> ExportInfo:
@@ -38,8 +49,10 @@ def handshake(server: ServerConnection, client: ClientConnection) -> ExportInfo:
         client.receive_data(server.data_to_send())
 
 
-def connected(**kwargs: object) -> tuple[ClientConnection, ServerConnection, ExportInfo]:
-    server = connection(Directory(export("disk", **kwargs)))
+def connected(
+    **kwargs: Unpack[ExportFields],
+) -> tuple[ClientConnection, ServerConnection, ExportInfo]:
+    server = connection(Directory(export(**kwargs)))
     client = ClientConnection("disk")
     info = handshake(server, client)
     return client, server, info
@@ -173,6 +186,6 @@ def test_eof_with_requests_in_flight_is_unclean() -> None:
     client.receive_data(b"")
     event = client.next_event()
     assert type(event).__name__ == "ConnectionClosed"
-    assert not event.clean  # type: ignore[union-attr]
+    assert not cast(ConnectionClosed, event).clean
     assert client.take_pending() == [1]
     assert client.take_pending() == []

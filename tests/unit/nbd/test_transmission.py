@@ -13,9 +13,11 @@ from backend.nbd import (
     DF_MAX,
     ConnectionClosed,
     Disconnect,
+    Event,
     ProtocolError,
     Rejected,
     Request,
+    ServerConnection,
     State,
 )
 from backend.nbd import constants as c
@@ -24,13 +26,13 @@ from backend.nbd.constants import TransmissionFlag as TFlag
 from tests.unit.nbd.helpers import SIZE, events, export, negotiated, request
 
 
-def one(conn: object, data: bytes) -> object:
-    got = events(conn, data)  # type: ignore[arg-type]
+def one(conn: ServerConnection, data: bytes) -> Event:
+    got = events(conn, data)
     assert len(got) == 1, got
     return got[0]
 
 
-def rejected(conn: object, data: bytes) -> Error:
+def rejected(conn: ServerConnection, data: bytes) -> Error:
     event = one(conn, data)
     assert isinstance(event, Rejected), event
     return event.error
@@ -193,8 +195,8 @@ def test_rejected_write_payload_is_drained_before_the_rejection_is_reported() ->
     # payload it is still sending.
     got = events(conn, chunk + request(Cmd.READ, 2, 0, 512))
     assert [type(e) for e in got] == [Rejected, Request]
-    assert got[0].error == Error.EINVAL  # type: ignore[union-attr]
-    assert got[1].cookie == 2  # type: ignore[union-attr]
+    assert cast(Rejected, got[0]).error == Error.EINVAL
+    assert cast(Request, got[1]).cookie == 2
 
 
 def test_eof_while_draining_a_refused_write_drops_its_reply() -> None:
