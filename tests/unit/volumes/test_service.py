@@ -8,9 +8,11 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from backend.volumes.catalogue import VolumeRow
 from backend.volumes.model import (
     AlreadyExistsError,
     CreateRequest,
@@ -207,7 +209,7 @@ def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) 
     svc.create(CreateRequest("next", MiB))  # the first change collects
     assert svc.catalogue.volume("half") is None
     assert sorted(p.name.split(".")[0] for p in svc.layers.iterdir()) == sorted(
-        [svc.catalogue.volume(n).top for n in ("whole", "next")] * 2  # type: ignore[union-attr]
+        [cast(VolumeRow, svc.catalogue.volume(n)).top for n in ("whole", "next")] * 2
     )
     assert list((data / "creating").iterdir()) == []
     svc.close()
@@ -221,7 +223,7 @@ def test_gc_never_collects_a_volume_whose_creator_is_alive(tmp_path: Path) -> No
     other.create(CreateRequest("x", MiB))
     assert other.gc() == []
     assert creator.gc() == []  # nor its own (an API server's import)
-    assert creator.catalogue.volume("importing").state == "creating"  # type: ignore[union-attr]
+    assert cast(VolumeRow, creator.catalogue.volume("importing")).state == "creating"
     with pytest.raises(AlreadyExistsError):
         other.create(CreateRequest("importing", MiB))
     creator.mark_ready("importing")
