@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.integration.conftest import NBS, require_tool
 from tests.integration.vm import AgentGuest
@@ -90,7 +91,7 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, object]:
+def fio(uri: str, tmp_path: Path, *options: str) -> dict[str, Any]:
     """fio's nbd engine on ``uri`` (32 MiB unless ``options`` say otherwise), writing blocks
     with crc32c headers and reading every one back; the JSON report."""
     output = tmp_path / "fio.json"

@@ -158,7 +158,8 @@ class Engine:
 
     def info(self, volume: str) -> dict[str, Any]:
         """``nbs volume info --json`` (answered by the engine's API: it serves the catalogue)."""
-        return json.loads(self.volume("info", volume, "--json").stdout)  # type: ignore[no-any-return]
+        info: dict[str, Any] = json.loads(self.volume("info", volume, "--json").stdout)
+        return info
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text

@@ -598,7 +598,7 @@ def test_crashed_writer_is_fenced_and_replaced(
 # -- Real faults: the OSD killed (these take the session's OSD down and restart it) -------------
 
 
-def _run_bounded(func: Callable[[], None], limit: float) -> BaseException | None:
+def _run_bounded(func: Callable[[], object], limit: float) -> BaseException | None:
     """Run ``func`` in a thread; its exception, None if it returned; fail if it hangs."""
     outcome: list[BaseException | None] = []
 

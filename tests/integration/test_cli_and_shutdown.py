@@ -11,10 +11,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration.conftest import NBS, NbsServer, require_module, require_tool
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -313,8 +317,8 @@ def test_sigterm_with_requests_in_flight_answers_them_and_does_not_hang(
     h.connect_uri(server.uri("disk"))
     size = (64 * KiB, 256 * KiB, MiB)[round_]
     count = 48
-    writes: dict[int, tuple[int, bytes, nbd.Buffer]] = {}
-    reads: dict[int, nbd.Buffer] = {}
+    writes: dict[int, tuple[int, bytes, libnbd.Buffer]] = {}
+    reads: dict[int, libnbd.Buffer] = {}
     for i in range(count):
         offset = i * size
         if i % 4 == 3:
@@ -328,7 +332,7 @@ def test_sigterm_with_requests_in_flight_answers_them_and_does_not_hang(
 
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    poll_error: nbd.Error | None = None
+    poll_error: libnbd.Error | None = None
     deadline = started + 15
     while h.aio_in_flight() > 0:
         assert time.monotonic() < deadline, f"{h.aio_in_flight()} requests never answered"
@@ -343,7 +347,7 @@ def test_sigterm_with_requests_in_flight_answers_them_and_does_not_hang(
 
     outcomes: dict[int, str] = {}
     for cookie in [*writes, *reads]:
-        failure: nbd.Error | None = None
+        failure: libnbd.Error | None = None
         try:
             completed = h.aio_command_completed(cookie)
         except nbd.Error as err:

@@ -17,11 +17,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration.conftest import NbsServer, require_module
 from tests.integration.helpers import free_port, nbs
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -68,7 +72,7 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
 
 
 @contextlib.contextmanager
-def libnbd_client(server: NbsServer) -> Iterator[nbd.NBD]:
+def libnbd_client(server: NbsServer) -> Iterator[libnbd.NBD]:
     handle = nbd.NBD()
     handle.connect_uri(server.uri("disk"))
     try:

@@ -12,12 +12,16 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration.conftest import NbsServer, require_module
 from tests.integration.faultproxy import FaultProxy, Target
 from tests.integration.storage_nodes import StorageNode
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -44,7 +48,7 @@ def unix_target(server: NbsServer) -> Target:
     return next(u for u in server.uris if u.startswith("nbd+unix")).split("socket=", 1)[1]
 
 
-def connect(uri: str) -> nbd.NBD:
+def connect(uri: str) -> libnbd.NBD:
     h = nbd.NBD()
     h.connect_uri(uri)
     return h
@@ -57,7 +61,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-def pending_after(h: nbd.NBD, cookie: int, seconds: float) -> bool:
+def pending_after(h: libnbd.NBD, cookie: int, seconds: float) -> bool:
     """Poll libnbd for ``seconds``: True if the command is still not completed (the client
     gives up there, as a client-side timeout would)."""
     deadline = time.monotonic() + seconds
@@ -68,7 +72,7 @@ def pending_after(h: nbd.NBD, cookie: int, seconds: float) -> bool:
     return True
 
 
-def complete(h: nbd.NBD, cookies: list[int]) -> None:
+def complete(h: libnbd.NBD, cookies: list[int]) -> None:
     """Wait for every command; raises the first one's error."""
     while h.aio_in_flight():
         h.poll(-1)

@@ -17,11 +17,15 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import nbs
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")
 
@@ -40,16 +44,16 @@ def replica(nbs_server: Callable[..., NbsServer], data: Path) -> NbsServer:
     return nbs_server("--listen", "127.0.0.1:0", "--data-dir", str(data))
 
 
-def _connect(server: NbsServer, name: str) -> nbd.NBD:
+def _connect(server: NbsServer, name: str) -> libnbd.NBD:
     handle = nbd.NBD()
     handle.set_export_name(name)
     handle.connect_tcp("127.0.0.1", str(server.port))
     return handle
 
 
-def _info(data: Path) -> dict[str, object]:
+def _info(data: Path) -> dict[str, Any]:
     out = nbs("volume", "info", "r", "--json", "--data-dir", str(data)).stdout
-    info: dict[str, object] = json.loads(out)
+    info: dict[str, Any] = json.loads(out)
     return info
 
 
@@ -79,7 +83,7 @@ def test_a_newer_epoch_fences_out_the_older_connection(replica: NbsServer, data:
     assert not again.is_read_only()
     assert again.pread(BLOCK, 0) == b"2" * BLOCK
     holders = _info(data)["holders"]
-    assert [(h["writable"], h["epoch"]) for h in holders] == [(True, 2), (True, 2)]  # type: ignore[attr-defined]
+    assert [(h["writable"], h["epoch"]) for h in holders] == [(True, 2), (True, 2)]
     text = nbs("volume", "info", "r", "--data-dir", str(data)).stdout
     assert "epoch:       2" in text
     assert text.count(" writable epoch 2 since ") == 2

@@ -88,7 +88,7 @@ class Guest:
         return self.run(f"chroot /host {shlex.join([*python, *args])}", timeout)
 
     def kernel_json(self, *args: str, ok: bool = True, **env: str) -> Any:
-        result = self.kernel(*args, "--json", **env)
+        result = self.kernel(*args, "--json", timeout=120, **env)
         assert (result.rc == 0) == ok, result.output
         return json.loads(result.output)
 

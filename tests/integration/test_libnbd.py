@@ -12,11 +12,15 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.integration.conftest import NbsServer, require_module
 from tests.integration.helpers import file_layout, merge
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -34,7 +38,7 @@ def connect(
     meta: bool = True,
     structured: bool = True,
     request_meta: bool = True,
-) -> Iterator[nbd.NBD]:
+) -> Iterator[libnbd.NBD]:
     h = nbd.NBD()
     if meta:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
@@ -66,7 +70,7 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def error_of(caught: pytest.ExceptionInfo[nbd.Error]) -> int:
+def error_of(caught: pytest.ExceptionInfo[libnbd.Error]) -> int:
     """The errno of a failed command (nbd.Error.errno is its symbolic name)."""
     err = caught.value
     assert err.errno == errno.errorcode.get(err.errnum), err.string
@@ -74,7 +78,7 @@ def error_of(caught: pytest.ExceptionInfo[nbd.Error]) -> int:
     return err.errnum
 
 
-def wait_all(h: nbd.NBD, timeout_ms: int = 20_000) -> None:
+def wait_all(h: libnbd.NBD, timeout_ms: int = 20_000) -> None:
     while h.aio_in_flight() > 0:
         assert h.poll(timeout_ms) == 1, "no progress while waiting for replies"
 
@@ -217,7 +221,9 @@ def test_cache_succeeds(server: NbsServer) -> None:
         assert h.pread(4096, 0) == b"\x42" * 4096
 
 
-def collect_block_status(h: nbd.NBD, offset: int, length: int, flags: int = 0) -> list[list[int]]:
+def collect_block_status(
+    h: libnbd.NBD, offset: int, length: int, flags: int = 0
+) -> list[list[int]]:
     calls: list[list[int]] = []
 
     def extent(metacontext: str, off: int, entries: list[int], err: int) -> int:
@@ -352,7 +358,7 @@ def test_writes_on_one_connection_are_seen_by_another(server: NbsServer) -> None
 # ---------------------------------------------------------------------- bad requests
 
 
-BAD_REQUESTS: dict[str, tuple[Callable[[nbd.NBD], object], int]] = {
+BAD_REQUESTS: dict[str, tuple[Callable[[libnbd.NBD], object], int]] = {
     "read_past_end": (lambda h: h.pread(512, SIZE), errno.EINVAL),
     "read_straddling_end": (lambda h: h.pread(1024, SIZE - 512), errno.EINVAL),
     "write_past_end": (lambda h: h.pwrite(b"x" * 512, SIZE), errno.ENOSPC),
@@ -403,7 +409,7 @@ def test_df_reads_up_to_64k_succeed(server: NbsServer) -> None:
         assert h.pread(512, 100, nbd.CMD_FLAG_DF) == data[100:612]
 
 
-READ_ONLY_MUTATIONS: dict[str, Callable[[nbd.NBD], object]] = {
+READ_ONLY_MUTATIONS: dict[str, Callable[[libnbd.NBD], object]] = {
     "write": lambda h: h.pwrite(b"\xff" * 4096, PATTERN_OFFSET),
     "trim": lambda h: h.trim(4096, PATTERN_OFFSET),
     "zero": lambda h: h.zero(4096, PATTERN_OFFSET),
@@ -433,14 +439,15 @@ def test_misaligned_requests_are_einval_when_block_size_was_requested(server: Nb
         assert h.get_block_size(nbd.SIZE_MINIMUM) == 512
         h.pwrite(b"\x33" * 1024, 1024)
         h.set_strict_mode(0)
-        for bad in (
+        unaligned: tuple[Callable[[], object], ...] = (
             lambda: h.pread(100, 0),
             lambda: h.pread(512, 100),
             lambda: h.pwrite(b"x" * 100, 0),
             lambda: h.pwrite(b"x" * 512, 256),
             lambda: h.trim(512, 1),
             lambda: h.zero(1000, 0),
-        ):
+        )
+        for bad in unaligned:
             with pytest.raises(nbd.Error) as caught:
                 bad()
             assert error_of(caught) == errno.EINVAL, caught.value.string

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend.logs import JSONFormatter
 from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import free_port
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -76,7 +80,7 @@ def served(nbs_server: Callable[..., NbsServer], images: dict[str, Path]) -> tup
 
 
 @contextlib.contextmanager
-def connect(uri: str) -> Iterator[nbd.NBD]:
+def connect(uri: str) -> Iterator[libnbd.NBD]:
     h = nbd.NBD()
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.set_strict_mode(0)  # let bad requests reach the server
@@ -128,8 +132,8 @@ def test_libnbd_requests_bytes_errors_and_latency_are_counted_exactly(
         "write": 2, "read": 2, "flush": 1, "trim": 1, "write_zeroes": 1, "cache": 1,
         "block_status": 1,
     }  # fmt: skip
-    for command, count in expected.items():
-        assert found.requests("disk", command) == count, command
+    for command, times in expected.items():
+        assert found.requests("disk", command) == times, command
     assert found["nbs_written_bytes_total", {"export": "disk"}] == 64 * KiB + MiB
     assert found["nbs_read_bytes_total", {"export": "disk"}] == 128 * KiB + 4 * KiB
     rejected = "nbs_requests_rejected_total"

@@ -12,6 +12,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def run(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
 
 
-def nbdinfo_json(*args: str) -> dict[str, object]:
+def nbdinfo_json(*args: str) -> dict[str, Any]:
     out = run(require_tool("nbdinfo"), "--json", *args, check=True)
     data = json.loads(out.stdout)
     assert isinstance(data, dict)
@@ -88,7 +89,7 @@ def test_read_only_export_reports_read_only(served: NbsServer) -> None:
     for capability in ("write", "trim", "zero", "fast-zero"):
         result = run(nbdinfo, "--can", capability, served.uri("ro"))
         assert result.returncode == 2, f"--can {capability}: {result.returncode} {result.stderr}"
-    export = nbdinfo_json(served.uri("ro"))["exports"][0]  # type: ignore[index]
+    export = nbdinfo_json(served.uri("ro"))["exports"][0]
     assert export["is_read_only"] is True
     assert export["can_trim"] is False
     assert export["can_zero"] is False
@@ -155,7 +156,7 @@ def test_list_shows_every_export_with_its_description(
         f"gamma={c}",
     )
     info = nbdinfo_json("--list", server.tcp)
-    exports = {e["export-name"]: e for e in info["exports"]}  # type: ignore[attr-defined]
+    exports = {e["export-name"]: e for e in info["exports"]}
     assert set(exports) == {"alpha", "beta", "gamma"}
     assert exports["alpha"].get("description") == "First disk"
     assert exports["beta"].get("description") == "Golden image"
@@ -173,7 +174,7 @@ def test_json_of_one_export_shows_its_description(
     server = nbs_server(
         "--listen", "127.0.0.1:0", "--export", f"disk={disk},description=Scratch space"
     )
-    export = nbdinfo_json(server.uri("disk"))["exports"][0]  # type: ignore[index]
+    export = nbdinfo_json(server.uri("disk"))["exports"][0]
     assert export.get("description") == "Scratch space"
 
 
@@ -190,7 +191,7 @@ def test_unix_socket_listener_serves_exports(
     assert server.uris == [f"nbd+unix:///?socket={sock}"]
     assert sock.is_socket()
     info = nbdinfo_json(f"nbd+unix:///disk?socket={sock}")
-    export = info["exports"][0]  # type: ignore[index]
+    export = info["exports"][0]
     assert export["export-name"] == "disk"
     assert export["export-size"] == SIZE
     assert export["can_multi_conn"] is True

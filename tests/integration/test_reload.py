@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -21,6 +22,9 @@ import yaml
 from tests.integration.conftest import NbsServer, require_module, require_tool
 from tests.integration.helpers import free_port, nbs
 from tests.integration.pki import issue_server, make_ca
+
+if TYPE_CHECKING:
+    import nbd as libnbd  # for annotations: at run time require_module gives nbd
 
 nbd = require_module("nbd")  # python3-libnbd, a Debian package
 
@@ -74,7 +78,7 @@ def open_files(server: NbsServer) -> set[str]:
 
 
 @contextlib.contextmanager
-def connect(uri: str) -> Iterator[nbd.NBD]:
+def connect(uri: str) -> Iterator[libnbd.NBD]:
     h = nbd.NBD()
     h.set_uri_allow_local_file(True)  # for tls-certificates=DIR
     h.connect_uri(uri)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,7 +284,7 @@ def test_fio_verify_through_a_kill_9_of_one_node(
     node is killed part way through the writes: zero errors, every block verifies."""
     engine, nodes = cluster
     create_replicated(engine, "vol", nodes, ",timeout=5,reconnect=1")
-    reports: list[dict[str, object]] = []
+    reports: list[dict[str, Any]] = []  # fio's JSON reports
     options = ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16m")
     thread = threading.Thread(
         target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))

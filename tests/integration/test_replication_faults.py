@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,7 +266,7 @@ def test_fio_verify_through_a_blackholed_link(rig: Rig, tmp_path: Path) -> None:
     heal the member is resynced and the replicas are identical."""
     engine, nodes, links = rig.engine, rig.nodes, rig.links
     replica = create_replicated(engine, "vol", nodes, FAST)
-    reports: list[dict[str, object]] = []
+    reports: list[dict[str, Any]] = []  # fio's JSON reports
     options = ("--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16m")
     thread = threading.Thread(
         target=lambda: reports.append(fio(engine.uri("vol"), tmp_path, *options))
@@ -283,7 +284,7 @@ def test_fio_verify_through_a_blackholed_link(rig: Rig, tmp_path: Path) -> None:
     finally:
         thread.join(180)
     assert not thread.is_alive()
-    [job] = reports[0]["jobs"]  # type: ignore[misc]
+    [job] = reports[0]["jobs"]
     assert job["error"] == 0
     assert job.get("total_err", 0) == 0
     assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == 16 * MiB

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import yaml
@@ -46,7 +47,7 @@ class Notifications:
     def wait_for(self, state: str, timeout: float = 20) -> list[str]:
         """Messages up to and including the first that has the line ``state``."""
         deadline = time.monotonic() + timeout
-        messages = []
+        messages: list[str] = []
         while True:
             self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
@@ -126,8 +127,16 @@ class Activated:
         return self.process.wait(30)
 
 
+class Activate(Protocol):
+    """The ``activate`` fixture: start ``nbs serve`` as systemd would, passing ``sockets``."""
+
+    def __call__(
+        self, sockets: list[socket.socket], notify_path: Path, *args: str
+    ) -> Activated: ...
+
+
 @pytest.fixture
-def activate(tmp_path: Path) -> Iterator[object]:
+def activate(tmp_path: Path) -> Iterator[Activate]:
     started: list[Activated] = []
 
     def start(sockets: list[socket.socket], notify_path: Path, *args: str) -> Activated:
@@ -143,8 +152,8 @@ def activate(tmp_path: Path) -> Iterator[object]:
 
 
 def test_socket_activated_server_notifies_readiness_and_serves_the_passed_socket(
-    activate, notifications: Notifications, disk: Path
-) -> None:  # type: ignore[no-untyped-def]
+    activate: Activate, notifications: Notifications, disk: Path
+) -> None:
     nbdinfo = require_tool("nbdinfo")
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -176,8 +185,8 @@ def test_socket_activated_server_notifies_readiness_and_serves_the_passed_socket
 
 
 def test_reload_is_announced_with_reloading_then_ready(
-    activate, notifications: Notifications, disk: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    activate: Activate, notifications: Notifications, disk: Path, tmp_path: Path
+) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     config = tmp_path / "nbs.yaml"
     config.write_text(f"exports: [{{name: disk, path: {disk}}}]\n")
@@ -200,8 +209,8 @@ def test_reload_is_announced_with_reloading_then_ready(
 
 
 def test_accept_yes_sockets_are_refused_with_a_clear_error(
-    activate, notifications: Notifications, disk: Path
-) -> None:  # type: ignore[no-untyped-def]
+    activate: Activate, notifications: Notifications, disk: Path
+) -> None:
     left, right = socket.socketpair()  # a connection, as Accept=yes would pass
     with left, right:
         server = activate([left], notifications.path, "--export", f"disk={disk}")

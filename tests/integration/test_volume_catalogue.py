@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -71,7 +72,7 @@ def query(data_dir: Path, sql: str) -> list[tuple[str, ...]]:
 
 def rows(data_dir: Path) -> dict[str, str]:
     """name → state of every volume row."""
-    return dict(query(data_dir, "SELECT name, state FROM volumes"))
+    return dict(cast(list[tuple[str, str]], query(data_dir, "SELECT name, state FROM volumes")))
 
 
 def layers(data_dir: Path) -> list[str]:
@@ -343,7 +344,7 @@ def test_bad_numbers_over_the_api_are_400_and_one_line(
     data = tmp_path / "data"
     nbs_server("--listen", "127.0.0.1:0", "--data-dir", str(data))  # the CLI goes through it
     for param in BAD_CREATES:
-        args, message = param.values
+        args, message = cast(tuple[list[str], str], param.values)
         result = nbs("volume", "create", "a", *args, "--data-dir", str(data))
         assert_one_line_usage_error(result, message)
     resize = nbs("volume", "resize", "default", "9" * 5000, "--data-dir", str(data))

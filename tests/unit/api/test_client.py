@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,10 +33,10 @@ SERVICE_METHODS = [
 INTERNAL = {"ready"}  # VolumeService.create(ready=False) is for imports, not for callers
 
 
-def parameters(function: object) -> list[tuple[str, object, object]]:
+def parameters(function: Callable[..., object]) -> list[tuple[str, object, object]]:
     return [
         (p.name, p.kind, p.default)
-        for p in inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+        for p in inspect.signature(function).parameters.values()
         if p.name not in ("self", *INTERNAL)
     ]
 
@@ -162,9 +163,9 @@ def test_token_sources_in_order(
     seen: list[str] = []
     original = RemoteVolumes.__init__
 
-    def spy(self: RemoteVolumes, url: str, secret: str, **options: object) -> None:
+    def spy(self: RemoteVolumes, url: str, secret: str, **options: Any) -> None:
         seen.append(secret)
-        original(self, url, secret, **options)  # type: ignore[arg-type]
+        original(self, url, secret, **options)
 
     monkeypatch.setattr(RemoteVolumes, "__init__", spy)
     token_file = tmp_path / "token"

@@ -17,6 +17,12 @@ from hypervisor.netlink import Attr, GenlMessage
 Handler = Callable[[GenlMessage], Sequence[Sequence[Attr]]]
 """Answers one request with the attributes of each reply message; raise OSError to fail it."""
 
+
+def _no_replies(_request: GenlMessage) -> Sequence[Sequence[Attr]]:
+    """The handler of a command nobody registered: it answers with no message."""
+    return []
+
+
 NBD_FAMILY_ID = 0x1B
 NBD_GROUP_ID = 9
 
@@ -56,11 +62,12 @@ class FakeKernel:
         (request,) = netlink.parse_messages(data)
         assert isinstance(request, GenlMessage)
         self.requests.append(request)
+        replies: Sequence[Sequence[Attr]]
         try:
             if request.family == netlink.GENL_ID_CTRL:
                 replies = self._getfamily(request)
             else:
-                replies = self.handlers.get(request.cmd, lambda _r: [])(request)
+                replies = self.handlers.get(request.cmd, _no_replies)(request)
         except OSError as err:
             self._queue.append(netlink.encode_ack(err.errno or errno.EIO, data, seq=request.seq))
             return len(data)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -42,7 +43,7 @@ SINGLE = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
 
 
 def record(index: int = 0, **changes: object) -> Record:
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "index": index,
         "target": URI,
         "backend_id": BACKEND,
@@ -56,7 +57,7 @@ def record(index: int = 0, **changes: object) -> Record:
         "pid": None,
     }
     fields.update(changes)
-    return Record(**fields)  # type: ignore[arg-type]
+    return Record(**fields)
 
 
 def by_type(attrs: list[Attr]) -> dict[int, Attr]:
@@ -182,7 +183,7 @@ def test_connect_sends_one_request_and_returns_the_kernels_index() -> None:
     (request,) = fake.commands()
     assert request.cmd == Cmd.CONNECT
     assert request.version == family.GENL_VERSION
-    assert socket_fds(request.attr(NbdAttr.SOCKETS)) == [7]  # type: ignore[arg-type]
+    assert socket_fds(cast(Attr, request.attr(NbdAttr.SOCKETS))) == [7]
 
 
 def refuse(code: int) -> Callable[[GenlMessage], list[list[Attr]]]:
@@ -409,9 +410,11 @@ def test_find_by_backend_needs_a_connected_device(sysfs: Path) -> None:
         ("nbd://10.0.2.100:10809/other", None),
     ],
 )
-def test_resolve_index(sysfs: Path, tmp_path: Path, what: object, index: int | None) -> None:
+def test_resolve_index(
+    sysfs: Path, tmp_path: Path, what: KernelDevice | NbdTarget | int | str, index: int | None
+) -> None:
     fake_device(sysfs, 1, backend=BACKEND, pid=1)
-    assert kernel.resolve_index(what, tmp_path) == index  # type: ignore[arg-type]
+    assert kernel.resolve_index(what, tmp_path) == index
 
 
 def test_resolve_index_falls_back_to_records(sysfs: Path, tmp_path: Path) -> None:
@@ -533,7 +536,7 @@ class FakeNbd:
 
 
 @pytest.fixture
-def dialled(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+def dialled(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
     """Make handshake.dial hand out local socket pairs; lists the ends it gave."""
     given: list[socket.socket] = []
     peers: list[socket.socket] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import weakref
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 from backend.nbd import (
     NEED_DATA,
@@ -20,6 +21,7 @@ from backend.nbd import (
 )
 from backend.nbd import constants as c
 from backend.nbd.constants import TransmissionFlag as TFlag
+from backend.nbd.events import _NeedData
 
 WRITABLE = (
     TFlag.HAS_FLAGS
@@ -79,17 +81,37 @@ class Directory:
 _ANSWERERS: weakref.WeakKeyDictionary[ServerConnection, Directory] = weakref.WeakKeyDictionary()
 
 
-def connection(directory: Directory, **kwargs: object) -> ServerConnection:
+class ConnectionOptions(TypedDict, total=False):
+    """ServerConnection's keyword arguments."""
+
+    tls_available: bool
+    max_request: int
+    piece: int
+
+
+def connection(directory: Directory, **kwargs: Unpack[ConnectionOptions]) -> ServerConnection:
     """A new connection whose export questions ``directory`` answers inside events()."""
-    conn = ServerConnection(**kwargs)  # type: ignore[arg-type]
+    conn = ServerConnection(**kwargs)
     _ANSWERERS[conn] = directory
     return conn
 
 
-def export(name: str = "disk", **kwargs: object) -> ExportDescription:
-    fields: dict[str, object] = {"name": name, "size": SIZE, "flags": WRITABLE}
+class ExportFields(TypedDict, total=False):
+    """ExportDescription's fields after its name."""
+
+    size: int
+    flags: TFlag
+    description: str
+    min_block: int
+    preferred_block: int
+    max_block: int
+    tls: TLSPolicy
+
+
+def export(name: str = "disk", **kwargs: Unpack[ExportFields]) -> ExportDescription:
+    fields: ExportFields = {"size": SIZE, "flags": WRITABLE}
     fields.update(kwargs)
-    return ExportDescription(**fields)  # type: ignore[arg-type]
+    return ExportDescription(name, **fields)
 
 
 def option(opt: int, data: bytes = b"") -> bytes:
@@ -137,7 +159,7 @@ def events(conn: ServerConnection, data: bytes = b"") -> list[Event]:
         event = conn.next_event()
         if event is NEED_DATA:
             return out
-        assert not isinstance(event, type(NEED_DATA))
+        assert not isinstance(event, _NeedData)
         if isinstance(event, ExportRequested | ExportListRequested):
             _ANSWERERS[conn].answer(conn, event)
             continue

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Unpack, cast
+
 import pytest
 
 from backend.nbd import (
     NEED_DATA,
     ClientConnection,
+    ConnectionClosed,
     ExportInfo,
     ProtocolError,
     RefusedError,
@@ -18,7 +21,15 @@ from backend.nbd import constants as c
 from backend.nbd.client import ClientState
 from backend.nbd.constants import Cmd, CmdFlag
 from backend.nbd.constants import TransmissionFlag as TFlag
-from tests.unit.nbd.helpers import SIZE, WRITABLE, Directory, connection, events, export
+from tests.unit.nbd.helpers import (
+    SIZE,
+    WRITABLE,
+    Directory,
+    ExportFields,
+    connection,
+    events,
+    export,
+)
 
 
 def handshake(server: ServerConnection, client: ClientConnection) -> ExportInfo:
@@ -38,7 +49,9 @@ def handshake(server: ServerConnection, client: ClientConnection) -> ExportInfo:
         client.receive_data(server.data_to_send())
 
 
-def connected(**kwargs: object) -> tuple[ClientConnection, ServerConnection, ExportInfo]:
+def connected(
+    **kwargs: Unpack[ExportFields],
+) -> tuple[ClientConnection, ServerConnection, ExportInfo]:
     server = connection(Directory(export(**kwargs)))
     client = ClientConnection("disk")
     info = handshake(server, client)
@@ -93,7 +106,7 @@ def test_replies_are_matched_by_cookie_in_any_order() -> None:
     out = b"".join(server.reply_read(second, 4096, b"12345678")) + server.reply_ok(first)
     got = replies(client, out)
     assert [(r.cookie, r.error) for r in got] == [(second, 0), (first, 0)]
-    assert got[0].data == b"12345678"
+    assert got[0].data == bytearray(b"12345678")
     assert got[1].data is None
 
 
@@ -114,7 +127,7 @@ def test_read_reply_arrives_byte_by_byte() -> None:
             assert isinstance(event, Reply)
             got.append(event)
     assert len(got) == 1
-    assert got[0].data == data
+    assert got[0].data == bytearray(data)
 
 
 def test_holes_read_as_zeroes() -> None:
@@ -123,7 +136,7 @@ def test_holes_read_as_zeroes() -> None:
     parts = [b"a" * 4096, None, b"b" * 4096]
     out = b"".join(server.reply_read_parts(cookie, _pieces(parts)))
     (reply,) = replies(client, out)
-    assert reply.data == b"a" * 4096 + bytes(4096) + b"b" * 4096
+    assert reply.data == bytearray(b"a" * 4096 + bytes(4096) + b"b" * 4096)
 
 
 def _pieces(parts: list[bytes | None]) -> list[tuple[int, int, bytes | None]]:
@@ -173,6 +186,6 @@ def test_eof_with_requests_in_flight_is_unclean() -> None:
     client.receive_data(b"")
     event = client.next_event()
     assert type(event).__name__ == "ConnectionClosed"
-    assert not event.clean  # type: ignore[union-attr]
+    assert not cast(ConnectionClosed, event).clean
     assert client.take_pending() == [1]
     assert client.take_pending() == []

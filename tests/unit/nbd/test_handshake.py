@@ -37,8 +37,8 @@ from tests.unit.nbd.helpers import (
 FIXED = struct.pack(">I", c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
 
 
-def fresh(*exports: object, tls_available: bool = False) -> ServerConnection:
-    directory = Directory(*(exports or (export(),)))  # type: ignore[arg-type]
+def fresh(*exports: ExportDescription, tls_available: bool = False) -> ServerConnection:
+    directory = Directory(*(exports or (export(),)))
     return connection(directory, tls_available=tls_available)
 
 

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from backend.replication.engine import ReplicatedStorage
 from backend.replication.membership import InMemoryMembershipStore, Membership
@@ -337,9 +338,9 @@ class Volume:
 class Engine(ReplicatedStorage):
     """A ReplicatedStorage that owns its region map (closes it on close or crash)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.regions: RegionMap = args[3]  # type: ignore[assignment]
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.regions: RegionMap = args[3]
+        super().__init__(*args, **kwargs)
 
     def close(self) -> None:
         super().close()

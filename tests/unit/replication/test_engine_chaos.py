@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from backend.replication.policy import ReplicationPolicy
 from backend.server.server import Server
@@ -69,7 +70,7 @@ class Block:
             candidates = self.allowed() & self.zeroes
             assert candidates, f"block {block} reads zeroes; allowed {self.allowed()}"
             return max(candidates)
-        index, version = struct.unpack_from("<QQ", data)
+        index, version = cast(tuple[int, int], struct.unpack_from("<QQ", data))
         assert data == stamp(index, version), f"block {block} is torn"
         assert index == block, f"block {block} holds block {index}'s data"
         assert version in self.allowed(), (

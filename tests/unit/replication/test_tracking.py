@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,8 @@ SIZE = 10 * MIB + 5  # the last region is 5 bytes long
 def open_map(tmp_path: Path) -> Iterator[Callable[..., RegionMap]]:
     opened: list[RegionMap] = []
 
-    def make(size: int = SIZE, granularity: int = G, **kwargs: object) -> RegionMap:
-        regions = RegionMap.create(tmp_path / f"map{len(opened)}", size, granularity, **kwargs)  # type: ignore[arg-type]
+    def make(size: int = SIZE, granularity: int = G, **kwargs: Any) -> RegionMap:
+        regions = RegionMap.create(tmp_path / f"map{len(opened)}", size, granularity, **kwargs)
         opened.append(regions)
         return regions
 

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from backend.nbd import constants as c
 from backend.server.exports import Export, ExportTable
@@ -112,9 +113,9 @@ def in_process_servers() -> Iterator[Callable[..., Server]]:
     process; every server started is shut down on leaving."""
     servers: list[Server] = []
 
-    def start(*exports: Export, port: int = 0, **options: object) -> Server:
+    def start(*exports: Export, port: int = 0, **options: Any) -> Server:
         address = [TCPAddress("127.0.0.1", port)]
-        server = Server(ExportTable(list(exports)), tcp=address, **options)  # type: ignore[arg-type]
+        server = Server(ExportTable(list(exports)), tcp=address, **options)
         server.bind()
         server.start()
         servers.append(server)

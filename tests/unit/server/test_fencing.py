@@ -8,11 +8,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from backend.nbd import ExportForbiddenError, ExportUnavailableError
+from backend.nbd import ExportDescription, ExportForbiddenError, ExportUnavailableError
 from backend.nbd.constants import Cmd, Error
 from backend.server import session
 from backend.server.exports import Export
@@ -133,7 +133,7 @@ class MarkingFence(Fence):
         super().__init__("disk", 0, lambda epoch: True)
         self.log = log
 
-    def take(self, epoch: int, on_revoked):  # type: ignore[no-untyped-def]
+    def take(self, epoch: int, on_revoked: Callable[[], None]) -> Pass:
         admitted = super().take(epoch, on_revoked)
         self.log.append(f"taken {epoch}")
         return admitted
@@ -149,27 +149,31 @@ class FencedTable:
         match = re.fullmatch(r"disk;epoch=(\d+)", name)
         return dataclasses.replace(self.export, epoch=int(match[1])) if match else None
 
-    def exports(self) -> list[object]:
+    def exports(self) -> list[ExportDescription]:
         return []
 
     def close(self) -> bool:
         return True
 
 
+StartServer = Callable[..., Server]
+"""``start(inline, size=SIZE)``: a server of one fenced export over a LoggedStorage."""
+
+
 @pytest.fixture
-def fenced_server() -> Iterator[tuple[Server, list[object]]]:
+def fenced_server() -> Iterator[tuple[StartServer, list[object]]]:
     log: list[object] = []
     servers: list[Server] = []
 
     def start(inline: bool, size: int = SIZE) -> Server:
         table = FencedTable(LoggedStorage(log, inline, size), MarkingFence(log))
-        server = Server(table, tcp=[TCPAddress("127.0.0.1", 0)])  # type: ignore[arg-type]
+        server = Server(table, tcp=[TCPAddress("127.0.0.1", 0)])
         server.bind()
         server.start()
         servers.append(server)
         return server
 
-    yield start, log  # type: ignore[misc]
+    yield start, log
     for server in servers:
         server.shutdown(grace=5)
 
@@ -198,8 +202,8 @@ def _hammer(port: int, marker: bytes, replies: list[int], ready: threading.Event
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "pool"])
-def test_no_request_of_the_old_epoch_runs_after_the_take_returned(  # type: ignore[no-untyped-def]
-    fenced_server, inline: bool
+def test_no_request_of_the_old_epoch_runs_after_the_take_returned(
+    fenced_server: tuple[StartServer, list[object]], inline: bool
 ) -> None:
     start, log = fenced_server
     server = start(inline)
@@ -237,8 +241,8 @@ def _replies_until_closed(client: Client) -> None:
         client.reply()
 
 
-def test_a_fenced_out_session_answers_eperm_then_closes(  # type: ignore[no-untyped-def]
-    fenced_server,
+def test_a_fenced_out_session_answers_eperm_then_closes(
+    fenced_server: tuple[StartServer, list[object]],
 ) -> None:
     start, _ = fenced_server
     server = start(True)
@@ -256,8 +260,8 @@ def test_a_fenced_out_session_answers_eperm_then_closes(  # type: ignore[no-unty
     new.close()
 
 
-def test_long_requests_of_a_fenced_out_session_never_touch_the_storage(  # type: ignore[no-untyped-def]
-    fenced_server,
+def test_long_requests_of_a_fenced_out_session_never_touch_the_storage(
+    fenced_server: tuple[StartServer, list[object]],
 ) -> None:
     # Requests over PAYLOAD_PIECE stream through the connection thread piece by piece.
     start, log = fenced_server
@@ -281,8 +285,8 @@ def test_long_requests_of_a_fenced_out_session_never_touch_the_storage(  # type:
         assert new.reply() == (2, 0, bytes(4))
 
 
-def test_a_silent_fenced_out_session_is_closed_after_the_grace(  # type: ignore[no-untyped-def]
-    fenced_server, monkeypatch: pytest.MonkeyPatch
+def test_a_silent_fenced_out_session_is_closed_after_the_grace(
+    fenced_server: tuple[StartServer, list[object]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session, "REVOKED_GRACE", 0.2)
     start, _ = fenced_server

@@ -121,7 +121,7 @@ def test_scrape_adds_closed_and_live_sessions_per_export() -> None:
     assert value(found, "nbs_request_duration_seconds_sum", export="a", op="write") == 230e-6
 
 
-def test_sessions_count_requests_bytes_errors_and_rejections(serve) -> None:  # type: ignore[no-untyped-def]
+def test_sessions_count_requests_bytes_errors_and_rejections(serve: Callable[..., Server]) -> None:
     server = serve(Export("mem", MemoryStorage(SIZE)), Export("bad", FailingStorage(SIZE)))
     client = Client(port_of(server), "mem")
     client.send(request(Cmd.WRITE, 1, 0, 4096) + bytes(4096))
@@ -164,7 +164,7 @@ def test_sessions_count_requests_bytes_errors_and_rejections(serve) -> None:  # 
             assert after[key] == count, key
 
 
-def test_requests_run_on_the_worker_pool_are_timed_too(serve) -> None:  # type: ignore[no-untyped-def]
+def test_requests_run_on_the_worker_pool_are_timed_too(serve: Callable[..., Server]) -> None:
     server = serve(Export("disk", GatedStorage(SIZE)))
     client = Client(port_of(server), "disk")
     client.send(request(Cmd.READ, 1, 0, 512) + request(Cmd.READ, 2, 4096, 6))
@@ -178,7 +178,7 @@ def test_requests_run_on_the_worker_pool_are_timed_too(serve) -> None:  # type: 
     assert value(found, "nbs_request_duration_seconds_sum", export="disk", op="read") > 0
 
 
-def test_endpoint_serves_metrics_over_http(serve) -> None:  # type: ignore[no-untyped-def]
+def test_endpoint_serves_metrics_over_http(serve: Callable[..., Server]) -> None:
     server = serve(Export("disk", MemoryStorage(SIZE)))
     Client(port_of(server), "disk").close()
     endpoint = MetricsEndpoint("127.0.0.1", 0, server.metrics_snapshot)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -30,8 +30,8 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def in_thread(target: object) -> threading.Thread:
-    thread = threading.Thread(target=target, daemon=True)  # type: ignore[arg-type]
+def in_thread(target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
 
@@ -43,7 +43,12 @@ def test_post_returns_while_the_peer_reads_nothing(
     outbox = Outbox(server, budget=64 * MiB)
     first = bytes([1]) * (8 * MiB)  # far more than a socket buffer holds
     second = bytes([2]) * MiB
-    poster = in_thread(lambda: (outbox.post([first], 8 * MiB), outbox.post([second], MiB)))
+
+    def post_both() -> None:
+        outbox.post([first], 8 * MiB)
+        outbox.post([second], MiB)
+
+    poster = in_thread(post_both)
     poster.join(10)
     assert not poster.is_alive(), "a worker blocked on a client that does not read"
     assert recv_exact(client, 9 * MiB) == first + second  # whole replies, in order
@@ -69,7 +74,12 @@ def test_reserve_waits_while_the_budget_is_spent(
     outbox = Outbox(server, budget=2 * MiB)
     outbox.reserve(2 * MiB)
     reserved = threading.Event()
-    waiter = in_thread(lambda: (outbox.reserve(MiB), reserved.set()))
+
+    def reserve_then_say_so() -> None:
+        outbox.reserve(MiB)
+        reserved.set()
+
+    waiter = in_thread(reserve_then_say_so)
     assert not reserved.wait(0.2)  # over budget: the connection thread reads no more
     outbox.post([b"x" * (2 * MiB)], 2 * MiB)
     recv_exact(client, 2 * MiB)  # once the reply is on the wire, the budget is free again

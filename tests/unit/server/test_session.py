@@ -9,7 +9,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -31,12 +31,14 @@ SIZE = 1 << 20
 
 
 @pytest.fixture
-def serve() -> Iterator[object]:
+def serve() -> Iterator[Callable[..., Server]]:
     with in_process_servers() as start:
         yield start
 
 
-def test_replies_leave_out_of_order_when_storage_completes_out_of_order(serve) -> None:  # type: ignore[no-untyped-def]
+def test_replies_leave_out_of_order_when_storage_completes_out_of_order(
+    serve: Callable[..., Server],
+) -> None:
     storage = GatedStorage(SIZE)
     storage.write(4096, b"second")
     server = serve(Export("disk", storage))
@@ -60,7 +62,9 @@ def test_replies_leave_out_of_order_when_storage_completes_out_of_order(serve) -
         (errno.ESTALE, Error.EIO),  # anything the spec has no code for
     ],
 )
-def test_storage_errors_reach_the_client_as_nbd_errors(serve, code: int, wire: int) -> None:  # type: ignore[no-untyped-def]
+def test_storage_errors_reach_the_client_as_nbd_errors(
+    serve: Callable[..., Server], code: int, wire: int
+) -> None:
     server = serve(Export("disk", FailingStorage(SIZE)))
     client = Client(port_of(server), "disk")
     client.send(request(Cmd.WRITE, 7, 0, 1) + bytes([code]))
@@ -70,7 +74,7 @@ def test_storage_errors_reach_the_client_as_nbd_errors(serve, code: int, wire: i
     client.close()
 
 
-def test_shutdown_answers_parsed_requests_and_flushes(serve) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_answers_parsed_requests_and_flushes(serve: Callable[..., Server]) -> None:
     flushed = threading.Event()
 
     class Recording(MemoryStorage):
@@ -87,7 +91,7 @@ def test_shutdown_answers_parsed_requests_and_flushes(serve) -> None:  # type: i
     client.close()
 
 
-def test_connections_are_counted_per_export(serve) -> None:  # type: ignore[no-untyped-def]
+def test_connections_are_counted_per_export(serve: Callable[..., Server]) -> None:
     server = serve(Export("a", MemoryStorage(SIZE)), Export("b", MemoryStorage(SIZE)))
     clients = [Client(port_of(server), "a"), Client(port_of(server), "a")]
     clients.append(Client(port_of(server), "b"))
@@ -97,7 +101,9 @@ def test_connections_are_counted_per_export(serve) -> None:  # type: ignore[no-u
         client.close()
 
 
-def test_finished_session_is_freed_without_the_cycle_collector(serve) -> None:  # type: ignore[no-untyped-def]
+def test_finished_session_is_freed_without_the_cycle_collector(
+    serve: Callable[..., Server],
+) -> None:
     # A session holds payload buffers (MiBs); a reference cycle would keep them until the
     # cycle collector runs, which under load is how RSS grew by hundreds of MiB.
     server = serve(Export("disk", MemoryStorage(8 << 20)))
@@ -136,7 +142,7 @@ class LateFailingStorage(MemoryStorage):
         return super().read(offset, length)
 
 
-def test_long_read_failing_midway_ends_with_an_error_chunk(serve) -> None:  # type: ignore[no-untyped-def]
+def test_long_read_failing_midway_ends_with_an_error_chunk(serve: Callable[..., Server]) -> None:
     server = serve(Export("disk", LateFailingStorage(16 << 20)))
     client = Client(port_of(server), "disk")
     client.send(request(Cmd.READ, 9, 0, 8 << 20))
@@ -150,7 +156,7 @@ def test_long_read_failing_midway_ends_with_an_error_chunk(serve) -> None:  # ty
     client.close()
 
 
-def test_long_simple_read_failing_midway_cuts_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+def test_long_simple_read_failing_midway_cuts_the_connection(serve: Callable[..., Server]) -> None:
     server = serve(Export("disk", LateFailingStorage(16 << 20)))
     client = Client(port_of(server), "disk", structured=False)
     client.send(request(Cmd.READ, 9, 0, 8 << 20))

@@ -11,6 +11,7 @@ import random
 import resource
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -165,14 +166,14 @@ def test_short_object_reads_as_zero_padded() -> None:
 # -- Concurrency -------------------------------------------------------------------------------
 
 
-def _run_threads(count: int, target: object) -> None:
+def _run_threads(count: int, target: Callable[[int], object]) -> None:
     errors: list[BaseException] = []
     barrier = threading.Barrier(count)
 
     def run(index: int) -> None:
         try:
             barrier.wait()
-            target(index)  # type: ignore[operator]
+            target(index)
         except BaseException as err:
             errors.append(err)
 
@@ -345,7 +346,12 @@ def test_faulty_store_hangs_and_counts(directory: DirectoryObjectStore) -> None:
     release = threading.Event()
     store = FaultyObjectStore(directory, hang=release, seed=1)
     done = threading.Event()
-    thread = threading.Thread(target=lambda: (store.put("k", b"v"), done.set()))
+
+    def put_then_say_so() -> None:
+        store.put("k", b"v")
+        done.set()
+
+    thread = threading.Thread(target=put_then_say_so)
     thread.start()
     assert not done.wait(0.05)
     release.set()

@@ -24,9 +24,9 @@ KIB = 1024
 SIZE = 256 * KIB
 
 
-def copies(*seeds: int, size: int = SIZE) -> dict[str, MemoryStorage]:
+def copies(*seeds: int, size: int = SIZE) -> dict[str, Storage]:
     """Copies named a, b, c…, each holding the pattern of its seed."""
-    made = {}
+    made: dict[str, Storage] = {}
     for i, seed in enumerate(seeds):
         storage = MemoryStorage(size)
         storage.write(0, pattern(seed, size))

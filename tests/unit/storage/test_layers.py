@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+from collections.abc import Callable
 
 import pytest
 
@@ -119,12 +120,13 @@ def test_read_only_view_reads_through_and_never_writes_its_borrowed_storage() ->
     assert not caps.can_zero
     assert not caps.can_flush
     assert not caps.can_resize
-    for attempt in (
+    attempts: tuple[Callable[[], object], ...] = (
         lambda: view.write(0, b"x"),
         lambda: view.write_zeroes(0, 10),
         lambda: view.trim(0, 10),
         lambda: view.resize(128 * KIB),
-    ):
+    )
+    for attempt in attempts:
         with pytest.raises(StorageError) as excinfo:
             attempt()
         assert excinfo.value.errno == errno.EPERM

@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import threading
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
@@ -16,7 +17,7 @@ from backend.server.exports import Export
 from backend.server.server import Server
 from backend.storage import MemoryStorage, StorageError
 from backend.storage.base import Capabilities, Request, RequestLostError
-from backend.storage.nbd import NbdStorage, NbdTarget, _LinkDownError
+from backend.storage.nbd import NbdStorage, NbdTarget, _Link, _LinkDownError
 from tests.unit.server.clients import FailingStorage, GatedStorage, in_process_servers, port_of
 from tests.unit.storage.conformance import *  # noqa: F403
 from tests.unit.storage.conformance import StorageFactory, pattern
@@ -269,7 +270,7 @@ def test_submit_sends_one_command_and_declines_what_is_not_one(serve: Serve) -> 
         ]
         assert all(handle is not None and storage.wait(handle, 10) for handle in handles)
         assert storage.read(0, 8192) == b"0" * 4096 + b"1" * 4096
-        storage._links[0].kill(_LinkDownError("test"))  # type: ignore[union-attr]
+        cast(_Link, storage._links[0]).kill(_LinkDownError("test"))
         assert storage.submit(Request("flush")) is None  # no connection: write() reconnects
     finally:
         storage.close()
@@ -313,7 +314,7 @@ def test_a_request_whose_connection_drops_is_lost_and_can_be_done_again(serve: S
         request = Request("write", 0, 5, b"again")
         handle = storage.submit(request)
         assert handle is not None
-        storage._links[0].kill(_LinkDownError("test"))  # type: ignore[union-attr]
+        cast(_Link, storage._links[0]).kill(_LinkDownError("test"))
         with pytest.raises(RequestLostError):
             storage.wait(handle, 10)
         remote.release.set()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from backend.nbd import ExportForbiddenError, ExportUnavailableError, TLSPolicy
+from backend.server.exports import Export
 from backend.server.holders import Holders
 from backend.storage import StorageError
-from backend.volumes.catalogue import SCHEMA_VERSION, Catalogue
+from backend.volumes.catalogue import SCHEMA_VERSION, Catalogue, VolumeRow
 from backend.volumes.exports import ExportName, VolumeExports, parse_export_name
 from backend.volumes.model import CreateRequest
 from backend.volumes.service import VolumeService
@@ -57,11 +60,11 @@ def test_malformed_export_names_are_refused(name: str, error: str) -> None:
 
 
 @pytest.fixture
-def exports(tmp_path: Path) -> VolumeExports:
+def exports(tmp_path: Path) -> Iterator[VolumeExports]:
     service = VolumeService(tmp_path / "data")
     service.create(CreateRequest("v", MiB))
     made = VolumeExports(service, tls=TLSPolicy.ALLOWED)
-    yield made  # type: ignore[misc]
+    yield made
     service.close()
 
 
@@ -93,7 +96,7 @@ def test_taking_an_epoch_persists_it_and_older_ones_are_refused(exports: VolumeE
     assert holder.epoch == 3
     assert holder.writable
     assert not served.read_only
-    assert exports.service.catalogue.volume("v").epoch == 3  # type: ignore[union-attr]
+    assert cast(VolumeRow, exports.service.catalogue.volume("v")).epoch == 3
     with pytest.raises(ExportForbiddenError, match="promised epoch 3: epoch 2 is fenced out"):
         exports.get("v;epoch=2")
     plain = exports.get("v")
@@ -156,7 +159,7 @@ def test_a_snapshot_is_served_read_only_and_shared_as_volume_at_snapshot(
     assert export.fence is None
     assert export.storage.read(0, 6) == b"before"
     assert exports.get("v@s") is not None
-    assert exports.get("v@s").storage is export.storage  # type: ignore[union-attr]
+    assert cast(Export, exports.get("v@s")).storage is export.storage
     holders = Holders()
     _, served = holders.admit("reader", export)
     assert served.read_only

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -153,14 +153,15 @@ def test_user_errors_are_invalid_requests(
     create(engine, "a/b/c")
     if open_it:
         engine.storage("vol")
-    for call, message in (
+    cases: tuple[tuple[Callable[[], object], str], ...] = (
         (lambda: engine.replace_replica("vol", "a", "zz"), "no storage node 'zz' is configured"),
         (lambda: engine.replace_replica("vol", "a", "b"), "storage node b already holds"),
         (lambda: engine.replace_replica("vol", "d", "a"), "storage node a already holds"),
         (lambda: engine.replace_replica("vol", "d", "d"), "storage node d holds no replica"),
         (lambda: engine.add_replica("vol", "a"), "storage node a already holds"),
         (lambda: engine.remove_replica("vol", "d"), "storage node d holds no replica"),
-    ):
+    )
+    for call, message in cases:
         with pytest.raises(InvalidRequestError, match=message):
             call()
     engine.remove_replica("vol", "c")

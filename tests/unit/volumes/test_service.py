@@ -3,12 +3,16 @@ files, on chunks in a directory store, and on chunks under cache and retry layer
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from backend.volumes.catalogue import VolumeRow
 from backend.volumes.model import (
     AlreadyExistsError,
     CreateRequest,
@@ -29,9 +33,9 @@ STORAGES = ["file", "dir:chunk_size=64KiB", "dir:chunk_size=64KiB+cache:size=1Mi
 
 
 @pytest.fixture(params=STORAGES)
-def service(tmp_path: Path, request: pytest.FixtureRequest) -> VolumeService:
+def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[VolumeService]:
     svc = VolumeService(tmp_path / "data", default_storage=parse_storage(request.param))
-    yield svc  # type: ignore[misc]
+    yield svc
     svc.close()
 
 
@@ -205,7 +209,7 @@ def test_gc_rolls_back_a_volume_left_creating_and_orphan_layers(tmp_path: Path) 
     svc.create(CreateRequest("next", MiB))  # the first change collects
     assert svc.catalogue.volume("half") is None
     assert sorted(p.name.split(".")[0] for p in svc.layers.iterdir()) == sorted(
-        [svc.catalogue.volume(n).top for n in ("whole", "next")] * 2  # type: ignore[union-attr]
+        [cast(VolumeRow, svc.catalogue.volume(n)).top for n in ("whole", "next")] * 2
     )
     assert list((data / "creating").iterdir()) == []
     svc.close()
@@ -219,7 +223,7 @@ def test_gc_never_collects_a_volume_whose_creator_is_alive(tmp_path: Path) -> No
     other.create(CreateRequest("x", MiB))
     assert other.gc() == []
     assert creator.gc() == []  # nor its own (an API server's import)
-    assert creator.catalogue.volume("importing").state == "creating"  # type: ignore[union-attr]
+    assert cast(VolumeRow, creator.catalogue.volume("importing")).state == "creating"
     with pytest.raises(AlreadyExistsError):
         other.create(CreateRequest("importing", MiB))
     creator.mark_ready("importing")
@@ -286,12 +290,13 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     """Construction has no side effects, even as ``nbs serve`` builds it (holders, profiles,
     default storage): no mkdir, chmod, lock or gc.  Becoming the server is start_serving()."""
     data = tmp_path / "d"
-    server_args = {
-        "holders": lambda name: (),
-        "profiles": {"chunks": parse_storage("dir:chunk_size=64KiB")},
-        "default_storage": parse_storage("dir:chunk_size=64KiB"),
-    }
-    VolumeService(data, **server_args).close()  # type: ignore[arg-type]
+    as_server = functools.partial(
+        VolumeService,
+        holders=lambda name: (),
+        profiles={"chunks": parse_storage("dir:chunk_size=64KiB")},
+        default_storage=parse_storage("dir:chunk_size=64KiB"),
+    )
+    as_server(data).close()
     assert not data.exists()
 
     crashed = VolumeService(data)
@@ -300,7 +305,7 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     crashed.close()
     os.chmod(data, 0o750)
     before = on_disk(data)
-    svc = VolumeService(data, **server_args)  # type: ignore[arg-type]
+    svc = as_server(data)
     assert on_disk(data) == before
     svc.start_serving()  # now it is the server: the directory is private, leftovers gone
     assert data.stat().st_mode & 0o777 == 0o700
@@ -308,7 +313,7 @@ def test_constructing_a_service_touches_nothing_on_disk(tmp_path: Path) -> None:
     assert not (svc.layers / "deadbeef.data").exists()
 
     before = on_disk(data)
-    second = VolumeService(data, **server_args)  # another server's: refused only when it starts
+    second = as_server(data)  # another server's: refused only when it starts
     assert on_disk(data) == before
     with pytest.raises(ServedElsewhereError):
         second.start_serving()
