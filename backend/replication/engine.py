@@ -368,11 +368,7 @@ class ReplicatedStorage(Storage):
             checkpoint = self._regions.checkpoint([IN_DOUBT], in_flight=in_flight)
             checkpoint.__enter__()
         try:
-            m = self._membership
-            targets = [x for x in m.members if x not in m.out]
-            failures = yield from self._fanning_out(targets, Request("flush"))
-            for member, reason in failures:
-                self._fail_member(member, None, f"flush: {reason}")
+            yield from self._flushing_members()
         except BaseException as err:
             checkpoint.__exit__(type(err), err, err.__traceback__)
             raise
@@ -534,10 +530,6 @@ class ReplicatedStorage(Storage):
                     self._cond.notify_all()
         self._wait_min_insync()
 
-    def _fan_out(self, members: list[str], request: Request) -> list[tuple[str, str]]:
-        """Do ``request`` on every member in parallel; return the failures (member, why)."""
-        return _run_out(self._fanning_out(members, request))
-
     def _fanning_out(
         self, members: list[str], request: Request
     ) -> Generator[None, None, list[tuple[str, str]]]:
@@ -639,9 +631,13 @@ class ReplicatedStorage(Storage):
         return failures
 
     def _fan_out_flush(self) -> None:
+        _run_out(self._flushing_members())
+
+    def _flushing_members(self) -> Generator[None, None, None]:
         m = self._membership
         targets = [x for x in m.members if x not in m.out]
-        for member, reason in self._fan_out(targets, Request("flush")):
+        failures = yield from self._fanning_out(targets, Request("flush"))
+        for member, reason in failures:
             self._fail_member(member, None, f"flush: {reason}")
 
     def _run(

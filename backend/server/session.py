@@ -452,7 +452,7 @@ class Session:
         return self._guarded(request, partial(self._dispatch, storage, request))
 
     def _finish(self, request: Request, finish: Callable[[], None]) -> list[bytes]:
-        """End a write, zero or trim that a storage left under way (MustNotWait)."""
+        """End a write, zero, trim or flush that a storage left under way (MustNotWait)."""
         finish()
         return [self.conn.reply_ok(request.cookie)]
 
