@@ -373,7 +373,7 @@ class ReplicatedStorage(Storage):
             checkpoint.__exit__(type(err), err, err.__traceback__)
             raise
         checkpoint.__exit__(None, None, None)
-        self._wait_min_insync()
+        yield from self._awaiting_min_insync()
 
     def cache(self, offset: int, length: int) -> None:
         self._check_usable()
@@ -509,7 +509,7 @@ class ReplicatedStorage(Storage):
         (``_fanning_out``), and goes on when resumed (on a thread that may)."""
         offset, length = request.offset, request.length
         self._check_usable()
-        self._wait_min_insync()
+        yield from self._awaiting_min_insync()
         with self._ranges.hold(offset, offset + length):
             with self._cond:
                 token = self._next_token
@@ -528,7 +528,7 @@ class ReplicatedStorage(Storage):
                     del self._writes[token]
                     self._written += 1
                     self._cond.notify_all()
-        self._wait_min_insync()
+        yield from self._awaiting_min_insync()
 
     def _fanning_out(
         self, members: list[str], request: Request
@@ -556,6 +556,7 @@ class ReplicatedStorage(Storage):
                     continue
                 child.in_flight += 1
                 targets.append((member, child, child.storage))
+        impatient = not may_wait()
         sent: list[tuple[str, _Child, Storage, object]] = []
         pooled: list[tuple[str, Storage]] = []
         ended: list[_Child] = []
@@ -576,10 +577,11 @@ class ReplicatedStorage(Storage):
         for member, child, storage, handle in sent:
             try:
                 answered = False
-                if not may_wait():
+                if impatient:
                     answered = storage.wait(handle, PATIENCE, keep=True)
                     if not answered:
                         yield  # late: resumed where waiting is fine
+                        impatient = False
                 if not answered and not storage.wait(handle, deadline - time.monotonic()):
                     self._note_error(member, f"no answer within {timeout} s")
                     failures.append((member, f"no answer within {timeout} s"))
@@ -741,8 +743,7 @@ class ReplicatedStorage(Storage):
         return members
 
     def _wait_min_insync(self) -> None:
-        """Wait (``below_min``) for ``min_insync`` members in sync, or fail with EIO.  On a
-        caller that must not wait (``without_waiting``), MustNotWait instead of the wait."""
+        """Wait (``below_min``) for ``min_insync`` members in sync, or fail with EIO."""
         policy = self._policy
         deadline = time.monotonic() + policy.below_min_wait
         with self._cond:
@@ -754,9 +755,19 @@ class ReplicatedStorage(Storage):
                         f"volume {self._volume_id}: {len(self._membership.in_sync)} member(s) "
                         f"in sync, min_insync is {policy.min_insync}",
                     )
-                if not may_wait():
-                    raise MustNotWait
                 self._cond.wait(left)
+
+    def _awaiting_min_insync(self) -> Generator[None, None, None]:
+        """``_wait_min_insync``, after a yield if it would wait on a caller that must not
+        (``without_waiting``): whoever resumes the request waits."""
+        policy = self._policy
+        if (
+            not may_wait()
+            and policy.below_min == "wait"
+            and len(self._membership.in_sync) < policy.min_insync
+        ):
+            yield
+        self._wait_min_insync()
 
     def _fence(self, why: str) -> None:
         """Another engine owns the volume: every request fails with EIO from now on."""

@@ -329,7 +329,7 @@ class Session:
                     try:
                         with without_waiting():
                             replies = self._execute(storage, event)
-                    except MustNotWait as deferred:  # done again, or finished, by a worker
+                    except MustNotWait as deferred:  # finished by a worker
                         self._offload(storage, event, start, deferred.finish)
                         continue
                     pending += replies
@@ -430,10 +430,9 @@ class Session:
             if ticket.epoch >= ticket.fence.epoch:
                 return self._run_request(storage, request)
         except MustNotWait as deferred:
-            if deferred.finish is not None:
-                # Under way on a worker: in flight for the fence until finish() ends.
-                inflight.append(None)
-                deferred.finish = _then(deferred.finish, inflight.pop)
+            # Under way on a worker: in flight for the fence until finish() ends.
+            inflight.append(None)
+            deferred.finish = _then(deferred.finish, inflight.pop)
             raise
         finally:
             inflight.pop()

@@ -9,9 +9,9 @@ Contract (checked for every implementation by tests/unit/storage/conformance.py)
 * ``write(..., fua=True)`` returns only once the data is durable; ``flush()`` returns only once
   every write that completed before it was called is durable.
 * Inside ``without_waiting()`` a storage that would wait (a replicated volume below
-  ``min_insync``, or for a late member) raises :class:`MustNotWait` instead; the caller does
-  the request again, or finishes it, where it may wait.  It is the one other exception a
-  storage may raise.
+  ``min_insync``, or for a late member) raises :class:`MustNotWait` instead; the caller
+  finishes the request where it may wait.  It is the one other exception a storage may
+  raise.
 * A storage is shared by every connection of its export and must be safe to call from several
   threads at once when ``Capabilities.thread_safe`` is true (the server serialises otherwise).
 * Whoever creates a storage closes it; ``close()`` is idempotent and flushes nothing implicitly.
@@ -128,16 +128,11 @@ class Request:
 
 
 class MustNotWait(Exception):  # noqa: N818 (not an error: the request goes on elsewhere)
-    """Raised instead of a wait inside ``without_waiting()``.
+    """Raised instead of a wait inside ``without_waiting()``: the request is under way and
+    must wait (for a late answer, or by policy).  The caller must call ``finish()`` on a
+    thread that may wait; it ends the request: returns, or raises its StorageError."""
 
-    ``finish`` None: the request stopped before a wait by policy (a replicated volume below
-    ``min_insync``); what it did so far, doing it again does the same way (writes, zeroes,
-    trims and flushes are idempotent), so the caller does it again on a thread that may
-    wait.  ``finish`` set: the request is under way and waits for a late answer; the caller
-    must call ``finish()`` (on a thread that may wait), which ends it: returns, or raises
-    its StorageError.  Never both, never neither."""
-
-    def __init__(self, finish: Callable[[], None] | None = None) -> None:
+    def __init__(self, finish: Callable[[], None]) -> None:
         super().__init__()
         self.finish = finish
 

@@ -81,11 +81,13 @@ def test_a_write_waiting_below_min_insync_holds_back_no_read_on_its_connection(
 ) -> None:
     engine = open_engine(ReplicationPolicy(min_insync=2, child_timeout=2.0, below_min_wait=30))
     served = _Threads(engine)
-    for member in ("r1", "r2"):
-        volume.replicas.faults[member].set("error", kinds={"write"})
     with in_process_servers() as serve:
         client = Client(port_of(serve(Export("vol", served))), "vol")
         try:
+            client.send(_write(5, 8 * KIB, 5))  # the next one is the second in a row: inline
+            assert client.reply() == (5, 0, b"")
+            for member in ("r1", "r2"):
+                volume.replicas.faults[member].set("error", kinds={"write"})
             # Fails r1 and r2 (one in sync left, below min_insync 2), then waits for one back.
             client.send(_write(1, 0, 0x41))
             client.sock.settimeout(0.5)
@@ -104,6 +106,7 @@ def test_a_write_waiting_below_min_insync_holds_back_no_read_on_its_connection(
             assert client.reply() == (1, 0, b"")
         finally:
             client.close()
+    assert not served.threads[1].startswith("nbs-io")  # the waiting write started inline
     assert volume.replicas.image("r0")[: 4 * KIB] == b"\x41" * (4 * KIB)
     assert volume.replicas.image("r1")[: 4 * KIB] == b"\x41" * (4 * KIB)
 
