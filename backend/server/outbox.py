@@ -16,22 +16,33 @@ they must never be that caller (docs/decisions/0021-replies-never-block-workers.
 
 Exactly one thread at a time holds the turn to write to the socket, so replies never
 interleave; the lock guards the queue only and is never held across a socket call.
+
+:meth:`Outbox.close` also waits (briefly) until the kernel has delivered what was sent.  A
+session the server stops reading (shutdown) is closed with the client's unread requests still
+in its socket; Linux then resets the connection and drops whatever its send queue still holds,
+so without the wait the last replies (requests that were executed) could never reach the client.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
+import fcntl
 import logging
 import socket
 import ssl
+import termios
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from time import monotonic, sleep
 
 log = logging.getLogger(__name__)
 
 Buffers = Sequence[bytes | bytearray | memoryview]
 MAX_IOV = 512  # buffers per sendmsg, well under every kernel's IOV_MAX (1024 on Linux)
+# Seconds close() waits for the kernel to deliver the replies already sent (see above).
+DELIVERY_TIMEOUT = 2.0
 
 
 class Outbox:
@@ -112,7 +123,8 @@ class Outbox:
             self._release()
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait until everything queued was sent (or sending failed), then stop the writer.
+        """Wait until everything queued was sent (or sending failed), then stop the writer,
+        then wait up to :data:`DELIVERY_TIMEOUT` for the kernel to deliver it.
 
         A client that stopped reading would hold the session (its threads and queued
         replies) forever: after ``timeout`` seconds the link is cut instead."""
@@ -134,6 +146,8 @@ class Outbox:
             writer = self._writer
         if writer is not None:
             writer.join()
+        if self._error is None:
+            _await_delivery(self._sock, DELIVERY_TIMEOUT)
 
     # ------------------------------------------------------------------ workers
 
@@ -269,3 +283,18 @@ def _after(buffers: Buffers, sent: int) -> list[bytes | bytearray | memoryview]:
         rest.append(memoryview(buf)[sent:] if sent else buf)
         sent = 0
     return rest
+
+
+def _await_delivery(sock: socket.socket, timeout: float) -> None:
+    """Wait until ``sock``'s send queue is empty (TCP: acknowledged by the peer), at most
+    ``timeout`` seconds; a socket that is closed or has no such count returns at once."""
+    deadline = monotonic() + timeout
+    unsent = array.array("i", [0])
+    while True:
+        try:
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, unsent)
+        except (OSError, ValueError):
+            return
+        if unsent[0] == 0 or monotonic() >= deadline:
+            return
+        sleep(0.005)

@@ -332,18 +332,22 @@ def test_sigterm_with_requests_in_flight_answers_them_and_does_not_hang(
 
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    poll_error: libnbd.Error | None = None
     deadline = started + 15
     while h.aio_in_flight() > 0:
         assert time.monotonic() < deadline, f"{h.aio_in_flight()} requests never answered"
+        poll_error: libnbd.Error | None = None
         try:
             h.poll(1000)
         except nbd.Error as err:
             poll_error = err
-            break
-    if poll_error is not None:
-        # The server may hang up, but never send something the client cannot match.
-        assert poll_error.errnum in _CONNECTION_GONE, poll_error.string
+        if poll_error is not None:
+            # The server may hang up, but never send something the client cannot match.
+            assert poll_error.errnum in _CONNECTION_GONE, poll_error.string
+            if h.aio_is_dead() or h.aio_is_closed():
+                break  # every request still pending was failed with ENOTCONN
+            # libnbd 1.14's poll reports a bare POLLERR (a reset seen before the kernel marks
+            # the socket closed) as ENOTCONN and retires nothing: polling again reads the
+            # replies already received, then the reset.
 
     outcomes: dict[int, str] = {}
     for cookie in [*writes, *reads]:

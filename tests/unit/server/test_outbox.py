@@ -111,3 +111,42 @@ def test_close_cuts_a_client_that_never_reads(pair: tuple[socket.socket, socket.
     assert not closer.is_alive(), "close() waited forever for a client that does not read"
     with pytest.raises(TimeoutError):
         outbox.send([b"late"])
+
+
+def test_close_waits_until_the_client_took_the_last_replies() -> None:
+    """A session stopped by the server closes with requests it never read in its socket:
+    Linux then resets the connection and drops the unsent rest of its send queue.  close()
+    waits until the client's kernel acknowledged every reply, so none is lost."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    with client, server:
+        client.sendall(b"a request the server never reads")
+        reply = bytes(range(256)) * 1024  # 256 KiB: more than the client's window holds
+        outbox = Outbox(server, budget=64 * MiB)
+        outbox.post([reply], 0)
+        closer = in_thread(outbox.close)
+        # The client reads only after close() was called (and, before the wait existed,
+        # had returned: the socket's close below then reset the connection).
+        closer.join(0.3)
+        received = bytearray()
+        reader = in_thread(lambda: received.extend(_read_until_end(client)))
+        closer.join(10)
+        assert not closer.is_alive()
+        server.close()  # unread input: Linux answers with a reset
+        reader.join(10)
+        assert bytes(received) == reply
+
+
+def _read_until_end(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
