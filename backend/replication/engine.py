@@ -747,24 +747,28 @@ class ReplicatedStorage(Storage):
         policy = self._policy
         deadline = time.monotonic() + policy.below_min_wait
         with self._cond:
-            while len(self._membership.in_sync) < policy.min_insync:
+            while len(self._membership.in_sync) < (needed := self._min_insync()):
                 left = deadline - time.monotonic()
                 if self._fenced or self._closed or policy.below_min == "fail" or left <= 0:
                     raise StorageError(
                         errno.EIO,
                         f"volume {self._volume_id}: {len(self._membership.in_sync)} member(s) "
-                        f"in sync, min_insync is {policy.min_insync}",
+                        f"in sync, min_insync is {needed}",
                     )
                 self._cond.wait(left)
+
+    def _min_insync(self) -> int:
+        """The in-sync members a write needs now (the policy's, or a majority of the
+        members: it moves with them)."""
+        return self._policy.required(len(self._membership.members))
 
     def _awaiting_min_insync(self) -> Generator[None, None, None]:
         """``_wait_min_insync``, after a yield if it would wait on a caller that must not
         (``without_waiting``): whoever resumes the request waits."""
-        policy = self._policy
         if (
             not may_wait()
-            and policy.below_min == "wait"
-            and len(self._membership.in_sync) < policy.min_insync
+            and self._policy.below_min == "wait"
+            and len(self._membership.in_sync) < self._min_insync()
         ):
             yield
         self._wait_min_insync()
@@ -877,7 +881,10 @@ class ReplicatedStorage(Storage):
             current = self._membership
             proposed = change(current)  # TransitionError says what is wrong, in one line
             if leaving is not None:
-                check_min_insync(current, proposed, leaving, self._policy.min_insync)
+                # With the default (a majority) the floor is what writes need before the change.
+                check_min_insync(
+                    current, proposed, leaving, self._policy.required(len(current.members))
+                )
             if joining is not None:
                 plane = missed(joining)
                 if plane not in self._regions.planes:

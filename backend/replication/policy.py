@@ -10,7 +10,9 @@ from typing import Literal
 class ReplicationPolicy:
     """How the engine behaves when members fail.
 
-    ``min_insync``: writes need at least this many in-sync members.  Below it,
+    ``min_insync``: writes need at least this many in-sync members; with ``majority`` the
+    number follows the membership instead: a majority of the members at that moment (the
+    replicated kind's default), so adding or removing replicas moves it.  Below it,
     ``below_min="wait"`` waits up to ``below_min_wait`` seconds for a member to come back
     (resync) and then fails with EIO; ``"fail"`` fails with EIO at once.  Reads go on.
     ``child_timeout``: seconds a member has to answer one request before it is failed.
@@ -18,6 +20,7 @@ class ReplicationPolicy:
     """
 
     min_insync: int = 1
+    majority: bool = False
     below_min: Literal["wait", "fail"] = "wait"
     below_min_wait: float = 30.0
     child_timeout: float = 30.0
@@ -32,3 +35,7 @@ class ReplicationPolicy:
             raise ValueError(
                 "below_min_wait and resync_rate are not negative, child_timeout is positive"
             )
+
+    def required(self, members: int) -> int:
+        """The in-sync members a write needs when the volume has ``members`` members."""
+        return members // 2 + 1 if self.majority else self.min_insync

@@ -230,11 +230,14 @@ def _node_list(value: str) -> str:
 
 def _replicated_backend(params: Params, site: Site) -> Backend[Any]:
     nodes = str(params["nodes"]).split("/")  # checked against the config by create
-    min_insync = min_insync_of(nodes, params["min_insync"])
+    # Without min_insync a write needs a majority of the members as they are at that moment:
+    # `nodes=` names where create made the replicas, not the members after replica changes.
+    min_insync = min_insync_of(len(nodes), params["min_insync"])
     if min_insync > len(nodes):
         raise InvalidRequestError(f"min_insync={min_insync} is more than the {len(nodes)} nodes")
     policy = ReplicationPolicy(
         min_insync=min_insync,
+        majority=params["min_insync"] is None,
         below_min=params["below_min"],
         below_min_wait=float(params["wait"]),
         child_timeout=float(params["timeout"]),
@@ -361,14 +364,14 @@ KINDS: dict[str, StorageKind] = {
     "replicated": StorageKind(
         "N replica volumes on the storage nodes of the config (`nodes:`), one per node, kept"
         " identical by this server's engine; snapshots are taken on every replica at one point;"
-        " resizing is not built yet"
-        " (see [replication.md](replication.md#replicated-volumes))",
+        " a resize grows every replica, also while attached, and shrinking is refused"
+        " (see [replication.md](replication.md#growing-a-replicated-volume))",
         {
             "nodes": Option(
                 Values(_node_list, "node names from `nodes:` joined by `/`, e.g. `a/b/c`"),
                 required=True,
             ),
-            "min_insync": Option(count(1, 16), shown_default="a majority of the nodes"),
+            "min_insync": Option(count(1, 16), shown_default="a majority of the replicas"),
             "below_min": Option(choice("wait", "fail"), default="wait"),
             "wait": Option(seconds(0, MAX_WAIT), default=30.0),
             "timeout": Option(seconds(0, MAX_TIMEOUT, zero=False), default=10.0),

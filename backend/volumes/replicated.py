@@ -140,18 +140,19 @@ class NoNodes:
 LEFTOVER = "left the volume, not deleted yet: `nbs volume gc` retries"
 
 
-def min_insync_of(nodes: Sequence[str], given: int | None) -> int:
-    """The ``min_insync`` option, or its default: a majority of the nodes."""
-    return given or len(nodes) // 2 + 1
+def min_insync_of(members: int, given: int | None) -> int:
+    """The ``min_insync`` option, or its default: a majority of the ``members`` members."""
+    return given or members // 2 + 1
 
 
 def replication_info(
-    catalogue: Catalogue, layer: str, min_insync: int, engine: ReplicatedStorage | None
+    catalogue: Catalogue, layer: str, min_insync: int | None, engine: ReplicatedStorage | None
 ) -> ReplicationInfo | None:
     """What ``nbs volume info`` shows: the live engine's view if it is open, else the
     catalogue's committed membership (None if the volume has none yet: being created).
     Replicas that left the membership but could not be deleted yet follow, as ``leftover``
-    (``nbs volume gc`` retries them)."""
+    (``nbs volume gc`` retries them).  ``min_insync``: the option (None: a majority of the
+    members)."""
     names = {r.node: r.volume for r in catalogue.replicas(layer)}
     membership = catalogue.membership(layer)
     leftovers = tuple(
@@ -164,7 +165,7 @@ def replication_info(
         return ReplicationInfo(
             epoch=status.epoch,
             generation=status.generation,
-            min_insync=min_insync,
+            min_insync=min_insync_of(len(status.members), min_insync),
             live=True,
             replicas=tuple(
                 ReplicaInfo(
@@ -185,7 +186,7 @@ def replication_info(
     return ReplicationInfo(
         epoch=membership.epoch,
         generation=membership.generation,
-        min_insync=min_insync,
+        min_insync=min_insync_of(len(membership.members), min_insync),
         live=False,
         replicas=tuple(
             ReplicaInfo(node=m, volume=names.get(m, ""), state=membership.state(m))
@@ -401,7 +402,8 @@ class ReplicatedBackend(Backend[ReplicatedVolumeStorage]):
         if node not in current.members:
             raise InvalidRequestError(f"storage node {node} holds no replica of this volume")
         try:
-            check_min_insync(current, change(current), node, self.policy.min_insync)
+            needed = self.policy.required(len(current.members))  # what writes need before it
+            check_min_insync(current, change(current), node, needed)
         except TransitionError as err:
             raise InvalidRequestError(str(err)) from None
 

@@ -68,7 +68,6 @@ from backend.volumes.model import (
 from backend.volumes.replicated import (
     ReplicatedBackend,
     StorageNodes,
-    min_insync_of,
     replication_info,
 )
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
@@ -338,11 +337,10 @@ class VolumeService:
         if row.storage.kind != "replicated":
             return None
         params = KINDS["replicated"].resolved(dict(row.storage.params))
-        min_insync = min_insync_of(str(params["nodes"]).split("/"), params["min_insync"])
         with self._lock:
             opened = self._open.get(row.name)
         engine = opened.base if opened is not None else None
-        return replication_info(self.catalogue, row.top, min_insync, engine)
+        return replication_info(self.catalogue, row.top, params["min_insync"], engine)
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
         """Volumes other than ``owner`` whose chain contains ``layer`` (its clones)."""

@@ -6,6 +6,7 @@ them killed: tests/integration/test_replicated_volumes.py.)"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from backend.replication.supervisor import ResyncSupervisor
+from backend.storage import StorageError
 from backend.volumes.model import CreateRequest, InvalidRequestError
 from backend.volumes.service import VolumeService
 from tests.unit.volumes.nodes import InProcessNodes
@@ -168,3 +170,57 @@ def test_user_errors_are_invalid_requests(
     with pytest.raises(InvalidRequestError, match="fewer than min_insync=2"):
         engine.remove_replica("vol", "b")
     assert nodes.replicas("d") == []  # nothing made for a refused change
+
+
+def _min_insync(service: VolumeService) -> int:
+    info = service.info("vol").replication
+    assert info is not None
+    return info.min_insync
+
+
+def test_the_default_min_insync_follows_removed_replicas(
+    engine: VolumeService, nodes: InProcessNodes
+) -> None:
+    """Without ``min_insync`` a write needs a majority of the members as they are now, not
+    of the ``nodes=`` create put replicas on: a volume shrunk from four replicas to three
+    keeps serving writes with one of the three down."""
+    create(engine, "a/b/c/d", ",below_min=fail")
+    assert _min_insync(engine) == 3
+    storage = engine.storage("vol")
+    engine.remove_replica("vol", "d")
+    assert _min_insync(engine) == 2
+    nodes.stop("c")
+    for i in range(3):  # the first write finds c failing, the next ones find it out
+        storage.write(i * 4096, b"w" * 4096)
+    storage.flush()
+    info = engine.info("vol").replication
+    assert info is not None
+    assert [(r.node, r.state) for r in info.replicas] == [
+        ("a", "in_sync"),
+        ("b", "in_sync"),
+        ("c", "out"),
+    ]
+
+
+def test_the_default_min_insync_follows_added_replicas(
+    engine: VolumeService, nodes: InProcessNodes
+) -> None:
+    """Grown from two replicas to four, a volume needs three in sync for a write: two out of
+    four is no majority, and acknowledging with two would leave fewer copies than the
+    default promises."""
+    create(engine, "a/b", ",below_min=fail")
+    assert _min_insync(engine) == 2
+    storage = engine.storage("vol")
+    with supervised(engine):
+        engine.add_replica("vol", "c")
+        engine.add_replica("vol", "d")
+        wait_in_sync(engine, ["a", "b", "c", "d"])
+    assert _min_insync(engine) == 3
+    nodes.stop("c")
+    nodes.stop("d")
+    with contextlib.suppress(StorageError):
+        storage.write(0, b"w" * 4096)  # finds c and d failing: they go out
+    with pytest.raises(StorageError) as failed:
+        storage.write(4096, b"w" * 4096)
+    assert failed.value.errno == errno.EIO
+    assert "min_insync is 3" in str(failed.value)
