@@ -17,13 +17,20 @@ import errno
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from backend.config import NodeConfig
 from backend.storage.base import StorageError
 from backend.storage.nbd import NbdTarget
 from backend.volumes.catalogue import Catalogue
-from backend.volumes.model import InvalidRequestError
-from backend.volumes.replicated import NodeVolumes
+from backend.volumes.model import InvalidRequestError, VolumeError
+from backend.volumes.replicated import NodeProbe, NodeVolumes
+
+if TYPE_CHECKING:
+    from backend.api.client import RemoteVolumes
+
+# Seconds a node's API has to answer `nbs node list`'s status request.
+PROBE_TIMEOUT = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,23 @@ class ConfiguredNodes:
 
     @contextmanager
     def volumes(self, node: str) -> Iterator[NodeVolumes]:
+        with self._client(node) as client:
+            yield client
+
+    def probe(self, node: str) -> NodeProbe:
+        config = self._node(node)
+        try:
+            with self._client(node) as client:
+                status = client.status(timeout=PROBE_TIMEOUT)
+        except VolumeError as err:  # no answer, a refused token, a bad answer
+            return NodeProbe(config.api, config.nbd, reachable=False, error=str(err))
+        version = status.get("version")
+        return NodeProbe(
+            config.api, config.nbd, reachable=True, version=str(version) if version else None
+        )
+
+    @contextmanager
+    def _client(self, node: str) -> Iterator[RemoteVolumes]:
         from backend.api.client import RemoteVolumes, read_token  # noqa: PLC0415 - httpx
         from backend.api.errors import UnauthorizedError  # noqa: PLC0415
 

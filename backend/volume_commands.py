@@ -1,4 +1,5 @@
-"""``nbs volume …`` and ``nbs snapshot …``: managing the volume catalogue.
+"""``nbs volume …``, ``nbs snapshot …`` and ``nbs node …``: managing the volume catalogue
+and seeing the storage nodes its replicated volumes use.
 
 Every command acts on the data directory (``--data-dir``, config ``data_dir``, default as in
 backend.volumes.datadir.default_data_dir) in this process, or, when a server runs there or
@@ -21,6 +22,7 @@ from backend.volumes.model import (
     CreateRequest,
     ImportRequest,
     InvalidRequestError,
+    NodeInfo,
     SnapshotInfo,
     VolumeError,
     VolumeInfo,
@@ -248,6 +250,18 @@ def add_commands(sub: Any) -> None:
         help="copy the snapshot's data into clones that depend on it first",
     )
     sdelete.set_defaults(func=cmd_snapshot_delete)
+
+    node = sub.add_parser("node", help="the storage nodes replicated volumes use")
+    nsub = _Leaves(node.add_subparsers(dest="node_command", required=True, metavar="COMMAND"))
+    nlist = nsub.add_parser(
+        "list", help="each storage node: reachable or not, and the replicas it holds"
+    )
+    nlist.add_argument("--json", action="store_true")
+    nlist.set_defaults(func=cmd_node_list)
+    ninfo = nsub.add_parser("info", help="one storage node and every replica it holds")
+    ninfo.add_argument("name")
+    ninfo.add_argument("--json", action="store_true")
+    ninfo.set_defaults(func=cmd_node_info)
 
 
 def _service(args: argparse.Namespace) -> VolumeOperations:
@@ -505,6 +519,70 @@ def cmd_snapshot_delete(args: argparse.Namespace) -> int:
         progress=ProgressBar(f"flattening clones of {args.name}"),
     )
     print(f"deleted snapshot {args.name}")
+    return 0
+
+
+def _node_state(node: NodeInfo) -> str:
+    if not node.configured:
+        return "removed"
+    return "up" if node.reachable else "down"
+
+
+def _in_sync(node: NodeInfo) -> int:
+    return sum(r.state == "in_sync" for r in node.replicas)
+
+
+def cmd_node_list(args: argparse.Namespace) -> int:
+    nodes = _service(args).nodes()
+    if args.json:
+        print(json.dumps([n.to_json() for n in nodes], indent=2))
+        return 0
+    if not nodes:
+        print("no storage nodes (the config's nodes: names them)")
+        return 0
+    print_table(
+        ["NAME", "STATE", "REPLICAS", "IN-SYNC", "VERSION", "API", "NBD"],
+        [
+            [
+                n.name,
+                _node_state(n),
+                str(len(n.replicas)),
+                str(_in_sync(n)),
+                n.version or "-",
+                n.api or "-",
+                n.nbd or "-",
+            ]
+            for n in nodes
+        ],
+    )
+    for n in nodes:
+        if n.error:
+            print(f"{n.name}: {n.error}")
+    return 0
+
+
+def cmd_node_info(args: argparse.Namespace) -> int:
+    node = _service(args).node(args.name)
+    if args.json:
+        print(json.dumps(node.to_json(), indent=2))
+        return 0
+    state = _node_state(node) + (f" (nbs {node.version})" if node.version else "")
+    rows = [
+        ("name", node.name),
+        ("state", state),
+        ("api", node.api or "-"),
+        ("nbd", node.nbd or "-"),
+        *((("error", node.error),) if node.error else ()),
+        ("replicas", f"{len(node.replicas)} ({_in_sync(node)} in sync)"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<13}{value}")
+    if node.replicas:
+        print()
+        print_table(
+            ["VOLUME", "REPLICA", "STATE"],
+            [[r.volume, r.replica, r.state.replace("_", "-")] for r in node.replicas],
+        )
     return 0
 
 

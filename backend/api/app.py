@@ -40,6 +40,7 @@ from backend.volumes.model import (
     NAME_RULE,
     CreateRequest,
     ImportRequest,
+    NodeInfo,
     SnapshotInfo,
     VolumeError,
     VolumeInfo,
@@ -213,6 +214,36 @@ class SnapshotOut(BaseModel):
 
     @classmethod
     def of(cls, info: SnapshotInfo) -> SnapshotOut:
+        return cls(**info.to_json())
+
+
+class NodeReplicaOut(BaseModel):
+    """Mirrors backend.volumes.model.NodeReplica."""
+
+    volume: str = Field(description="the replicated volume, by its name on this server")
+    replica: str = Field(description="the replica volume's name on the node")
+    state: str = Field(description="in_sync, resyncing, out, or leftover")
+
+
+class NodeOut(BaseModel):
+    """Mirrors backend.volumes.model.NodeInfo."""
+
+    name: str
+    configured: bool = Field(
+        description="false: the config no longer names it (a reload removed it) but replicas"
+        " of this server's volumes are still recorded there"
+    )
+    api: str = Field(description="its management API URL")
+    nbd: str = Field(description="its NBD listener URI")
+    reachable: bool = Field(description="its API answered a status request just now")
+    version: str | None = Field(description="the nbs version it reported")
+    error: str | None = Field(description="why it did not answer")
+    replicas: list[NodeReplicaOut] = Field(
+        description="the replicas it holds for this server's volumes"
+    )
+
+    @classmethod
+    def of(cls, info: NodeInfo) -> NodeOut:
         return cls(**info.to_json())
 
 
@@ -586,6 +617,17 @@ def create_app(
         may be dead), resynced in the background; the old one is deleted, or left for
         ``POST /v1/gc`` if its node does not answer (shown as ``leftover``)."""
         return VolumeOut.of(service.replace_replica(name, node, body.node))
+
+    @app.get("/v1/nodes", tags=["nodes"])
+    def list_nodes() -> list[NodeOut]:
+        """The storage nodes of this server's config, each asked for its status (a few
+        seconds at most), with the replicas it holds; then nodes the config no longer names
+        that still hold replicas."""
+        return [NodeOut.of(info) for info in service.nodes()]
+
+    @app.get("/v1/nodes/{name}", tags=["nodes"], responses=_errors(404))
+    def get_node(name: str) -> NodeOut:
+        return NodeOut.of(service.node(name))
 
     @app.post("/v1/gc", tags=["volumes"])
     def gc() -> GcOut:

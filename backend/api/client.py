@@ -30,6 +30,8 @@ from backend.volumes.model import (
     Holder,
     ImportRequest,
     InvalidRequestError,
+    NodeInfo,
+    NodeReplica,
     ReplicaInfo,
     ReplicationInfo,
     SnapshotInfo,
@@ -63,6 +65,11 @@ def _volume(data: dict[str, Any]) -> VolumeInfo:
             "replication": replication,
         }
     )
+
+
+def _node(data: dict[str, Any]) -> NodeInfo:
+    replicas = tuple(NodeReplica(**r) for r in data["replicas"])
+    return NodeInfo(**{**data, "replicas": replicas})
 
 
 def _snapshot(data: dict[str, Any]) -> SnapshotInfo:
@@ -168,6 +175,13 @@ class RemoteVolumes:
 
     # ------------------------------------------------------------------ queries
 
+    def status(self, timeout: float = 300.0) -> dict[str, Any]:
+        """The server's ``GET /v1/status``: version, uptime, connections, listeners."""
+        answer = self._call("GET", "/status", timeout=httpx.Timeout(timeout))
+        if not isinstance(answer, dict):
+            raise VolumeError(f"the NBS API at {self.url} sent a bad status")
+        return answer
+
     def list(self) -> list[VolumeInfo]:
         return [_volume(v) for v in self._call("GET", "/volumes")]
 
@@ -202,6 +216,12 @@ class RemoteVolumes:
     def replace_replica(self, name: str, old: str, new: str) -> VolumeInfo:
         path = f"{_volume_path(name)}/replicas/{quote(old, safe='')}/replace"
         return _volume(self._call("POST", path, body={"node": new}))
+
+    def nodes(self) -> builtins.list[NodeInfo]:
+        return [_node(n) for n in self._call("GET", "/nodes")]
+
+    def node(self, name: str) -> NodeInfo:
+        return _node(self._call("GET", f"/nodes/{quote(name, safe='')}"))
 
     def snapshot(self, volume: str, name: str) -> SnapshotInfo:
         path = f"{_volume_path(volume)}/snapshots"

@@ -187,6 +187,36 @@ class VolumeInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeReplica:
+    """A replica a storage node holds for this catalogue, as ``nbs node info`` shows it."""
+
+    volume: str  # the replicated volume, by its name here
+    replica: str  # the replica volume's name on the node
+    state: str  # in_sync, resyncing, out or leftover (as in ReplicaInfo)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """A storage node (``nodes:`` of the config), as ``nbs node list`` shows it.
+
+    ``configured`` is false for a node the config no longer names (a reload removed it)
+    whose replicas the catalogue still records: it is never contacted again, and the
+    replicas there are to be replaced."""
+
+    name: str
+    configured: bool
+    api: str  # its management API URL ("" if not configured)
+    nbd: str  # its NBD listener URI ("" if not configured)
+    reachable: bool  # its API answered just now
+    version: str | None  # the nbs version it reported, if it answered
+    error: str | None  # why it did not answer
+    replicas: tuple[NodeReplica, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class CreateRequest:
     """A new volume as asked for: the parameters of ``create`` (and, inside
     :class:`ImportRequest`, of ``import_image``).

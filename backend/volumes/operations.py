@@ -15,7 +15,13 @@ import builtins
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from backend.volumes.model import CreateRequest, ImportRequest, SnapshotInfo, VolumeInfo
+from backend.volumes.model import (
+    CreateRequest,
+    ImportRequest,
+    NodeInfo,
+    SnapshotInfo,
+    VolumeInfo,
+)
 
 if TYPE_CHECKING:
     from backend.volumes.service import Progress
@@ -65,6 +71,10 @@ class VolumeOperations(Protocol):
     def remove_replica(self, name: str, node: str) -> VolumeInfo: ...
 
     def replace_replica(self, name: str, old: str, new: str) -> VolumeInfo: ...
+
+    def nodes(self) -> builtins.list[NodeInfo]: ...
+
+    def node(self, name: str) -> NodeInfo: ...
 
     def import_image(
         self, request: ImportRequest, *, progress: Progress | None = None

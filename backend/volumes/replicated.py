@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import errno
 import os
 import sqlite3
@@ -109,10 +110,26 @@ class NodeVolumes(Protocol):
     ) -> VolumeInfo: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeProbe:
+    """Where a storage node is, and whether its API answered a status request just now."""
+
+    api: str
+    nbd: str
+    reachable: bool
+    version: str | None = None
+    error: str | None = None
+
+
 class StorageNodes(Protocol):
     """The storage nodes of the config (``nodes:``), as the composition layer wires them."""
 
     def names(self) -> Sequence[str]: ...
+
+    def probe(self, node: str) -> NodeProbe:
+        """Ask ``node``'s API for its status, within a few seconds; never raises for a node
+        that does not answer (``reachable`` is false and ``error`` says why).
+        InvalidRequestError if ``node`` is not configured."""
 
     def volumes(self, node: str) -> AbstractContextManager[NodeVolumes]:
         """A client of ``node``'s management API (closed when the block ends)."""
@@ -127,6 +144,9 @@ class NoNodes:
 
     def names(self) -> Sequence[str]:
         return ()
+
+    def probe(self, node: str) -> NodeProbe:
+        raise InvalidRequestError(f"no storage node {node!r} is configured")
 
     def volumes(self, node: str) -> AbstractContextManager[NodeVolumes]:
         raise InvalidRequestError(f"no storage node {node!r} is configured")

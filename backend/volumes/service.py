@@ -37,6 +37,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic
 
@@ -55,6 +56,8 @@ from backend.volumes.model import (
     Holder,
     InUseError,
     InvalidRequestError,
+    NodeInfo,
+    NodeReplica,
     NotFoundError,
     ReplicationInfo,
     SnapshotInfo,
@@ -66,6 +69,7 @@ from backend.volumes.model import (
     parse_size,
 )
 from backend.volumes.replicated import (
+    NodeProbe,
     ReplicatedBackend,
     StorageNodes,
     replication_info,
@@ -372,6 +376,46 @@ class VolumeService:
             )
             for s in self.catalogue.snapshots(volume)
         ]
+
+    def nodes(self) -> builtins.list[NodeInfo]:
+        """The storage nodes: each of the config's, with its status (asked of all at once,
+        each within a few seconds), then any the config no longer names that the catalogue
+        still records replicas on.  Each with the replicas it holds for this catalogue."""
+        directory = self.backends.nodes
+        names = builtins.list(directory.names())
+        held = self._replicas_by_node()
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(names)))) as pool:
+            probes = builtins.list(pool.map(directory.probe, names))
+        found = [
+            _node_info(name, probe, held.pop(name, ()))
+            for name, probe in zip(names, probes, strict=True)
+        ]
+        return found + [_unconfigured(name, held[name]) for name in sorted(held)]
+
+    def node(self, name: str) -> NodeInfo:
+        """One storage node as :meth:`nodes` shows it; NotFoundError if neither the config
+        names it nor the catalogue records a replica on it."""
+        directory = self.backends.nodes
+        held = self._replicas_by_node()
+        if name in directory.names():
+            return _node_info(name, directory.probe(name), held.get(name, ()))
+        if name in held:
+            return _unconfigured(name, held[name])
+        raise NotFoundError(f"no storage node {name!r} is configured")
+
+    def _replicas_by_node(self) -> dict[str, builtins.list[NodeReplica]]:
+        """The replicas of this catalogue's volumes, by node (live states where an engine has
+        the volume open, else the catalogue's)."""
+        held: dict[str, builtins.list[NodeReplica]] = {}
+        for row in self.catalogue.volumes():
+            replication = self._replication(row)
+            if replication is None:
+                continue
+            for replica in replication.replicas:
+                held.setdefault(replica.node, []).append(
+                    NodeReplica(row.name, replica.volume, replica.state)
+                )
+        return held
 
     def generation(self) -> int:
         return self.catalogue.generation()
@@ -883,3 +927,29 @@ def _wrap(base: Storage, spec: StorageSpec) -> Storage:
         kind = LAYERS[layer.kind]
         storage = kind.wrap(storage, kind.resolved(dict(layer.params)))
     return storage
+
+
+def _node_info(name: str, probe: NodeProbe, replicas: Sequence[NodeReplica]) -> NodeInfo:
+    return NodeInfo(
+        name=name,
+        configured=True,
+        api=probe.api,
+        nbd=probe.nbd,
+        reachable=probe.reachable,
+        version=probe.version,
+        error=probe.error,
+        replicas=tuple(replicas),
+    )
+
+
+def _unconfigured(name: str, replicas: Sequence[NodeReplica]) -> NodeInfo:
+    return NodeInfo(
+        name=name,
+        configured=False,
+        api="",
+        nbd="",
+        reachable=False,
+        version=None,
+        error="not in the config's nodes: (removed by a reload?); replace its replicas",
+        replicas=tuple(replicas),
+    )

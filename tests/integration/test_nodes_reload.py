@@ -4,6 +4,7 @@ is rewritten and the engine signalled, as an operator would."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def test_a_node_added_by_sighup_takes_a_replica_that_resyncs(
         assert replicas_on(nodes[0]) == [name]
         shown = engine.info("vol")["replication"]["replicas"]
         assert [(r["node"], r["state"]) for r in shown][-1] == ("node0", "leftover")
+        # `nbs node list`: the configured nodes, then node0, no longer configured, holding
+        # the leftover.
+        listed = json.loads(engine.nbs("node", "list", "--json").stdout)
+        assert [(n["name"], n["configured"]) for n in listed] == [
+            ("node1", True),
+            ("node2", True),
+            ("node0", False),
+        ]
+        assert listed[2]["replicas"] == [{"volume": "vol", "replica": name, "state": "leftover"}]
+        assert "not in the config's nodes:" in listed[2]["error"]
         engine.wait_in_sync(name, {nodes[1].name, nodes[2].name})
         data = nodes[2].volume_bytes(name)
         assert data == nodes[1].volume_bytes(name)

@@ -527,3 +527,52 @@ def test_export_of_the_live_volume_leaves_its_engine_serving(
     written = b"\x52" * (64 << 10) + b"\x51" * (64 << 10)
     for node in nodes[1:]:
         assert node.volume_bytes(name)[: 128 << 10] == written, node.name
+
+
+def test_node_list_shows_each_node_and_the_replicas_it_holds(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """`nbs node list|info`: through the engine's API, then (engine stopped) from the data
+    directory with --config; each node up, or down with one line why, with the replicas it
+    holds and their states."""
+    engine, nodes = cluster
+    name = create_replicated(engine, "vol", nodes)
+    nodes[2].kill()
+    done = qemu_io(engine.uri("vol"), "write -P 0x61 0 64k", "flush")  # node2's replica: out
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(engine.nbs("node", "list", "--json").stdout)
+    assert [n["name"] for n in listed] == [n.name for n in nodes]
+    up, down = listed[0], listed[2]
+    assert (up["configured"], up["reachable"], up["error"]) == (True, True, None)
+    assert up["version"]
+    assert up["api"] == nodes[0].api_url
+    assert up["nbd"] == f"nbd://127.0.0.1:{nodes[0].nbd_port}"
+    assert up["replicas"] == [{"volume": "vol", "replica": name, "state": "in_sync"}]
+    assert (down["configured"], down["reachable"]) == (True, False)
+    assert "cannot reach the NBS API" in down["error"]
+    assert down["replicas"] == [{"volume": "vol", "replica": name, "state": "out"}]
+
+    table = engine.nbs("node", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATE", "REPLICAS", "IN-SYNC", "VERSION", "API", "NBD"]
+    assert [row.split()[:4] for row in table[1:4]] == [
+        [nodes[0].name, "up", "1", "1"],
+        [nodes[1].name, "up", "1", "1"],
+        [nodes[2].name, "down", "1", "0"],
+    ]
+    assert table[4].startswith(f"{nodes[2].name}: cannot reach the NBS API")
+    assert len(table) == 5
+    shown = engine.nbs("node", "info", nodes[2].name).stdout
+    assert re.search(r"^state:\s+down$", shown, re.M), shown
+    assert re.search(rf"^vol\s+{name}\s+out$", shown, re.M), shown
+    missing = engine.nbs("node", "info", "zz", check=False)
+    assert missing.returncode == 1, missing
+    assert missing.stderr == "nbs: error: no storage node 'zz' is configured\n"
+
+    engine.stop()  # the data directory's own view, nodes from --config
+    local = json.loads(engine.nbs("node", "list", "--json", "--config", str(engine.config)).stdout)
+    assert [(n["name"], n["reachable"]) for n in local] == [
+        (nodes[0].name, True),
+        (nodes[1].name, True),
+        (nodes[2].name, False),
+    ]
+    assert local[2]["replicas"] == [{"volume": "vol", "replica": name, "state": "out"}]

@@ -115,6 +115,29 @@ def test_a_changed_token_is_used_from_the_next_operation(api_url: str) -> None:
         api.delete("v1")
 
 
+def test_probe_says_whether_a_node_answers_and_why_not(api_url: str) -> None:
+    nodes = ConfiguredNodes(
+        {
+            "up": node(1, token="right", api=api_url),
+            "wrong-token": node(2, token="wrong", api=api_url),
+            "down": node(3),  # nothing listens on port 1
+        }
+    )
+    up = nodes.probe("up")
+    assert (up.reachable, up.error, up.api, up.nbd) == (True, None, api_url, "nbd://127.0.0.1:1")
+    assert up.version
+    refused = nodes.probe("wrong-token")
+    assert not refused.reachable
+    assert refused.error is not None
+    assert "nodes.wrong-token in the config" in refused.error
+    down = nodes.probe("down")
+    assert not down.reachable
+    assert down.error is not None
+    assert down.error.startswith("cannot reach the NBS API at http://127.0.0.1:1")
+    with pytest.raises(InvalidRequestError, match="no storage node 'zz' is configured"):
+        nodes.probe("zz")
+
+
 def test_volumes_on_nodes_names_the_volumes_whose_members_live_on_the_nodes(
     tmp_path: Path,
 ) -> None:

@@ -19,6 +19,8 @@ EXPECTED = {
     ("POST", "/v1/volumes/{name}/replicas"),
     ("DELETE", "/v1/volumes/{name}/replicas/{node}"),
     ("POST", "/v1/volumes/{name}/replicas/{node}/replace"),
+    ("GET", "/v1/nodes"),
+    ("GET", "/v1/nodes/{name}"),
     ("POST", "/v1/gc"),
     ("GET", "/v1/exports"),
     ("GET", "/v1/status"),

@@ -13,7 +13,7 @@ from backend.nbd import TLSPolicy
 from backend.server.server import Server, TCPAddress
 from backend.storage.nbd import NbdTarget
 from backend.volumes.exports import VolumeExports
-from backend.volumes.replicated import NodeVolumes
+from backend.volumes.replicated import NodeProbe, NodeVolumes
 from backend.volumes.service import VolumeService
 from tests.unit.server.clients import port_of
 
@@ -25,6 +25,7 @@ class InProcessNodes:
         self.services: dict[str, VolumeService] = {}
         self.servers: dict[str, Server] = {}
         self.ports: dict[str, int] = {}
+        self.stopped: set[str] = set()
         for name in names:
             service = VolumeService(directory / name)
             service.start_serving()
@@ -44,6 +45,13 @@ class InProcessNodes:
     def volumes(self, node: str) -> Iterator[NodeVolumes]:
         yield self.services[node]
 
+    def probe(self, node: str) -> NodeProbe:
+        # The "API" is the VolumeService, always there: a node is up until stop().
+        uri = f"nbd://127.0.0.1:{self.ports[node]}"
+        if node in self.stopped:
+            return NodeProbe("in-process", uri, reachable=False, error="stopped")
+        return NodeProbe("in-process", uri, reachable=True, version="in-process")
+
     def target(self, node: str, export: str) -> NbdTarget:
         # Its port, known also after stop(): a stopped node refuses connections.
         uri = f"nbd://127.0.0.1:{self.ports[node]}/"
@@ -52,6 +60,7 @@ class InProcessNodes:
     def stop(self, node: str) -> None:
         """The node's NBD server goes away (its connections are cut)."""
         self.servers[node].shutdown(grace=1)
+        self.stopped.add(node)
 
     def replicas(self, node: str) -> list[str]:
         return [v.name for v in self.services[node].list() if v.name.startswith("r-")]

@@ -16,7 +16,7 @@ import pytest
 
 from backend.replication.supervisor import ResyncSupervisor
 from backend.storage import StorageError
-from backend.volumes.model import CreateRequest, InvalidRequestError
+from backend.volumes.model import CreateRequest, InvalidRequestError, NodeReplica, NotFoundError
 from backend.volumes.service import VolumeService
 from tests.unit.volumes.nodes import InProcessNodes
 
@@ -224,3 +224,22 @@ def test_the_default_min_insync_follows_added_replicas(
         storage.write(4096, b"w" * 4096)
     assert failed.value.errno == errno.EIO
     assert "min_insync is 3" in str(failed.value)
+
+
+def test_nodes_show_the_replicas_each_holds(engine: VolumeService, nodes: InProcessNodes) -> None:
+    """`nbs node list|info`: every configured node, whether it answers, and the replicas it
+    holds with their live states."""
+    name = create(engine, "a/b/c", ",below_min=fail")
+    nodes.stop("c")
+    engine.storage("vol").write(0, b"x" * 4096)  # c fails: out
+    listed = {n.name: n for n in engine.nodes()}
+    assert list(listed) == ["a", "b", "c", "d"]
+    assert listed["a"].reachable
+    assert listed["a"].replicas == (NodeReplica("vol", name, "in_sync"),)
+    assert (listed["c"].reachable, listed["c"].error) == (False, "stopped")
+    assert listed["c"].replicas == (NodeReplica("vol", name, "out"),)
+    assert listed["d"].replicas == ()
+    assert all(n.configured for n in listed.values())
+    assert engine.node("c") == listed["c"]
+    with pytest.raises(NotFoundError, match="no storage node 'zz' is configured"):
+        engine.node("zz")
