@@ -64,6 +64,8 @@ from backend.replication.membership import (
     take_epoch,
 )
 from backend.replication.policy import ReplicationPolicy
+from backend.replication.scrub import STEP as SCRUB_STEP
+from backend.replication.scrub import Difference, Mismatch, ScrubReport, differences
 from backend.replication.status import EngineStatus, MemberStatus, ResyncProgress
 from backend.replication.tracking import (
     IN_DOUBT,
@@ -1089,6 +1091,137 @@ class ReplicatedStorage(Storage):
             self._fan_out_flush()
             self._check_usable()
             yield self._membership
+
+    # -- scrub -----------------------------------------------------------------------------
+
+    def scrub(
+        self,
+        *,
+        repair: bool = False,
+        step: int = SCRUB_STEP,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ScrubReport:
+        """Compare the in-sync members' bytes over the whole volume (backend/replication/
+        scrub.py); with ``repair``, write the majority's bytes over members that differ.
+
+        A ``step`` at a time under the range lock: writes to that step wait (for a few
+        reads), reads go on; paced by ``resync_rate`` like a resync.  A member whose read or
+        repair fails is failed (out, and resynced by the supervisor).  ``progress(done,
+        total)`` after each step.  StorageError(EBUSY) if fewer than two members are in
+        sync: there is nothing to compare."""
+        self._check_usable()
+        started = time.monotonic()
+        begun = self._open_in_sync()
+        if len(begun) < 2:
+            raise StorageError(
+                errno.EBUSY,
+                f"volume {self._volume_id}: {len(begun)} replica(s) in sync, nothing to compare"
+                " (wait for the resync: see nbs volume info)",
+            )
+        found: list[Mismatch] = []
+        failed: list[str] = []
+        repaired: set[str] = set()
+        offset = compared = 0
+        while offset < (size := self._size):
+            self._check_usable()
+            length = min(step, size - offset)
+            with self._ranges.hold(offset, offset + length):
+                copies = self._scrub_reads(offset, length, failed)
+                if len(copies) >= 2:
+                    compared += length
+                    if len(set(copies.values())) > 1:
+                        for diff in differences(copies):
+                            fixed = repair and self._scrub_repair(offset, diff, failed)
+                            if fixed:
+                                repaired.update(diff.members)
+                            found.append(
+                                Mismatch(
+                                    offset + diff.offset,
+                                    diff.length,
+                                    diff.members,
+                                    majority=diff.majority is not None,
+                                    repaired=fixed,
+                                )
+                            )
+            self._bucket.take(length * len(copies))
+            offset += length
+            if progress is not None:
+                progress(offset, size)
+        for member in sorted(repaired - set(failed)):
+            try:
+                self._call(member, lambda s: s.flush())
+            except StorageError as err:
+                self._fail_member(member, None, f"scrub repair flush: {err}")
+                failed.append(member)
+        report = ScrubReport(
+            self._volume_id,
+            self._size,
+            compared,
+            tuple(begun),
+            tuple(found),
+            tuple(failed),
+            time.monotonic() - started,
+        )
+        log.log(
+            logging.WARNING if found or failed else logging.INFO,
+            "volume %s: scrub compared %d bytes on %s: %d mismatch(es), %d repaired, %s failed",
+            self._volume_id,
+            compared,
+            ", ".join(begun),
+            len(found),
+            len(found) - report.unresolved,
+            ", ".join(failed) or "none",
+        )
+        return report
+
+    def _scrub_reads(self, offset: int, length: int, failed: list[str]) -> dict[str, bytes]:
+        """``[offset, offset + length)`` of every open in-sync member, read in parallel; a
+        member whose read fails is failed (and noted in ``failed``) and left out."""
+        with self._cond:
+            m = self._membership
+            targets = [
+                (x, storage)
+                for x in m.members
+                if x in m.in_sync and (storage := self._children[x].storage) is not None
+            ]
+        pending = [
+            (member, self._submit(member, storage, lambda s: s.read(offset, length)))
+            for member, storage in targets
+        ]
+        copies: dict[str, bytes] = {}
+        deadline = time.monotonic() + self._policy.child_timeout
+        for member, future in pending:
+            try:
+                copies[member] = bytes(future.result(max(0.0, deadline - time.monotonic())))
+            except (StorageError, concurrent.futures.TimeoutError) as err:
+                reason = str(err) or f"no answer within {self._policy.child_timeout} s"
+                self._fail_member(member, None, f"scrub read: {reason}")
+                failed.append(member)
+            except concurrent.futures.CancelledError:  # by close()
+                raise StorageError(errno.EBADF, f"volume {self._volume_id} is closed") from None
+        return copies
+
+    def _scrub_repair(self, base: int, diff: Difference, failed: list[str]) -> bool:
+        """Write ``diff``'s majority bytes over the members that differ (the range lock is
+        held); True if every one took them.  One that fails is failed, with the range in its
+        missed plane, so its resync copies the right bytes."""
+        if diff.majority is None:
+            return False
+        data = diff.majority
+        where = base + diff.offset
+        fixed = True
+        for member in diff.members:
+            if member in failed:
+                fixed = False
+                continue
+            try:
+                self._call(member, lambda s: s.write(where, data))
+                self._repairs += 1
+            except StorageError as err:
+                self._fail_member(member, (where, diff.length), f"scrub repair: {err}")
+                failed.append(member)
+                fixed = False
+        return fixed
 
     # -- status ----------------------------------------------------------------------------
 
