@@ -49,6 +49,7 @@ class LocalVolumes:
         self.add_replica = self.service.add_replica
         self.remove_replica = self.service.remove_replica
         self.replace_replica = self.service.replace_replica
+        self.scrub = self.service.scrub
         self.nodes = self.service.nodes
         self.node = self.service.node
         self.close = self.service.close

@@ -207,6 +207,18 @@ def add_commands(sub: Any) -> None:
     clone.add_argument("--json", action="store_true")
     clone.set_defaults(func=cmd_clone)
 
+    scrub = vsub.add_parser(
+        "scrub", help="compare a replicated volume's replicas (and repair to the majority)"
+    )
+    scrub.add_argument("name")
+    scrub.add_argument(
+        "--repair",
+        action="store_true",
+        help="write the majority's bytes over replicas that differ from it",
+    )
+    scrub.add_argument("--json", action="store_true")
+    scrub.set_defaults(func=cmd_scrub)
+
     gc = vsub.add_parser("gc", help="clean up what a crash left behind")
     gc.set_defaults(func=cmd_gc)
 
@@ -520,6 +532,45 @@ def cmd_snapshot_delete(args: argparse.Namespace) -> int:
     )
     print(f"deleted snapshot {args.name}")
     return 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Exit 0 if the replicas are (now) the same, 1 if a mismatch is left or a replica failed."""
+    report = _service(args).scrub(
+        args.name, repair=args.repair, progress=ProgressBar(f"scrubbing {args.name}")
+    )
+    clean = report.unresolved == 0 and not report.failed
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if clean else EXIT_FAILURE
+    print(
+        f"scrubbed {report.volume}: {human_size(report.compared)} compared on"
+        f" {', '.join(report.replicas)} in {report.seconds:.1f} s,"
+        f" {len(report.mismatches)} mismatch(es)"
+        + (f", {len(report.mismatches) - report.unresolved} repaired" if report.repair else "")
+    )
+    if report.mismatches:
+        print_table(
+            ["OFFSET", "LENGTH", "REPLICAS", "OUTCOME"],
+            [
+                [
+                    str(m.offset),
+                    str(m.length),
+                    ",".join(m.replicas),
+                    "repaired"
+                    if m.repaired
+                    else ("differ from the majority" if m.majority else "no majority"),
+                ]
+                for m in report.mismatches
+            ],
+        )
+    if report.failed:
+        print(f"failed (now out, to be resynced): {', '.join(report.failed)}")
+    if any(not m.majority for m in report.mismatches):
+        print("no majority agrees on some bytes: nothing can say which replica is right")
+    elif report.unresolved:
+        print(f"repair with: nbs volume scrub {report.volume} --repair")
+    return 0 if clean else EXIT_FAILURE
 
 
 def _node_state(node: NodeInfo) -> str:

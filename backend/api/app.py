@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend.api.errors import UnauthorizedError, code_for_status, error_body
-from backend.api.imports import Import, Imports
+from backend.api.imports import Imports, Job
+from backend.api.imports import scrub as start_scrub
 from backend.volumes.model import (
     NAME_RULE,
     CreateRequest,
@@ -289,6 +290,48 @@ class ImportEvent(BaseModel):
     error: ErrorDetail | None = Field(None, description="the last line of a failed import")
 
 
+class ScrubMismatchOut(BaseModel):
+    """Mirrors backend.volumes.model.ScrubMismatch."""
+
+    offset: int
+    length: int
+    replicas: list[str] = Field(
+        description="nodes whose replicas hold other bytes than the majority (every replica"
+        " compared, if there is no majority)"
+    )
+    majority: bool = Field(description="a majority of the replicas agree on these bytes")
+    repaired: bool = Field(description="the majority's bytes were written over the others")
+
+
+class ScrubOut(BaseModel):
+    """Mirrors backend.volumes.model.ScrubInfo."""
+
+    volume: str
+    repair: bool
+    size: int
+    compared: int = Field(description="bytes compared on at least two replicas")
+    replicas: list[str] = Field(description="the nodes whose replicas were in sync at the start")
+    mismatches: list[ScrubMismatchOut]
+    failed: list[str] = Field(description="replicas whose read or repair failed (now out)")
+    unresolved: int = Field(description="mismatches not repaired")
+    seconds: float
+
+
+class ScrubEvent(BaseModel):
+    """One line of a scrub's NDJSON stream: exactly one of the three forms."""
+
+    done: int | None = Field(None, description="bytes compared so far (with total)")
+    total: int | None = Field(None, description="the volume's size (with done)")
+    scrub: ScrubOut | None = Field(None, description="the last line of a finished scrub")
+    error: ErrorDetail | None = Field(None, description="the last line of a failed scrub")
+
+
+class VolumeScrub(_Request):
+    repair: bool = Field(
+        False, description="write the majority's bytes over replicas that differ from it"
+    )
+
+
 class NDJSONResponse(StreamingResponse):
     """A stream of JSON objects, one per line."""
 
@@ -533,6 +576,29 @@ def create_app(
         job = imports.start(service, body.request(name))
         return NDJSONResponse(_ndjson(job))
 
+    @app.post(
+        "/v1/volumes/{name}/scrub",
+        tags=["volumes"],
+        response_class=NDJSONResponse,
+        responses={
+            200: {
+                "model": ScrubEvent,
+                "description": (
+                    "One JSON object per line: {done, total} while comparing, then"
+                    " {scrub} or {error}"
+                ),
+            },
+            **_errors(404),
+        },
+    )
+    def scrub_volume(name: str, body: VolumeScrub) -> NDJSONResponse:
+        """Compare a replicated volume's in-sync replicas; with ``repair``, write the
+        majority's bytes over those that differ.  A volume that is not replicated is refused
+        with its status; then progress streams as NDJSON.  Disconnecting does not cancel it."""
+        job = start_scrub(service, name, body.repair)
+        imports.add(job)
+        return NDJSONResponse(_ndjson(job))
+
     @app.get("/v1/snapshots", tags=["snapshots"])
     def list_all_snapshots() -> list[SnapshotOut]:
         """The snapshots of every volume."""
@@ -663,7 +729,7 @@ def create_app(
     return app
 
 
-async def _ndjson(job: Import) -> AsyncIterator[bytes]:
+async def _ndjson(job: Job) -> AsyncIterator[bytes]:
     # abandon_on_cancel: when the client goes away the response stops at once; the thread
     # still waiting for the next event returns when the import reports one (it always ends).
     while (

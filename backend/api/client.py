@@ -34,6 +34,8 @@ from backend.volumes.model import (
     NodeReplica,
     ReplicaInfo,
     ReplicationInfo,
+    ScrubInfo,
+    ScrubMismatch,
     SnapshotInfo,
     VolumeError,
     VolumeInfo,
@@ -269,18 +271,69 @@ class RemoteVolumes:
         if self._uds is not None and "://" not in request.source:
             request = dataclasses.replace(request, source=str(Path(request.source).absolute()))
         name, body = request.volume.name, request.to_json()
-        path = f"{_volume_path(name)}/import"
         still_running = (
             f"the import of {name!r} may still be running on the server (see `nbs volume list`)"
         )
+        result = self._stream(
+            f"{_volume_path(name)}/import",
+            body,
+            "volume",
+            what="import",
+            still_running=still_running,
+            progress=progress,
+        )
+        return _volume(result)
+
+    def scrub(
+        self, name: str, *, repair: bool = False, progress: Progress | None = None
+    ) -> ScrubInfo:
+        """The server's scrub of ``name`` (its engine compares the replicas)."""
+        still_running = f"the scrub of {name!r} may still be running on the server (its log says)"
+        result = self._stream(
+            f"{_volume_path(name)}/scrub",
+            {"repair": repair},
+            "scrub",
+            what="scrub",
+            still_running=still_running,
+            progress=progress,
+        )
+        try:
+            mismatches = tuple(
+                ScrubMismatch(**{**m, "replicas": tuple(m["replicas"])})
+                for m in result["mismatches"]
+            )
+            return ScrubInfo(
+                **{
+                    **result,
+                    "replicas": tuple(result["replicas"]),
+                    "failed": tuple(result["failed"]),
+                    "mismatches": mismatches,
+                }
+            )
+        except (KeyError, TypeError) as err:
+            raise VolumeError(f"the NBS API at {self.url} sent a bad scrub report") from err
+
+    def _stream(
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        key: str,
+        *,
+        what: str,
+        still_running: str,
+        progress: Progress | None,
+    ) -> dict[str, Any]:
+        """POST ``body`` to ``path`` and follow its NDJSON events (backend.api.imports.Job):
+        progress to ``progress``, then the result under ``key``, or the error raised."""
         streaming = False
         try:
             with self._exchange("POST", path, body=body, timeout=LONG) as answer:
                 streaming = True
                 for line in answer.iter_lines():
                     event = json.loads(line) if line.strip() else {}
-                    if "volume" in event:
-                        return _volume(event["volume"])
+                    if key in event:
+                        result: dict[str, Any] = event[key]
+                        return result
                     if "error" in event:
                         raise from_answer(500, event)
                     if "done" in event and progress is not None:
@@ -290,7 +343,7 @@ class RemoteVolumes:
                 raise UnreachableError(f"{err.message}; {still_running}") from err
             raise
         except (ValueError, KeyError, TypeError) as err:
-            raise VolumeError(f"the NBS API at {self.url} sent a bad import event") from err
+            raise VolumeError(f"the NBS API at {self.url} sent a bad {what} event") from err
         raise UnreachableError(f"the answer from {self.url} ended early; {still_running}")
 
     def export_image(

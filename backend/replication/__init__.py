@@ -6,7 +6,9 @@
     membership.py   Membership, its transitions, and the compare-and-swap store interface
     policy.py       ReplicationPolicy: min_insync and its policy, timeouts, resync rate
     copying.py      copying a range between members (holes skipped), the resync token bucket
-    engine.py       ReplicatedStorage: fan-out, failure before ack, fencing, reconcile, resync
+    engine.py       ReplicatedStorage: fan-out, failure before ack, fencing, reconcile, resync,
+                    scrub
+    scrub.py        comparing the replicas' bytes: differing blocks, the majority, the report
     status.py       the engine's status records (per member state, counters, resync progress)
     supervisor.py   ResyncSupervisor: nbs serve's background resync of returning members
 

@@ -217,6 +217,37 @@ class NodeInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScrubMismatch:
+    """Bytes of a replicated volume whose replicas differ: those on ``replicas`` (node names)
+    hold other bytes than the majority, or, with no majority, every replica compared differs.
+    ``repaired``: the majority's bytes were written over them."""
+
+    offset: int
+    length: int
+    replicas: tuple[str, ...]
+    majority: bool
+    repaired: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ScrubInfo:
+    """What ``nbs volume scrub`` found (docs/replication.md, "Scrub")."""
+
+    volume: str
+    repair: bool  # asked to repair what has a majority
+    size: int
+    compared: int  # bytes compared on at least two replicas
+    replicas: tuple[str, ...]  # the nodes whose replicas were in sync when it began
+    mismatches: tuple[ScrubMismatch, ...]
+    failed: tuple[str, ...]  # replicas whose read or repair failed: now out, to be resynced
+    unresolved: int  # mismatches not repaired
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class CreateRequest:
     """A new volume as asked for: the parameters of ``create`` (and, inside
     :class:`ImportRequest`, of ``import_image``).

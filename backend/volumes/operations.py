@@ -19,6 +19,7 @@ from backend.volumes.model import (
     CreateRequest,
     ImportRequest,
     NodeInfo,
+    ScrubInfo,
     SnapshotInfo,
     VolumeInfo,
 )
@@ -71,6 +72,10 @@ class VolumeOperations(Protocol):
     def remove_replica(self, name: str, node: str) -> VolumeInfo: ...
 
     def replace_replica(self, name: str, old: str, new: str) -> VolumeInfo: ...
+
+    def scrub(
+        self, name: str, *, repair: bool = False, progress: Progress | None = None
+    ) -> ScrubInfo: ...
 
     def nodes(self) -> builtins.list[NodeInfo]: ...
 

@@ -60,6 +60,8 @@ from backend.volumes.model import (
     NodeReplica,
     NotFoundError,
     ReplicationInfo,
+    ScrubInfo,
+    ScrubMismatch,
     SnapshotInfo,
     StorageFailureError,
     VolumeError,
@@ -376,6 +378,46 @@ class VolumeService:
             )
             for s in self.catalogue.snapshots(volume)
         ]
+
+    def scrub(
+        self, name: str, *, repair: bool = False, progress: Progress | None = None
+    ) -> ScrubInfo:
+        """Compare a replicated volume's in-sync replicas (its engine's ``scrub``, opening the
+        volume if this process has not); with ``repair``, write the majority's bytes over
+        replicas that differ.  InvalidRequestError for a volume that is not replicated,
+        InUseError if fewer than two replicas are in sync."""
+        self.check_scrub(name)
+        engine = self._opened(name).base
+        if not isinstance(engine, ReplicatedStorage):  # the kind's backend always opens one
+            raise StorageFailureError(f"volume {name!r} has no replication engine open")
+        try:
+            report = engine.scrub(repair=repair, progress=progress)
+        except StorageError as err:
+            if err.errno == errno.EBUSY:
+                raise InUseError(f"cannot scrub {name!r}: {err.message}") from None
+            raise StorageFailureError(f"cannot scrub {name!r}: {err}") from err
+        return ScrubInfo(
+            volume=name,
+            repair=repair,
+            size=report.size,
+            compared=report.compared,
+            replicas=report.members,
+            mismatches=tuple(
+                ScrubMismatch(m.offset, m.length, m.members, m.majority, m.repaired)
+                for m in report.mismatches
+            ),
+            failed=report.failed,
+            unresolved=report.unresolved,
+            seconds=report.seconds,
+        )
+
+    def check_scrub(self, name: str) -> None:
+        """NotFoundError or InvalidRequestError if volume ``name`` cannot be scrubbed at all
+        (what the API refuses before it starts streaming)."""
+        if self._row(name).storage.kind != "replicated":
+            raise InvalidRequestError(
+                f"volume {name!r} is not replicated: scrub compares a replicated volume's replicas"
+            )
 
     def nodes(self) -> builtins.list[NodeInfo]:
         """The storage nodes: each of the config's, with its status (asked of all at once,

@@ -576,3 +576,52 @@ def test_node_list_shows_each_node_and_the_replicas_it_holds(
         (nodes[2].name, False),
     ]
     assert local[2]["replicas"] == [{"volume": "vol", "replica": name, "state": "out"}]
+
+
+def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
+    cluster: tuple[Engine, list[StorageNode]],
+) -> None:
+    """Bit rot on one node's disk (bytes changed in its replica's data file, under the node's
+    nbs serve): `nbs volume scrub` through the engine finds the block and names the replica
+    (exit 1), `--repair` writes the majority's bytes over it (exit 0), and a volume that is
+    not replicated is refused in one line."""
+    require_module("nbd")
+    engine, nodes = cluster
+    name = create_replicated(engine, "vol", nodes)
+    done = qemu_io(engine.uri("vol"), "write -P 0x71 0 4M", "flush")
+    assert done.returncode == 0, done.stderr
+    # The replica's data file: the node's one layer holding data.
+    [data] = [p for p in (nodes[1].data_dir / "layers").glob("*.data") if p.stat().st_blocks]
+    with data.open("r+b") as disk:
+        disk.seek(MiB + 4096 + 17)
+        disk.write(b"\x00rot" * 256)
+
+    found = engine.volume("scrub", "vol", "--json", check=False)
+    assert found.returncode == 1, found
+    report = json.loads(found.stdout)
+    assert [
+        (m["offset"], m["length"], m["replicas"], m["majority"], m["repaired"])
+        for m in report["mismatches"]
+    ] == [(MiB + 4096, 4096, [nodes[1].name], True, False)]
+    assert (report["compared"], report["unresolved"], report["failed"]) == (SIZE, 1, [])
+    assert "scrubbing vol" in found.stderr  # progress
+    assert nodes[1].volume_bytes(name) != nodes[0].volume_bytes(name)  # found, not touched
+
+    fixed = engine.volume("scrub", "vol", "--repair")
+    assert "1 mismatch(es), 1 repaired" in fixed.stdout, fixed.stdout
+    assert re.search(rf"^{MiB + 4096}\s+4096\s+{nodes[1].name}\s+repaired$", fixed.stdout, re.M)
+    assert nodes[1].volume_bytes(name) == nodes[0].volume_bytes(name)
+    assert nodes[1].volume_bytes(name)[: 4 * MiB] == b"\x71" * (4 * MiB)
+    again = engine.volume("scrub", "vol")
+    assert "0 mismatch(es)" in again.stdout
+    done = qemu_io(engine.uri("vol"), "read -P 0x71 0 4M")  # the engine served on throughout
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "read 4194304/4194304 bytes" in done.stdout
+
+    engine.volume("create", "plain", "--size", "1MiB")
+    refused = engine.volume("scrub", "plain", check=False)
+    assert refused.returncode == 2, refused
+    assert refused.stderr == (
+        "nbs: error: volume 'plain' is not replicated: scrub compares a replicated volume's"
+        " replicas\n"
+    )

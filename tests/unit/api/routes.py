@@ -11,6 +11,7 @@ EXPECTED = {
     ("PATCH", "/v1/volumes/{name}"),
     ("DELETE", "/v1/volumes/{name}"),
     ("POST", "/v1/volumes/{name}/import"),
+    ("POST", "/v1/volumes/{name}/scrub"),
     ("GET", "/v1/snapshots"),
     ("GET", "/v1/volumes/{name}/snapshots"),
     ("POST", "/v1/volumes/{name}/snapshots"),

@@ -243,3 +243,29 @@ def test_nodes_show_the_replicas_each_holds(engine: VolumeService, nodes: InProc
     assert engine.node("c") == listed["c"]
     with pytest.raises(NotFoundError, match="no storage node 'zz' is configured"):
         engine.node("zz")
+
+
+def test_scrub_finds_a_replica_changed_behind_the_engine_and_repairs_it(
+    engine: VolumeService, nodes: InProcessNodes
+) -> None:
+    name = create(engine, "a/b/c")
+    storage = engine.storage("vol")
+    storage.write(0, b"s" * SIZE)
+    storage.flush()
+    nodes.services["b"].storage(name).write(MiB + 100, b"rot")  # behind the engine's back
+    found = engine.scrub("vol")
+    assert found.compared == SIZE
+    assert found.replicas == ("a", "b", "c")
+    assert [(m.offset, m.length, m.replicas, m.majority, m.repaired) for m in found.mismatches] == [
+        (MiB, 4096, ("b",), True, False)
+    ]
+    assert found.unresolved == 1
+    fixed = engine.scrub("vol", repair=True)
+    assert (fixed.unresolved, fixed.mismatches[0].repaired) == (0, True)
+    assert nodes.replica_bytes("b", name) == b"s" * SIZE
+    assert engine.scrub("vol").mismatches == ()
+    engine.create(CreateRequest("plain", SIZE))
+    with pytest.raises(InvalidRequestError, match="'plain' is not replicated"):
+        engine.scrub("plain")
+    with pytest.raises(NotFoundError):
+        engine.scrub("nothing")
