@@ -625,3 +625,7 @@ def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
         "nbs: error: volume 'plain' is not replicated: scrub compares a replicated volume's"
         " replicas\n"
     )
+
+    engine.stop()  # no server: the command opens the volume itself, nodes from --config
+    local = engine.volume("scrub", "vol", "--config", str(engine.config))
+    assert "0 mismatch(es)" in local.stdout, local.stdout
