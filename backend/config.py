@@ -110,6 +110,8 @@ class NodeConfig:
 @dataclasses.dataclass(frozen=True)
 class ReplicationConfig:
     probe_interval: float = 2.0  # seconds between the resync supervisor's rounds
+    scrub_interval: float = 0.0  # seconds between scheduled scrubs of a volume; 0: none
+    scrub_repair: bool = False  # scheduled scrubs repair to the majority
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,7 +387,9 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
         fields["nodes"] = _nodes(r, top["nodes"])
     if "replication" in top:
         replication = r.mapping(
-            _empty_if_none(top["replication"]), "replication", {"probe_interval"}
+            _empty_if_none(top["replication"]),
+            "replication",
+            {"probe_interval", "scrub_interval", "scrub_repair"},
         )
         interval = replication.get("probe_interval", 2.0)
         if (
@@ -394,7 +398,19 @@ def parse_config(data: object, source: str, base: Path | None = None) -> ServeCo
             or not 0.05 <= interval <= 3600  # also refuses NaN
         ):
             raise r.fail("replication.probe_interval", "seconds from 0.05 to 3600", interval)
-        fields["replication"] = ReplicationConfig(float(interval))
+        scrub = replication.get("scrub_interval", 0)
+        if (
+            not isinstance(scrub, int | float)
+            or isinstance(scrub, bool)
+            or not (scrub == 0 or 1 <= scrub <= 366 * 86400)  # also refuses NaN
+        ):
+            raise r.fail(
+                "replication.scrub_interval", "0 (none) or seconds from 1 to 31622400", scrub
+            )
+        repair = replication.get("scrub_repair", False)
+        if not isinstance(repair, bool):
+            raise r.fail("replication.scrub_repair", "true or false", repair)
+        fields["replication"] = ReplicationConfig(float(interval), float(scrub), repair)
     if "exports" in top:
         items = top["exports"]
         if not isinstance(items, list):

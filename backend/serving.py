@@ -195,7 +195,10 @@ def _supervisor(config: ServeConfig, table: Exports) -> ResyncSupervisor | None:
     if not isinstance(table, VolumeExports):
         return None
     supervisor = ResyncSupervisor(
-        table.service.replicated_engines, config.replication.probe_interval
+        table.service.replicated_engines,
+        config.replication.probe_interval,
+        scrub_interval=config.replication.scrub_interval,
+        scrub_repair=config.replication.scrub_repair,
     )
     supervisor.start()
     return supervisor

@@ -351,6 +351,18 @@ def _replication_rows(info: VolumeInfo) -> list[tuple[str, str]]:
         if r.live and replica.state != "leftover":
             state += f", {replica.in_flight} in flight"
         rows.append(("replica", f"{replica.node} {replica.volume} {state}"))
+    if r.last_scrub is not None:
+        scrubbed = r.last_scrub
+        text = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(scrubbed.finished))
+            + f", {human_size(scrubbed.compared)} compared, {len(scrubbed.mismatches)}"
+            " mismatch(es)"
+        )
+        if scrubbed.mismatches:
+            text += f", {scrubbed.unresolved} unresolved"
+        if scrubbed.failed:
+            text += f", failed: {', '.join(scrubbed.failed)}"
+        rows.append(("last scrub", text))
     return rows
 
 

@@ -166,6 +166,34 @@ class ReplicaOut(BaseModel):
     last_error: str | None = Field(description="why it is out, when the live engine knows")
 
 
+class ScrubMismatchOut(BaseModel):
+    """Mirrors backend.volumes.model.ScrubMismatch."""
+
+    offset: int
+    length: int
+    replicas: list[str] = Field(
+        description="nodes whose replicas hold other bytes than the majority (every replica"
+        " compared, if there is no majority)"
+    )
+    majority: bool = Field(description="a majority of the replicas agree on these bytes")
+    repaired: bool = Field(description="the majority's bytes were written over the others")
+
+
+class ScrubOut(BaseModel):
+    """Mirrors backend.volumes.model.ScrubInfo."""
+
+    volume: str
+    repair: bool
+    size: int
+    compared: int = Field(description="bytes compared on at least two replicas")
+    replicas: list[str] = Field(description="the nodes whose replicas were in sync at the start")
+    mismatches: list[ScrubMismatchOut]
+    failed: list[str] = Field(description="replicas whose read or repair failed (now out)")
+    unresolved: int = Field(description="mismatches not repaired")
+    seconds: float
+    finished: float = Field(description="Unix time")
+
+
 class ReplicationOut(BaseModel):
     """Mirrors backend.volumes.model.ReplicationInfo."""
 
@@ -174,6 +202,9 @@ class ReplicationOut(BaseModel):
     min_insync: int
     live: bool = Field(description="true: from the serving engine; false: the catalogue's")
     replicas: list[ReplicaOut]
+    last_scrub: ScrubOut | None = Field(
+        default=None, description="the serving engine's last finished scrub (live only)"
+    )
 
 
 class VolumeOut(BaseModel):
@@ -288,33 +319,6 @@ class ImportEvent(BaseModel):
     total: int | None = Field(None, description="bytes to copy (with done)")
     volume: VolumeOut | None = Field(None, description="the last line of a successful import")
     error: ErrorDetail | None = Field(None, description="the last line of a failed import")
-
-
-class ScrubMismatchOut(BaseModel):
-    """Mirrors backend.volumes.model.ScrubMismatch."""
-
-    offset: int
-    length: int
-    replicas: list[str] = Field(
-        description="nodes whose replicas hold other bytes than the majority (every replica"
-        " compared, if there is no majority)"
-    )
-    majority: bool = Field(description="a majority of the replicas agree on these bytes")
-    repaired: bool = Field(description="the majority's bytes were written over the others")
-
-
-class ScrubOut(BaseModel):
-    """Mirrors backend.volumes.model.ScrubInfo."""
-
-    volume: str
-    repair: bool
-    size: int
-    compared: int = Field(description="bytes compared on at least two replicas")
-    replicas: list[str] = Field(description="the nodes whose replicas were in sync at the start")
-    mismatches: list[ScrubMismatchOut]
-    failed: list[str] = Field(description="replicas whose read or repair failed (now out)")
-    unresolved: int = Field(description="mismatches not repaired")
-    seconds: float
 
 
 class ScrubEvent(BaseModel):

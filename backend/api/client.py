@@ -58,13 +58,34 @@ def _volume(data: dict[str, Any]) -> VolumeInfo:
     replication = data.get("replication")
     if replication is not None:
         replicas = tuple(ReplicaInfo(**r) for r in replication["replicas"])
-        replication = ReplicationInfo(**{**replication, "replicas": replicas})
+        scrubbed = replication.get("last_scrub")
+        replication = ReplicationInfo(
+            **{
+                **replication,
+                "replicas": replicas,
+                "last_scrub": None if scrubbed is None else _scrub(scrubbed),
+            }
+        )
     return VolumeInfo(
         **{
             **data,
             "snapshots": tuple(data["snapshots"]),
             "holders": holders,
             "replication": replication,
+        }
+    )
+
+
+def _scrub(data: dict[str, Any]) -> ScrubInfo:
+    mismatches = tuple(
+        ScrubMismatch(**{**m, "replicas": tuple(m["replicas"])}) for m in data["mismatches"]
+    )
+    return ScrubInfo(
+        **{
+            **data,
+            "replicas": tuple(data["replicas"]),
+            "failed": tuple(data["failed"]),
+            "mismatches": mismatches,
         }
     )
 
@@ -298,18 +319,7 @@ class RemoteVolumes:
             progress=progress,
         )
         try:
-            mismatches = tuple(
-                ScrubMismatch(**{**m, "replicas": tuple(m["replicas"])})
-                for m in result["mismatches"]
-            )
-            return ScrubInfo(
-                **{
-                    **result,
-                    "replicas": tuple(result["replicas"]),
-                    "failed": tuple(result["failed"]),
-                    "mismatches": mismatches,
-                }
-            )
+            return _scrub(result)
         except (KeyError, TypeError) as err:
             raise VolumeError(f"the NBS API at {self.url} sent a bad scrub report") from err
 

@@ -190,6 +190,7 @@ class ReplicatedStorage(Storage):
         self._fenced = False
         self._closed = False
         self._reconciled = self._reads = self._repairs = self._failed = self._written = 0
+        self._last_scrub: ScrubReport | None = None  # the last scrub that finished
         self._membership = take_epoch(store, volume_id)
         self._children = {m: _Child() for m in self._membership.members}
         workers = 16 * len(self._membership.members) + 8
@@ -1155,13 +1156,16 @@ class ReplicatedStorage(Storage):
                 failed.append(member)
         report = ScrubReport(
             self._volume_id,
+            repair,
             self._size,
             compared,
             tuple(begun),
             tuple(found),
             tuple(failed),
             time.monotonic() - started,
+            time.time(),
         )
+        self._last_scrub = report
         log.log(
             logging.WARNING if found or failed else logging.INFO,
             "volume %s: scrub compared %d bytes on %s: %d mismatch(es), %d repaired, %s failed",
@@ -1254,6 +1258,7 @@ class ReplicatedStorage(Storage):
                 reads=self._reads,
                 read_repairs=self._repairs,
                 members_failed=self._failed,
+                last_scrub=self._last_scrub,
             )
 
     def _missed_bytes(self, member: str, planes: set[str]) -> int | None:

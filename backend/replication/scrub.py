@@ -89,12 +89,14 @@ class ScrubReport:
     repair failed; they are out, and the resync supervisor copies them back."""
 
     volume_id: str
+    repair: bool  # asked to repair what a majority agrees on
     size: int
     compared: int  # bytes of the volume compared on at least two members
     members: tuple[str, ...]  # in sync when it began
     mismatches: tuple[Mismatch, ...]
     failed: tuple[str, ...]
     seconds: float
+    finished: float  # Unix time
 
     @property
     def unresolved(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from backend.replication.scrub import ScrubReport
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ResyncProgress:
@@ -48,3 +50,4 @@ class EngineStatus:
     reads: int
     read_repairs: int
     members_failed: int
+    last_scrub: ScrubReport | None = None  # the last scrub that finished (this engine's)

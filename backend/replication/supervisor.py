@@ -10,6 +10,12 @@ bandwidth; other volumes resync in parallel.
 
 Logs: start (info, once the member answered), progress every 10 %, end (info) or failure
 (warning; a member still unreachable only at debug level, not every round).
+
+With ``scrub_interval`` it also scrubs (``ReplicatedStorage.scrub``, backend/replication/
+scrub.py) each open volume that long after it was opened or last scrubbed, with ``repair``
+as configured: one scrub at a time in the whole server (a scrub reads every replica of a
+volume), never while the volume has a member out or resyncing (the resync goes first).  The
+engine logs what a scrub found (a warning when a mismatch or a failed replica).
 """
 
 from __future__ import annotations
@@ -34,9 +40,21 @@ __all__ = ["ResyncSupervisor"]
 class ResyncSupervisor:
     """``engines()``: the open engines by volume name (called from the supervisor thread)."""
 
-    def __init__(self, engines: Engines, interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        engines: Engines,
+        interval: float = 2.0,
+        *,
+        scrub_interval: float = 0.0,
+        scrub_repair: bool = False,
+    ) -> None:
         self._engines = engines
         self._interval = interval
+        self._scrub_interval = scrub_interval  # 0: no scheduled scrubs
+        self._scrub_repair = scrub_repair
+        self._scrubbing: threading.Thread | None = None  # one at a time, server-wide
+        # When each open engine is next due, by (volume, engine id), in monotonic seconds.
+        self._due: dict[tuple[str, int], float] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
@@ -57,6 +75,8 @@ class ResyncSupervisor:
             self._thread.join(timeout)
         with self._lock:
             running = list(self._running.values())
+            if self._scrubbing is not None:
+                running.append(self._scrubbing)
         for thread in running:
             thread.join(timeout)
 
@@ -84,6 +104,39 @@ class ResyncSupervisor:
                 )
                 self._running[volume] = thread
             thread.start()
+        if self._scrub_interval > 0:
+            self._schedule_scrub(engines)
+
+    def _schedule_scrub(self, engines: Mapping[str, ReplicatedStorage]) -> None:
+        """Start the scrub of the first volume that is due, unless one is running."""
+        now = time.monotonic()
+        chosen: threading.Thread | None = None
+        with self._lock:
+            open_now = {(volume, id(engine)) for volume, engine in engines.items()}
+            self._due = {key: due for key, due in self._due.items() if key in open_now}
+            for volume, engine in engines.items():
+                due = self._due.setdefault((volume, id(engine)), now + self._scrub_interval)
+                if chosen is not None or due > now or self._stop.is_set():
+                    continue
+                if self._scrubbing is not None and self._scrubbing.is_alive():
+                    continue
+                m = engine.membership
+                if volume in self._running or len(m.in_sync) < len(m.members):
+                    continue  # a resync first: it may be what makes the replicas the same
+                self._due[volume, id(engine)] = now + self._scrub_interval
+                chosen = threading.Thread(
+                    target=self._scrub, args=(volume, engine), name=f"scrub-{volume}", daemon=True
+                )
+                self._scrubbing = chosen
+        if chosen is not None:
+            chosen.start()
+
+    def _scrub(self, volume: str, engine: ReplicatedStorage) -> None:
+        log.info("volume %s: scheduled scrub started", volume)
+        try:
+            engine.scrub(repair=self._scrub_repair)  # logs what it found
+        except (StorageError, MembershipError) as err:
+            log.warning("volume %s: scheduled scrub failed (tried again later): %s", volume, err)
 
     def copied_bytes(self, volume: str, engine: ReplicatedStorage, member: str) -> int:
         """Bytes copied to ``member`` by ``engine``'s finished resyncs (for metrics)."""

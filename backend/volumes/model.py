@@ -161,6 +161,7 @@ class ReplicationInfo:
     min_insync: int
     live: bool
     replicas: tuple[ReplicaInfo, ...]
+    last_scrub: ScrubInfo | None = None  # the serving engine's last finished scrub (live only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +243,7 @@ class ScrubInfo:
     failed: tuple[str, ...]  # replicas whose read or repair failed: now out, to be resynced
     unresolved: int  # mismatches not repaired
     seconds: float
+    finished: float  # Unix time
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

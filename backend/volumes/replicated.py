@@ -63,6 +63,7 @@ from backend.replication.membership import (
     member_replaced,
 )
 from backend.replication.policy import ReplicationPolicy
+from backend.replication.scrub import ScrubReport
 from backend.replication.tracking import RegionMap, missed
 from backend.storage.base import Storage, StorageError
 from backend.storage.failover import FailoverStorage
@@ -74,6 +75,8 @@ from backend.volumes.model import (
     NotFoundError,
     ReplicaInfo,
     ReplicationInfo,
+    ScrubInfo,
+    ScrubMismatch,
     SnapshotInfo,
     VolumeError,
     VolumeInfo,
@@ -165,8 +168,31 @@ def min_insync_of(members: int, given: int | None) -> int:
     return given or members // 2 + 1
 
 
+def scrub_info(volume: str, report: ScrubReport) -> ScrubInfo:
+    """An engine's scrub report as the volume layer shows it (replicas by node name)."""
+    return ScrubInfo(
+        volume=volume,
+        repair=report.repair,
+        size=report.size,
+        compared=report.compared,
+        replicas=report.members,
+        mismatches=tuple(
+            ScrubMismatch(m.offset, m.length, m.members, m.majority, m.repaired)
+            for m in report.mismatches
+        ),
+        failed=report.failed,
+        unresolved=report.unresolved,
+        seconds=report.seconds,
+        finished=report.finished,
+    )
+
+
 def replication_info(
-    catalogue: Catalogue, layer: str, min_insync: int | None, engine: ReplicatedStorage | None
+    catalogue: Catalogue,
+    layer: str,
+    min_insync: int | None,
+    engine: ReplicatedStorage | None,
+    volume: str = "",
 ) -> ReplicationInfo | None:
     """What ``nbs volume info`` shows: the live engine's view if it is open, else the
     catalogue's committed membership (None if the volume has none yet: being created).
@@ -182,11 +208,13 @@ def replication_info(
     )
     if engine is not None:
         status = engine.status()
+        scrubbed = status.last_scrub
         return ReplicationInfo(
             epoch=status.epoch,
             generation=status.generation,
             min_insync=min_insync_of(len(status.members), min_insync),
             live=True,
+            last_scrub=None if scrubbed is None else scrub_info(volume, scrubbed),
             replicas=tuple(
                 ReplicaInfo(
                     node=m.member,

@@ -61,7 +61,6 @@ from backend.volumes.model import (
     NotFoundError,
     ReplicationInfo,
     ScrubInfo,
-    ScrubMismatch,
     SnapshotInfo,
     StorageFailureError,
     VolumeError,
@@ -75,6 +74,7 @@ from backend.volumes.replicated import (
     ReplicatedBackend,
     StorageNodes,
     replication_info,
+    scrub_info,
 )
 from backend.volumes.storages import FILE, StorageSpec, parse_storage, prepare_location
 
@@ -346,7 +346,9 @@ class VolumeService:
         with self._lock:
             opened = self._open.get(row.name)
         engine = opened.base if opened is not None else None
-        return replication_info(self.catalogue, row.top, params["min_insync"], engine)
+        return replication_info(
+            self.catalogue, row.top, params["min_insync"], engine, volume=row.name
+        )
 
     def _dependents(self, layer: str, owner: str) -> builtins.list[str]:
         """Volumes other than ``owner`` whose chain contains ``layer`` (its clones)."""
@@ -396,20 +398,7 @@ class VolumeService:
             if err.errno == errno.EBUSY:
                 raise InUseError(f"cannot scrub {name!r}: {err.message}") from None
             raise StorageFailureError(f"cannot scrub {name!r}: {err}") from err
-        return ScrubInfo(
-            volume=name,
-            repair=repair,
-            size=report.size,
-            compared=report.compared,
-            replicas=report.members,
-            mismatches=tuple(
-                ScrubMismatch(m.offset, m.length, m.members, m.majority, m.repaired)
-                for m in report.mismatches
-            ),
-            failed=report.failed,
-            unresolved=report.unresolved,
-            seconds=report.seconds,
-        )
+        return scrub_info(name, report)
 
     def check_scrub(self, name: str) -> None:
         """NotFoundError or InvalidRequestError if volume ``name`` cannot be scrubbed at all

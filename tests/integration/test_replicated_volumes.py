@@ -614,6 +614,8 @@ def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
     assert nodes[1].volume_bytes(name)[: 4 * MiB] == b"\x71" * (4 * MiB)
     again = engine.volume("scrub", "vol")
     assert "0 mismatch(es)" in again.stdout
+    shown = engine.volume("info", "vol").stdout  # the serving engine's last scrub
+    assert re.search(r"^last scrub:\s+\S+ \S+, \S+ MiB compared, 0 mismatch\(es\)$", shown, re.M)
     done = qemu_io(engine.uri("vol"), "read -P 0x71 0 4M")  # the engine served on throughout
     assert done.returncode == 0, done.stdout + done.stderr
     assert "read 4194304/4194304 bytes" in done.stdout

@@ -222,3 +222,15 @@ def test_replication_probe_interval() -> None:
             parse_config({"replication": {"probe_interval": bad}}, "x")
     with pytest.raises(ConfigError, match=r"replication\.every: unknown key"):
         parse_config({"replication": {"every": 1}}, "x")
+
+
+def test_replication_scrub_schedule() -> None:
+    default = parse_config({}, "x").replication
+    assert (default.scrub_interval, default.scrub_repair) == (0.0, False)
+    config = parse_config({"replication": {"scrub_interval": 604800, "scrub_repair": True}}, "x")
+    assert (config.replication.scrub_interval, config.replication.scrub_repair) == (604800, True)
+    for bad in (0.5, -1, "1d", True, float("nan"), 400 * 86400):
+        with pytest.raises(ConfigError, match=r"replication\.scrub_interval: expected 0 \(none\)"):
+            parse_config({"replication": {"scrub_interval": bad}}, "x")
+    with pytest.raises(ConfigError, match=r"replication\.scrub_repair: expected true or false"):
+        parse_config({"replication": {"scrub_repair": "yes"}}, "x")

@@ -262,6 +262,9 @@ def test_scrub_finds_a_replica_changed_behind_the_engine_and_repairs_it(
     assert found.unresolved == 1
     fixed = engine.scrub("vol", repair=True)
     assert (fixed.unresolved, fixed.mismatches[0].repaired) == (0, True)
+    shown = engine.info("vol").replication
+    assert shown is not None
+    assert shown.last_scrub == fixed  # `nbs volume info` shows the last one
     assert nodes.replica_bytes("b", name) == b"s" * SIZE
     assert engine.scrub("vol").mismatches == ()
     engine.create(CreateRequest("plain", SIZE))
@@ -269,3 +272,32 @@ def test_scrub_finds_a_replica_changed_behind_the_engine_and_repairs_it(
         engine.scrub("plain")
     with pytest.raises(NotFoundError):
         engine.scrub("nothing")
+
+
+def test_scheduled_scrubs_find_and_repair_a_changed_replica(
+    engine: VolumeService, nodes: InProcessNodes
+) -> None:
+    """The supervisor with ``scrub_interval`` (and ``scrub_repair``) scrubs an open volume
+    on its own, once it is due, and the result shows in the volume's info."""
+    name = create(engine, "a/b/c")
+    storage = engine.storage("vol")
+    storage.write(0, b"t" * SIZE)
+    storage.flush()
+    nodes.services["c"].storage(name).write(2 * MiB + 5, b"rot")
+    supervisor = ResyncSupervisor(
+        engine.replicated_engines, interval=0.05, scrub_interval=1, scrub_repair=True
+    )
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (info := engine.info("vol").replication) is None or info.last_scrub is None:
+            assert time.monotonic() < deadline, "no scheduled scrub"
+            time.sleep(0.05)
+    finally:
+        supervisor.close()
+    scrubbed = info.last_scrub
+    assert (scrubbed.repair, scrubbed.unresolved) == (True, 0)
+    assert [(m.offset, m.replicas, m.repaired) for m in scrubbed.mismatches] == [
+        (2 * MiB, ("c",), True)
+    ]
+    assert nodes.replica_bytes("c", name) == b"t" * SIZE
