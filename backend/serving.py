@@ -216,7 +216,16 @@ def _replication_metrics(
             copied = supervisor.copied_bytes(volume, engine, m.member)
             copied += m.resync.bytes_copied if m.resync is not None else 0
             replicas.append(ReplicaSample(volume, m.member, m.state == "in_sync", copied))
-        samples.append(VolumeReplication(volume, status.members_failed, tuple(replicas)))
+        scrubbed = status.last_scrub
+        samples.append(
+            VolumeReplication(
+                volume,
+                status.members_failed,
+                tuple(replicas),
+                scrubbed_at=None if scrubbed is None else scrubbed.finished,
+                scrub_unresolved=0 if scrubbed is None else scrubbed.unresolved,
+            )
+        )
     return tuple(samples)
 
 

@@ -138,6 +138,9 @@ class VolumeReplication:
     volume: str
     failures: int  # members failed by the engine (this engine's lifetime)
     replicas: tuple[ReplicaSample, ...]
+    # The last finished scrub (this engine's): when (Unix time), and the mismatches it left.
+    scrubbed_at: float | None = None
+    scrub_unresolved: int = 0
 
 
 @dataclasses.dataclass

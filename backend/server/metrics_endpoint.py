@@ -117,12 +117,25 @@ def _replication(snap: Snapshot) -> Iterator[Metric]:
         "Replicas the engine failed (removed from the in-sync set) since it opened the volume",
         labels=["volume"],
     )
+    scrubbed = GaugeMetricFamily(
+        "nbs_volume_last_scrub_timestamp_seconds",
+        "When the last scrub of an open replicated volume finished (Unix time)",
+        labels=["volume"],
+    )
+    unresolved = GaugeMetricFamily(
+        "nbs_volume_scrub_unresolved_mismatches",
+        "Mismatches between replicas the last scrub found and did not repair",
+        labels=["volume"],
+    )
     for volume in snap.replication:
         failures.add_metric([volume.volume], volume.failures)
         for replica in volume.replicas:
             in_sync.add_metric([volume.volume, replica.member], int(replica.in_sync))
             resync.add_metric([volume.volume, replica.member], replica.resync_bytes)
-    yield from (in_sync, resync, failures)
+        if volume.scrubbed_at is not None:
+            scrubbed.add_metric([volume.volume], volume.scrubbed_at)
+            unresolved.add_metric([volume.volume], volume.scrub_unresolved)
+    yield from (in_sync, resync, failures, scrubbed, unresolved)
 
 
 def _histograms(latency: list[int]) -> Iterator[tuple[str, list[tuple[str, float]], int]]:

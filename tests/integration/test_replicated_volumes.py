@@ -606,6 +606,7 @@ def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
     assert (report["compared"], report["unresolved"], report["failed"]) == (SIZE, 1, [])
     assert "scrubbing vol" in found.stderr  # progress
     assert nodes[1].volume_bytes(name) != nodes[0].volume_bytes(name)  # found, not touched
+    assert engine.metric("nbs_volume_scrub_unresolved_mismatches", volume="vol") == 1
 
     fixed = engine.volume("scrub", "vol", "--repair")
     assert "1 mismatch(es), 1 repaired" in fixed.stdout, fixed.stdout
@@ -614,6 +615,7 @@ def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
     assert nodes[1].volume_bytes(name)[: 4 * MiB] == b"\x71" * (4 * MiB)
     again = engine.volume("scrub", "vol")
     assert "0 mismatch(es)" in again.stdout
+    assert engine.metric("nbs_volume_scrub_unresolved_mismatches", volume="vol") == 0
     shown = engine.volume("info", "vol").stdout  # the serving engine's last scrub
     assert re.search(r"^last scrub:\s+\S+ \S+, \S+ MiB compared, 0 mismatch\(es\)$", shown, re.M)
     done = qemu_io(engine.uri("vol"), "read -P 0x71 0 4M")  # the engine served on throughout

@@ -203,13 +203,17 @@ def test_endpoint_reports_an_address_in_use() -> None:
 
 
 def test_replicated_volumes_metrics() -> None:
-    """The serving layer's replica samples become the three replica series."""
+    """The serving layer's replica samples become the replica series, and a volume's last
+    scrub its two scrub series (none before its first scrub)."""
     replication = (
         VolumeReplication(
             "vol",
             2,
             (ReplicaSample("vol", "a", True, 0), ReplicaSample("vol", "b", False, 4096)),
+            scrubbed_at=1700000000.5,
+            scrub_unresolved=3,
         ),
+        VolumeReplication("fresh", 0, (ReplicaSample("fresh", "a", True, 0),)),
     )
     registry = CollectorRegistry()
     registry.register(NbsCollector(lambda: Snapshot(0, 0, {}, 0, replication)))
@@ -224,3 +228,9 @@ def test_replicated_volumes_metrics() -> None:
     key = ("nbs_replica_resync_bytes_total", frozenset({("volume", "vol"), ("member", "b")}))
     assert samples[key] == 4096
     assert samples[("nbs_replica_failures_total", frozenset({("volume", "vol")}))] == 2
+    vol = frozenset({("volume", "vol")})
+    assert samples[("nbs_volume_last_scrub_timestamp_seconds", vol)] == 1700000000.5
+    assert samples[("nbs_volume_scrub_unresolved_mismatches", vol)] == 3
+    fresh = frozenset({("volume", "fresh")})
+    assert ("nbs_volume_last_scrub_timestamp_seconds", fresh) not in samples
+    assert ("nbs_volume_scrub_unresolved_mismatches", fresh) not in samples
