@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from backend.config import NodeConfig
 from backend.storage.base import StorageError
 from backend.storage.nbd import NbdTarget
 from backend.volumes.catalogue import Catalogue
-from backend.volumes.model import InvalidRequestError, VolumeError
+from backend.volumes.model import InvalidRequestError, NodeInfo, VolumeError
 from backend.volumes.replicated import NodeProbe, NodeVolumes
 
 if TYPE_CHECKING:
@@ -114,6 +114,41 @@ class ConfiguredNodes:
             # fails that member (out, like a dead node's) and serves on with the others.
             raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
         return config.target(export)
+
+
+class ListedNodes:
+    """The storage nodes as a running server listed them (``GET /v1/nodes``): their NBD
+    addresses, for reading replicas in this process (``nbs volume export`` beside a server,
+    without --config).  No tokens come with the list, so their APIs are not for this
+    process: asking for one is an InvalidRequestError."""
+
+    def __init__(self, nodes: Sequence[NodeInfo]) -> None:
+        self._nodes = {n.name: n for n in nodes if n.configured}
+
+    def names(self) -> Sequence[str]:
+        return tuple(self._nodes)
+
+    def _node(self, name: str) -> NodeInfo:
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise InvalidRequestError(f"no storage node {name!r} is configured") from None
+
+    def probe(self, node: str) -> NodeProbe:
+        n = self._node(node)
+        return NodeProbe(n.api, n.nbd, n.reachable, n.version, n.error)
+
+    def volumes(self, node: str) -> AbstractContextManager[NodeVolumes]:
+        raise InvalidRequestError(
+            f"storage node {node!r}: its API is the server's to use (this command has no"
+            " token for it; pass --config)"
+        )
+
+    def target(self, node: str, export: str) -> NbdTarget:
+        n = self._nodes.get(node)
+        if n is None:
+            raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
+        return dataclasses.replace(NbdTarget.from_uri(n.nbd), export=export)
 
 
 def volumes_on_nodes(catalogue: Catalogue, nodes: Sequence[str]) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from backend.config import load_config
-from backend.node_clients import ConfiguredNodes
+from backend.node_clients import ConfiguredNodes, ListedNodes
 from backend.storage import StorageError
 from backend.volumes import transfer
 from backend.volumes.datadir import default_data_dir
@@ -89,6 +89,24 @@ def open_client(args: argparse.Namespace) -> VolumeOperations:
     if remote is not None:
         return remote
     return local_client(args)
+
+
+def export_client(args: argparse.Namespace) -> LocalVolumes:
+    """For ``nbs volume export``, which reads in this process even beside a server: the data
+    directory with --config's storage nodes, else with those of the server running there, as
+    its API lists them (a replicated volume is read from its replicas' nodes)."""
+    if getattr(args, "config", None):
+        return local_client(args)
+    from backend.api.client import client_for  # noqa: PLC0415 - httpx only when needed
+
+    remote = client_for(args.data_dir, None, None, args.token_file, ca_file=args.ca_file)
+    if remote is None:
+        return local_client(args)
+    try:
+        nodes = ListedNodes(remote.nodes())
+    finally:
+        remote.close()
+    return LocalVolumes(args.data_dir or default_data_dir(), nodes=nodes)
 
 
 def local_client(args: argparse.Namespace) -> LocalVolumes:

@@ -98,8 +98,9 @@ def _common() -> argparse.ArgumentParser:
         metavar="FILE",
         default=Path(os.environ["NBS_CONFIG"]) if os.environ.get("NBS_CONFIG") else None,
         help="YAML configuration whose `storages:` profiles --storage may name, and whose"
-        " `nodes:` `volume export` reads replicated volumes from (default: $NBS_CONFIG);"
-        " ignored with a running server (it uses its own)",
+        " `nodes:` `volume export` reads replicated volumes from (default: $NBS_CONFIG;"
+        " without it, the running server's); otherwise ignored with a running server (it"
+        " uses its own)",
     )
     common.add_argument(
         "--server",
@@ -285,10 +286,11 @@ def _service(args: argparse.Namespace) -> VolumeOperations:
 
 
 def _local(args: argparse.Namespace) -> VolumeOperations:
-    from backend.volume_clients import local_client  # noqa: PLC0415
+    from backend.volume_clients import export_client  # noqa: PLC0415
 
-    # With --config: its storage nodes (a replicated volume is read from its replicas).
-    client = local_client(args)
+    # Storage nodes from --config, else as the running server lists them (a replicated
+    # volume is read from its replicas).
+    client = export_client(args)
     args.opened_client = client
     return client
 

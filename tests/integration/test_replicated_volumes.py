@@ -477,10 +477,9 @@ def test_export_of_a_snapshot_reads_a_replica_and_fails_over(
     assert done.returncode == 0, done.stderr
     snapshot = b"\x41" * (2 * MiB) + bytes(MiB) + b"\x42" * MiB + bytes(SIZE - 4 * MiB)
     epoch = engine.info("vol")["replication"]["epoch"]
-    unknown = engine.volume("export", "vol@s1", str(tmp_path / "x.raw"), check=False)
-    assert unknown.returncode == 1, unknown  # no --config: which nodes?
-    assert unknown.stderr.count("\n") == 1, unknown.stderr
-    assert "no storage node 'node0' is configured (--config names the nodes)" in unknown.stderr
+    # No --config: the nodes as the running engine lists them.
+    engine.volume("export", "vol@s1", str(tmp_path / "beside.raw"))
+    assert (tmp_path / "beside.raw").read_bytes() == snapshot
     _export(engine, "vol@s1", tmp_path / "s1.raw")
     assert (tmp_path / "s1.raw").read_bytes() == snapshot
     nodes[0].kill()
@@ -530,7 +529,7 @@ def test_export_of_the_live_volume_leaves_its_engine_serving(
 
 
 def test_node_list_shows_each_node_and_the_replicas_it_holds(
-    cluster: tuple[Engine, list[StorageNode]],
+    cluster: tuple[Engine, list[StorageNode]], tmp_path: Path
 ) -> None:
     """`nbs node list|info`: through the engine's API, then (engine stopped) from the data
     directory with --config; each node up, or down with one line why, with the replicas it
@@ -576,6 +575,11 @@ def test_node_list_shows_each_node_and_the_replicas_it_holds(
         (nodes[2].name, False),
     ]
     assert local[2]["replicas"] == [{"volume": "vol", "replica": name, "state": "out"}]
+    # No server and no --config: which nodes?  One line.
+    unknown = engine.volume("export", "vol", str(tmp_path / "none.raw"), check=False)
+    assert unknown.returncode == 1, unknown
+    assert unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "no storage node 'node0' is configured (--config names the nodes)" in unknown.stderr
 
 
 def test_scrub_finds_a_replica_changed_on_disk_and_repairs_it(
