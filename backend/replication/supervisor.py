@@ -136,7 +136,8 @@ class ResyncSupervisor:
         try:
             engine.scrub(repair=self._scrub_repair)  # logs what it found
         except (StorageError, MembershipError) as err:
-            log.warning("volume %s: scheduled scrub failed (tried again later): %s", volume, err)
+            level = logging.DEBUG if self._stop.is_set() else logging.WARNING  # stopping
+            log.log(level, "volume %s: scheduled scrub failed (tried again later): %s", volume, err)
 
     def copied_bytes(self, volume: str, engine: ReplicatedStorage, member: str) -> int:
         """Bytes copied to ``member`` by ``engine``'s finished resyncs (for metrics)."""
