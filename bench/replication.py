@@ -27,6 +27,8 @@ What it measures
       (``nbs_replica_in_sync``, ``nbs_replica_resync_bytes_total``) give the wall time from
       the restart to in-sync and a cross-check of the bytes, and ``nbs volume info --json``
       the final state.
+    * Scrub: then ``nbs volume scrub r3 --json`` (every replica in sync): bytes compared per
+      second by the engine's own count, and the engine's and nodes' CPU meanwhile.
     * The goals of issue 12: r3/r1 QD1 write p50 <= 1.3, r3/r1 QD16 write IOPS >= 0.7,
       r3/r1 reads >= 0.95, r3/plain QD1 write p50 <= 2, resync >= 200 MB/s; each is
       reported as met or not.
@@ -431,6 +433,40 @@ def measure_resync(cluster: Cluster, size: int, workdir: Path) -> dict[str, Any]
     }
 
 
+# ---------------------------------------------------------------------- scrub
+
+
+def measure_scrub(cluster: Cluster) -> dict[str, Any]:
+    """Scrub r3 (every replica in sync after the resync): its duration, rate and CPU."""
+    volume = "r3"
+    print(f"bench: scrubbing {volume} ...", file=sys.stderr, flush=True)
+    before = Snapshot.take(*cluster.pids)
+    started = time.monotonic()
+    found = json.loads(cluster.volume("scrub", volume, "--json"))
+    wall = time.monotonic() - started
+    after = Snapshot.take(*cluster.pids)
+    seconds = float(found["seconds"])
+    return {
+        "volume": volume,
+        "replicas": found["replicas"],
+        "compared": found["compared"],
+        "mismatches": len(found["mismatches"]),
+        "engine_seconds": seconds,
+        "mb_s": found["compared"] / seconds / 1e6 if seconds else None,
+        "wall_seconds": wall,
+        "cpu_s": after.server_cpu - before.server_cpu,
+    }
+
+
+def scrub_lines(scrub: dict[str, Any]) -> list[str]:
+    return [
+        f"Scrub: {scrub['volume']}'s {scrub['compared']:,} bytes compared on"
+        f" {len(scrub['replicas'])} replicas in {scrub['engine_seconds']:.1f} s ="
+        f" {optional(scrub['mb_s'])} MB/s of volume ({scrub['mismatches']} mismatches);"
+        f" engine + nodes CPU {scrub['cpu_s']:.1f} s.",
+    ]
+
+
 # ---------------------------------------------------------------------- output
 
 
@@ -526,6 +562,8 @@ def report(
     results: list[dict[str, Any]],
     resync: dict[str, Any],
     markdown: bool,
+    *,
+    scrub: dict[str, Any] | None = None,
 ) -> str:
     lines = [
         f"date {machine['date']}, {machine['nproc']} CPUs ({machine['cpu_model']}),"
@@ -543,6 +581,7 @@ def report(
         cpu_table(results, markdown),
         "",
         *resync_lines(resync),
+        *(scrub_lines(scrub) if scrub is not None else ()),
         "",
         goals_table(goals(results, resync), markdown),
     ]
@@ -600,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()  # no writeback of the fills during the runs
         results = run_workloads(cluster, args.runtime, workdir)
         resync = measure_resync(cluster, args.resync_size, workdir)
+        scrub = measure_scrub(cluster)
     machine["loadavg_end"] = os.getloadavg()
-    print(report(machine, config, results, resync, args.markdown))
+    print(report(machine, config, results, resync, args.markdown, scrub=scrub))
     if args.profile_engine:
         print(f"bench: the engine's profile is in {args.profile_engine}", file=sys.stderr)
     if args.json:
@@ -612,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             "servers": {s.log.name: s.describe() for s in cluster.servers},
             "results": results,
             "resync": resync,
+            "scrub": scrub,
             "goals": goals(results, resync),
         }
         write_json(args.json, document)
