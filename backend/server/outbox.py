@@ -17,10 +17,11 @@ they must never be that caller (docs/decisions/0021-replies-never-block-workers.
 Exactly one thread at a time holds the turn to write to the socket, so replies never
 interleave; the lock guards the queue only and is never held across a socket call.
 
-:meth:`Outbox.close` also waits (briefly) until the kernel has delivered what was sent.  A
-session the server stops reading (shutdown) is closed with the client's unread requests still
-in its socket; Linux then resets the connection and drops whatever its send queue still holds,
-so without the wait the last replies (requests that were executed) could never reach the client.
+:meth:`Outbox.close` of a session the server stopped reading (shutdown) also waits (briefly)
+until the kernel has delivered what was sent.  Such a session is closed with the client's
+unread requests still in its socket; Linux then resets the connection and drops whatever its
+send queue still holds, so without the wait the last replies (requests that were executed)
+could never reach the client.
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ class Outbox:
         finally:
             self._release()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Wait until everything queued was sent (or sending failed), then stop the writer,
-        then wait up to :data:`DELIVERY_TIMEOUT` for the kernel to deliver it.
+    def close(self, timeout: float | None = None, *, deliver: bool = False) -> None:
+        """Wait until everything queued was sent (or sending failed), then stop the writer;
+        with ``deliver`` (the server stopped reading: input may be left unread), then wait up
+        to :data:`DELIVERY_TIMEOUT` for the kernel to deliver it.
 
         A client that stopped reading would hold the session (its threads and queued
         replies) forever: after ``timeout`` seconds the link is cut instead."""
@@ -146,7 +148,7 @@ class Outbox:
             writer = self._writer
         if writer is not None:
             writer.join()
-        if self._error is None:
+        if deliver and self._error is None:
             _await_delivery(self._sock, DELIVERY_TIMEOUT)
 
     # ------------------------------------------------------------------ workers

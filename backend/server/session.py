@@ -121,6 +121,7 @@ class Session:
             piece=PAYLOAD_PIECE,
         )
         self._outbox: Outbox | None = None  # once transmission starts
+        self._stopped_reading = False  # by the server (shutdown), not the client
         self._idle = threading.Condition()
         self._inflight = 0  # requests on workers, until they posted their replies
         self._unanswered = 0  # of those, the ones whose replies are not posted yet
@@ -151,7 +152,9 @@ class Session:
         finally:
             self._wait_idle()
             if self._outbox is not None:
-                self._outbox.close(DRAIN_TIMEOUT)
+                # Stopped by the server, its input may be left unread: closing then resets
+                # the link, so the replies must have reached the client first (outbox.py).
+                self._outbox.close(DRAIN_TIMEOUT, deliver=self._stopped_reading)
             self._buffers.clear()
             if self._holder is not None:
                 self._holders.release(self._holder)
@@ -166,6 +169,7 @@ class Session:
 
     def stop_reading(self) -> None:
         """End the session once what was received is answered (recv sees EOF)."""
+        self._stopped_reading = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
 

@@ -127,7 +127,7 @@ def test_close_waits_until_the_client_took_the_last_replies() -> None:
         reply = bytes(range(256)) * 1024  # 256 KiB: more than the client's window holds
         outbox = Outbox(server, budget=64 * MiB)
         outbox.post([reply], 0)
-        closer = in_thread(outbox.close)
+        closer = in_thread(lambda: outbox.close(deliver=True))
         # The client reads only after close() was called (and, before the wait existed,
         # had returned: the socket's close below then reset the connection).
         closer.join(0.3)
