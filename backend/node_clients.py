@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -116,39 +116,28 @@ class ConfiguredNodes:
         return config.target(export)
 
 
-class ListedNodes:
+class ListedNodes(ConfiguredNodes):
     """The storage nodes as a running server listed them (``GET /v1/nodes``): their NBD
     addresses, for reading replicas in this process (``nbs volume export`` beside a server,
-    without --config).  No tokens come with the list, so their APIs are not for this
-    process: asking for one is an InvalidRequestError."""
+    without --config), and their status as listed.  No tokens come with the list, so their
+    APIs are not for this process: asking for one is an InvalidRequestError."""
 
     def __init__(self, nodes: Sequence[NodeInfo]) -> None:
-        self._nodes = {n.name: n for n in nodes if n.configured}
-
-    def names(self) -> Sequence[str]:
-        return tuple(self._nodes)
-
-    def _node(self, name: str) -> NodeInfo:
-        try:
-            return self._nodes[name]
-        except KeyError:
-            raise InvalidRequestError(f"no storage node {name!r} is configured") from None
+        self._listed = {n.name: n for n in nodes if n.configured}
+        super().__init__({n.name: NodeConfig(api=n.api, nbd=n.nbd) for n in self._listed.values()})
 
     def probe(self, node: str) -> NodeProbe:
-        n = self._node(node)
+        self._node(node)  # InvalidRequestError if not listed
+        n = self._listed[node]
         return NodeProbe(n.api, n.nbd, n.reachable, n.version, n.error)
 
-    def volumes(self, node: str) -> AbstractContextManager[NodeVolumes]:
+    @contextmanager
+    def volumes(self, node: str) -> Iterator[NodeVolumes]:
         raise InvalidRequestError(
             f"storage node {node!r}: its API is the server's to use (this command has no"
             " token for it; pass --config)"
         )
-
-    def target(self, node: str, export: str) -> NbdTarget:
-        n = self._nodes.get(node)
-        if n is None:
-            raise StorageError(errno.ENXIO, f"no storage node {node!r} is configured")
-        return dataclasses.replace(NbdTarget.from_uri(n.nbd), export=export)
+        yield  # a generator, as the method it replaces
 
 
 def volumes_on_nodes(catalogue: Catalogue, nodes: Sequence[str]) -> dict[str, list[str]]:

@@ -14,9 +14,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backend.volumes.model import (
     CreateRequest,
@@ -285,7 +285,7 @@ def _service(args: argparse.Namespace) -> VolumeOperations:
     return client
 
 
-def _local(args: argparse.Namespace) -> VolumeOperations:
+def _export_client(args: argparse.Namespace) -> VolumeOperations:
     from backend.volume_clients import export_client  # noqa: PLC0415
 
     # Storage nodes from --config, else as the running server lists them (a replicated
@@ -421,7 +421,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     # Exporting only reads layer files: done here even while a local server runs (snapshots
     # never change; a live volume may, so export a snapshot for a consistent image).
-    service = _service(args) if args.server else _local(args)
+    service = _service(args) if args.server else _export_client(args)
     service.export_image(
         args.name, args.dest, fmt=args.format, progress=ProgressBar(f"exporting {args.name}")
     )
@@ -429,17 +429,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Listed(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def print_listing(
+    items: Sequence[_Listed],
+    as_json: bool,
+    empty: str,
+    headers: Sequence[str],
+    rows: Callable[[], Sequence[Sequence[str]]],
+) -> bool:
+    """What a list command prints: the items as JSON, ``empty``, or a table of ``rows()``;
+    True if it was the table."""
+    if as_json:
+        print(json.dumps([item.to_json() for item in items], indent=2))
+    elif not items:
+        print(empty)
+    else:
+        print_table(headers, rows())
+        return True
+    return False
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     volumes = _service(args).list()
-    if args.json:
-        print(json.dumps([v.to_json() for v in volumes], indent=2))
-        return 0
-    if not volumes:
-        print("no volumes")
-        return 0
-    print_table(
+    print_listing(
+        volumes,
+        args.json,
+        "no volumes",
         ["NAME", "SIZE", "USED", "RO", "ORIGIN", "SNAPSHOTS", "CONN", "DESCRIPTION"],
-        [
+        lambda: [
             [
                 v.name,
                 human_size(v.size),
@@ -525,14 +545,13 @@ def cmd_snapshot_create(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_list(args: argparse.Namespace) -> int:
     snaps = _service(args).snapshots(args.volume)
-    if args.json:
-        print(json.dumps([s.to_json() for s in snaps], indent=2))
-    elif not snaps:
-        print("no snapshots")
-    else:
-        print_table(
-            ["SNAPSHOT", "SIZE", "USED", "CREATED", "CLONES"], [_show_snapshot(s) for s in snaps]
-        )
+    print_listing(
+        snaps,
+        args.json,
+        "no snapshots",
+        ["SNAPSHOT", "SIZE", "USED", "CREATED", "CLONES"],
+        lambda: [_show_snapshot(s) for s in snaps],
+    )
     return 0
 
 
@@ -599,15 +618,12 @@ def _in_sync(node: NodeInfo) -> int:
 
 def cmd_node_list(args: argparse.Namespace) -> int:
     nodes = _service(args).nodes()
-    if args.json:
-        print(json.dumps([n.to_json() for n in nodes], indent=2))
-        return 0
-    if not nodes:
-        print("no storage nodes (the config's nodes: names them)")
-        return 0
-    print_table(
+    shown = print_listing(
+        nodes,
+        args.json,
+        "no storage nodes (the config's nodes: names them)",
         ["NAME", "STATE", "REPLICAS", "IN-SYNC", "VERSION", "API", "NBD"],
-        [
+        lambda: [
             [
                 n.name,
                 _node_state(n),
@@ -620,7 +636,7 @@ def cmd_node_list(args: argparse.Namespace) -> int:
             for n in nodes
         ],
     )
-    for n in nodes:
+    for n in nodes if shown else ():
         if n.error:
             print(f"{n.name}: {n.error}")
     return 0

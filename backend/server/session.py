@@ -449,10 +449,11 @@ class Session:
         return self.conn.reply_error(cookie, command, Error.EPERM, _FENCED)
 
     def _run_request(self, storage: Storage, request: Request) -> list[bytes]:
-        if self._storage_lock is not None:
-            with self._storage_lock:
-                return self._guarded(request, partial(self._dispatch, storage, request))
-        return self._guarded(request, partial(self._dispatch, storage, request))
+        call = partial(self._dispatch, storage, request)
+        if self._storage_lock is None:
+            return self._guarded(request, call)
+        with self._storage_lock:
+            return self._guarded(request, call)
 
     def _finish(self, request: Request, finish: Callable[[], None]) -> list[bytes]:
         """End a write, zero, trim or flush that a storage left under way (MustNotWait)."""

@@ -192,13 +192,14 @@ def replication_info(
     layer: str,
     min_insync: int | None,
     engine: ReplicatedStorage | None,
-    volume: str = "",
+    *,
+    volume: str,
 ) -> ReplicationInfo | None:
     """What ``nbs volume info`` shows: the live engine's view if it is open, else the
     catalogue's committed membership (None if the volume has none yet: being created).
     Replicas that left the membership but could not be deleted yet follow, as ``leftover``
     (``nbs volume gc`` retries them).  ``min_insync``: the option (None: a majority of the
-    members)."""
+    members); ``volume``: the volume's name, for its last scrub."""
     names = {r.node: r.volume for r in catalogue.replicas(layer)}
     membership = catalogue.membership(layer)
     leftovers = tuple(
