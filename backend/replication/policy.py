@@ -38,4 +38,9 @@ class ReplicationPolicy:
 
     def required(self, members: int) -> int:
         """The in-sync members a write needs when the volume has ``members`` members."""
-        return members // 2 + 1 if self.majority else self.min_insync
+        return majority(members) if self.majority else self.min_insync
+
+
+def majority(members: int) -> int:
+    """More than half of ``members``."""
+    return members // 2 + 1

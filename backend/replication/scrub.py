@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from backend.replication.policy import majority
+
 BLOCK = 4096  # the unit differences are found and reported in
 STEP = 1 << 20  # bytes compared under the range lock at once
 
@@ -41,7 +43,7 @@ def differences(copies: Mapping[str, bytes], block: int = BLOCK) -> list[Differe
     if len(lengths) != 1:
         raise ValueError(f"copies of different lengths: {sorted(lengths)}")
     (length,) = lengths
-    needed = len(copies) // 2 + 1
+    needed = majority(len(copies))
     found: list[Difference] = []
     for start in range(0, length, block):
         end = min(start + block, length)
@@ -53,20 +55,20 @@ def differences(copies: Mapping[str, bytes], block: int = BLOCK) -> list[Differe
         content, holders = max(groups.items(), key=lambda group: len(group[1]))
         if len(holders) >= needed:
             members = tuple(m for m in copies if m not in holders)
-            majority: bytes | None = content
+            agreed: bytes | None = content
         else:
-            members, majority = tuple(copies), None
+            members, agreed = tuple(copies), None
         last = found[-1] if found else None
         if (
             last is not None
             and last.offset + last.length == start
             and last.members == members
-            and (last.majority is None) == (majority is None)
+            and (last.majority is None) == (agreed is None)
         ):
-            joined = None if majority is None or last.majority is None else last.majority + majority
+            joined = None if agreed is None or last.majority is None else last.majority + agreed
             found[-1] = Difference(last.offset, last.length + end - start, members, joined)
         else:
-            found.append(Difference(start, end - start, members, majority))
+            found.append(Difference(start, end - start, members, agreed))
     return found
 
 

@@ -62,7 +62,7 @@ from backend.replication.membership import (
     member_removed,
     member_replaced,
 )
-from backend.replication.policy import ReplicationPolicy
+from backend.replication.policy import ReplicationPolicy, majority
 from backend.replication.scrub import ScrubReport
 from backend.replication.tracking import RegionMap, missed
 from backend.storage.base import Storage, StorageError
@@ -165,7 +165,7 @@ LEFTOVER = "left the volume, not deleted yet: `nbs volume gc` retries"
 
 def min_insync_of(members: int, given: int | None) -> int:
     """The ``min_insync`` option, or its default: a majority of the ``members`` members."""
-    return given or members // 2 + 1
+    return given or majority(members)
 
 
 def scrub_info(volume: str, report: ScrubReport) -> ScrubInfo:
